@@ -1,0 +1,1 @@
+//! Training data: LLaVA conversation JSON, the synthetic visual-QA world, batching.

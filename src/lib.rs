@@ -1,0 +1,12 @@
+//! matvlm: a research bench for hybrid Mamba-Transformer vision-language models.
+//!
+//! The pipeline of MaTVLM (hustvl, 2025) on candle: load a TinyLLaVA teacher, swap some decoder
+//! attention layers for Mamba-2 mixers initialised from the attention weights, distil, evaluate,
+//! generate and look inside.
+
+pub mod error;
+pub mod data;
+pub mod model;
+pub mod tokenize;
+
+pub use error::{Error, Result};

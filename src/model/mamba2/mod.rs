@@ -1,0 +1,1 @@
+//! The Mamba-2 mixer (see issue: chunked SSD scan, recurrent decoding, gradients).

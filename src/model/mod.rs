@@ -1,0 +1,4 @@
+//! The networks: vision tower, connector, decoder (attention and Mamba-2 mixers) and the VLM.
+
+pub mod layers;
+pub mod mamba2;
