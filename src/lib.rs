@@ -5,8 +5,12 @@
 //! generate and look inside.
 
 pub mod error;
+pub mod image;
+pub mod checkpoint;
+pub mod config;
 pub mod data;
 pub mod model;
 pub mod tokenize;
+pub mod train;
 
 pub use error::{Error, Result};

@@ -2,3 +2,5 @@
 
 pub mod layers;
 pub mod mamba2;
+pub mod connector;
+pub mod siglip;

@@ -1,0 +1,304 @@
+//! Where checkpoints come from and how their tensors are read and written.
+//!
+//! A checkpoint is a folder (or a hub repository, resolved to a folder in the hf-hub cache) holding
+//! `config.json`, one `model.safetensors` or several shards listed by
+//! `model.safetensors.index.json`, `tokenizer.json`, and for hybrids `mamba_config.json`.
+//! Key names are never spelled here: the model files read them through [`VarBuilder`] prefixes.
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
+
+use crate::{Error, Result};
+
+pub const CONFIG: &str = "config.json";
+pub const WEIGHTS: &str = "model.safetensors";
+pub const WEIGHTS_INDEX: &str = "model.safetensors.index.json";
+pub const TOKENIZER: &str = "tokenizer.json";
+pub const PREPROCESSOR: &str = "preprocessor_config.json";
+pub const MAMBA_CONFIG: &str = "mamba_config.json";
+
+/// The files of one checkpoint, resolved on the local disk.
+#[derive(Debug, Clone)]
+pub struct CheckpointFiles {
+    pub dir: PathBuf,
+    pub config: PathBuf,
+    pub weights: Vec<PathBuf>,
+    pub tokenizer: Option<PathBuf>,
+    pub preprocessor: Option<PathBuf>,
+    pub mamba_config: Option<PathBuf>,
+}
+
+impl CheckpointFiles {
+    /// A local folder in TinyLLaVA / MaTVLM layout.
+    pub fn from_dir(dir: &Path) -> Result<Self> {
+        if !dir.is_dir() {
+            return Err(Error::NotFound(format!("{} is not a folder", dir.display())));
+        }
+        let config = dir.join(CONFIG);
+        if !config.is_file() {
+            return Err(Error::NotFound(format!("{} has no {CONFIG}", dir.display())));
+        }
+        let weights = weight_files(dir)?;
+        let opt = |name: &str| Some(dir.join(name)).filter(|p| p.is_file());
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            config,
+            weights,
+            tokenizer: opt(TOKENIZER),
+            preprocessor: opt(PREPROCESSOR),
+            mamba_config: opt(MAMBA_CONFIG),
+        })
+    }
+
+    /// A local folder, or else a hub id (`owner/name`) looked up in the hf-hub cache first and
+    /// downloaded only when missing there and `HF_HUB_OFFLINE` is not set.
+    pub fn resolve(spec: &str) -> Result<Self> {
+        let path = Path::new(spec);
+        if path.exists() {
+            return Self::from_dir(path);
+        }
+        if spec.split('/').count() != 2 || spec.starts_with('.') || spec.starts_with('/') {
+            return Err(Error::NotFound(format!(
+                "`{spec}` is neither a local folder nor a hub id of the form owner/name"
+            )));
+        }
+        hub::resolve(spec)
+    }
+
+    /// A VarBuilder over all weight files (memory-mapped), tensors converted to `dtype`.
+    pub fn var_builder(&self, dtype: DType, device: &Device) -> Result<VarBuilder<'static>> {
+        for p in &self.weights {
+            validate_safetensors(p)?;
+        }
+        // SAFETY: the files are memory-mapped read-only; modifying them while a model is loaded
+        // is undefined behaviour, as for every mmap-based loader.
+        let vb = unsafe { VarBuilder::from_mmaped_safetensors(&self.weights, dtype, device) }
+            .map_err(|e| Error::BadSafetensors {
+                path: self.dir.clone(),
+                reason: e.to_string(),
+            })?;
+        Ok(vb)
+    }
+
+    pub fn location(&self) -> String {
+        self.dir.display().to_string()
+    }
+}
+
+/// The weight files of a folder: the shards named by the index if there is one, else
+/// `model.safetensors`, else every `*.safetensors` in name order.
+pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    let index = dir.join(WEIGHTS_INDEX);
+    if index.is_file() {
+        #[derive(serde::Deserialize)]
+        struct Index {
+            weight_map: BTreeMap<String, String>,
+        }
+        let idx: Index = crate::config::read_json(&index)?;
+        let mut files: Vec<String> = idx.weight_map.values().cloned().collect();
+        files.sort();
+        files.dedup();
+        let files: Vec<PathBuf> = files.into_iter().map(|f| dir.join(f)).collect();
+        if let Some(missing) = files.iter().find(|f| !f.is_file()) {
+            return Err(Error::NotFound(format!(
+                "{} lists {} which is missing",
+                index.display(),
+                missing.display()
+            )));
+        }
+        return Ok(files);
+    }
+    let single = dir.join(WEIGHTS);
+    if single.is_file() {
+        return Ok(vec![single]);
+    }
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(|e| Error::io(dir, e))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+        .collect();
+    files.sort();
+    if files.is_empty() {
+        return Err(Error::NotFound(format!(
+            "{} holds no .safetensors weights",
+            dir.display()
+        )));
+    }
+    Ok(files)
+}
+
+/// Check that a file is a complete safetensors file (header parses, data fits the file).
+pub fn validate_safetensors(path: &Path) -> Result<()> {
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    safetensors::SafeTensors::deserialize(&bytes).map_err(|e| Error::BadSafetensors {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    })?;
+    Ok(())
+}
+
+/// Load every tensor of one safetensors file (for fixtures and small checkpoints).
+pub fn load_safetensors(path: &Path, device: &Device) -> Result<HashMap<String, Tensor>> {
+    validate_safetensors(path)?;
+    candle_core::safetensors::load(path, device).map_err(|e| Error::BadSafetensors {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    })
+}
+
+/// Write bytes to `path` through a temporary file in the same folder and a rename, so that a
+/// crash or Ctrl-C leaves either the old file or the new one, never a torn one.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let dir = path.parent().filter(|p| !p.as_os_str().is_empty());
+    if let Some(dir) = dir {
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    }
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = path.with_file_name(format!(".{name}.{}.tmp", std::process::id()));
+    {
+        let mut f = std::fs::File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
+        f.write_all(bytes).map_err(|e| Error::io(&tmp, e))?;
+        f.sync_all().map_err(|e| Error::io(&tmp, e))?;
+    }
+    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+}
+
+/// Save named tensors as safetensors, atomically. With `max_shard_bytes`, larger sets are split
+/// into `model-0000k-of-0000n.safetensors` shards plus `model.safetensors.index.json`, as HF does.
+pub fn save_safetensors(
+    dir: &Path,
+    tensors: &BTreeMap<String, Tensor>,
+    max_shard_bytes: Option<usize>,
+) -> Result<Vec<PathBuf>> {
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    let limit = max_shard_bytes.unwrap_or(usize::MAX);
+    let mut shards: Vec<Vec<(&String, &Tensor)>> = vec![vec![]];
+    let mut size = 0usize;
+    for (name, t) in tensors {
+        let bytes = t.elem_count() * t.dtype().size_in_bytes();
+        if size > 0 && size + bytes > limit {
+            shards.push(vec![]);
+            size = 0;
+        }
+        size += bytes;
+        shards.last_mut().expect("non-empty").push((name, t));
+    }
+    let n = shards.len();
+    let mut written = Vec::new();
+    let mut weight_map = BTreeMap::new();
+    for (i, shard) in shards.iter().enumerate() {
+        let file = if n == 1 {
+            WEIGHTS.to_string()
+        } else {
+            format!("model-{:05}-of-{:05}.safetensors", i + 1, n)
+        };
+        let path = dir.join(&file);
+        let data: Vec<(String, Tensor)> = shard
+            .iter()
+            .map(|(k, t)| Ok(((*k).clone(), t.contiguous()?)))
+            .collect::<candle_core::Result<_>>()?;
+        let bytes = safetensors::serialize(data.iter().map(|(k, t)| (k.as_str(), t)), None)
+            .map_err(|e| Error::Other(format!("serialising {}: {e}", path.display())))?;
+        write_atomic(&path, &bytes)?;
+        for (k, _) in shard {
+            weight_map.insert((*k).clone(), file.clone());
+        }
+        written.push(path);
+    }
+    let index = dir.join(WEIGHTS_INDEX);
+    if n > 1 {
+        let total: usize = tensors
+            .values()
+            .map(|t| t.elem_count() * t.dtype().size_in_bytes())
+            .sum();
+        let json = serde_json::json!({"metadata": {"total_size": total}, "weight_map": weight_map});
+        crate::config::write_json(&index, &json)?;
+    } else if index.exists() {
+        std::fs::remove_file(&index).map_err(|e| Error::io(&index, e))?;
+    }
+    Ok(written)
+}
+
+mod hub {
+    use super::*;
+
+    const FILES: [&str; 5] = [CONFIG, TOKENIZER, PREPROCESSOR, MAMBA_CONFIG, WEIGHTS_INDEX];
+
+    fn offline() -> bool {
+        std::env::var("HF_HUB_OFFLINE").is_ok_and(|v| v != "0" && !v.is_empty())
+    }
+
+    /// Resolve a hub id to a folder of the hf-hub cache. Cached files are used without any network
+    /// access; the rest is downloaded unless offline.
+    pub fn resolve(id: &str) -> Result<CheckpointFiles> {
+        let cache = hf_hub::Cache::from_env();
+        let cached = cache.model(id.to_string());
+        let mut api_repo = None;
+        let mut get = |name: &str, required: bool| -> Result<Option<PathBuf>> {
+            if let Some(p) = cached.get(name) {
+                return Ok(Some(p));
+            }
+            if offline() {
+                return if required {
+                    Err(Error::NotFound(format!(
+                        "{id}: {name} is not in the hf-hub cache and HF_HUB_OFFLINE is set"
+                    )))
+                } else {
+                    Ok(None)
+                };
+            }
+            if api_repo.is_none() {
+                let api = hf_hub::api::sync::ApiBuilder::from_env()
+                    .with_progress(true)
+                    .build()
+                    .map_err(|e| Error::Other(format!("hf-hub: {e}")))?;
+                api_repo = Some(api.model(id.to_string()));
+            }
+            match api_repo.as_ref().expect("set above").get(name) {
+                Ok(p) => Ok(Some(p)),
+                Err(e) if required => Err(Error::NotFound(format!("{id}/{name}: {e}"))),
+                Err(_) => Ok(None),
+            }
+        };
+        let mut found = HashMap::new();
+        for name in FILES {
+            if let Some(p) = get(name, name == CONFIG)? {
+                found.insert(name, p);
+            }
+        }
+        let mut weights = Vec::new();
+        if let Some(index) = found.get(WEIGHTS_INDEX) {
+            let dir = index.parent().map(Path::to_path_buf).unwrap_or_default();
+            #[derive(serde::Deserialize)]
+            struct Index {
+                weight_map: BTreeMap<String, String>,
+            }
+            let idx: Index = crate::config::read_json(index)?;
+            let mut names: Vec<String> = idx.weight_map.into_values().collect();
+            names.sort();
+            names.dedup();
+            for n in names {
+                let p = get(&n, true)?.unwrap_or_else(|| dir.join(&n));
+                weights.push(p);
+            }
+        } else if let Some(p) = get(WEIGHTS, true)? {
+            weights.push(p);
+        }
+        let config = found.remove(CONFIG).expect("required");
+        Ok(CheckpointFiles {
+            dir: config.parent().map(Path::to_path_buf).unwrap_or_default(),
+            config,
+            weights,
+            tokenizer: found.remove(TOKENIZER),
+            preprocessor: found.remove(PREPROCESSOR),
+            mamba_config: found.remove(MAMBA_CONFIG),
+        })
+    }
+}

@@ -1,0 +1,325 @@
+//! Configs as the checkpoints store them (serde mirrors of HF `config.json` files).
+//!
+//! Field names follow HF so that a real TinyLLaVA `config.json` deserialises as is; defaults are
+//! Phi-2 / SigLIP-so400m values so that a config trimmed to what differs still loads. Both the
+//! transformers 4.x layout (`rope_theta`, `partial_rotary_factor` at top level) and the 5.x one
+//! (`rope_parameters: {rope_theta, partial_rotary_factor}`) are read.
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use crate::{Error, Result};
+
+/// Read and parse a JSON file, naming the file in any error.
+pub fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    serde_json::from_str(&text).map_err(|e| Error::BadConfig {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    })
+}
+
+/// Write JSON atomically (temp file + rename), so a crash never leaves half a config behind.
+pub fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<()> {
+    let text = serde_json::to_string_pretty(value).map_err(|e| Error::Other(e.to_string()))?;
+    crate::checkpoint::write_atomic(path, text.as_bytes())
+}
+
+fn d_phi_vocab() -> usize {
+    51200
+}
+fn d_phi_hidden() -> usize {
+    2560
+}
+fn d_phi_inter() -> usize {
+    10240
+}
+fn d_phi_layers() -> usize {
+    32
+}
+fn d_phi_heads() -> usize {
+    32
+}
+fn d_phi_act() -> String {
+    "gelu_new".into()
+}
+fn d_phi_max_pos() -> usize {
+    2048
+}
+fn d_ln_eps() -> f64 {
+    1e-5
+}
+fn d_theta() -> f64 {
+    10000.0
+}
+fn d_partial() -> f64 {
+    0.4
+}
+fn d_eos() -> u32 {
+    50256
+}
+
+/// RoPE parameters in the transformers 5.x layout.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct RopeParameters {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rope_theta: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub partial_rotary_factor: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rope_type: Option<String>,
+}
+
+/// HF `PhiConfig` (the decoder).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PhiConfig {
+    #[serde(default = "d_phi_vocab")]
+    pub vocab_size: usize,
+    #[serde(default = "d_phi_hidden")]
+    pub hidden_size: usize,
+    #[serde(default = "d_phi_inter")]
+    pub intermediate_size: usize,
+    #[serde(default = "d_phi_layers")]
+    pub num_hidden_layers: usize,
+    #[serde(default = "d_phi_heads")]
+    pub num_attention_heads: usize,
+    #[serde(default)]
+    pub num_key_value_heads: Option<usize>,
+    #[serde(default = "d_phi_act")]
+    pub hidden_act: String,
+    #[serde(default = "d_phi_max_pos")]
+    pub max_position_embeddings: usize,
+    #[serde(default = "d_ln_eps")]
+    pub layer_norm_eps: f64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rope_theta: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub partial_rotary_factor: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rope_parameters: Option<RopeParameters>,
+    #[serde(default)]
+    pub qk_layernorm: bool,
+    #[serde(default)]
+    pub tie_word_embeddings: bool,
+    #[serde(default = "d_eos")]
+    pub bos_token_id: u32,
+    #[serde(default = "d_eos")]
+    pub eos_token_id: u32,
+    #[serde(default = "d_phi_model_type")]
+    pub model_type: String,
+}
+
+fn d_phi_model_type() -> String {
+    "phi".into()
+}
+
+impl PhiConfig {
+    pub fn head_dim(&self) -> usize {
+        self.hidden_size / self.num_attention_heads
+    }
+    pub fn num_kv_heads(&self) -> usize {
+        self.num_key_value_heads.unwrap_or(self.num_attention_heads)
+    }
+    pub fn rope_theta(&self) -> f64 {
+        self.rope_theta
+            .or(self.rope_parameters.as_ref().and_then(|r| r.rope_theta))
+            .unwrap_or_else(d_theta)
+    }
+    pub fn partial_rotary_factor(&self) -> f64 {
+        self.partial_rotary_factor
+            .or(self.rope_parameters.as_ref().and_then(|r| r.partial_rotary_factor))
+            .unwrap_or_else(d_partial)
+    }
+    /// Dimensions of each head that get rotary embeddings (HF: `int(factor * head_dim)`).
+    pub fn rotary_dim(&self) -> usize {
+        (self.partial_rotary_factor() * self.head_dim() as f64) as usize
+    }
+}
+
+fn d_sig_hidden() -> usize {
+    1152
+}
+fn d_sig_inter() -> usize {
+    4304
+}
+fn d_sig_layers() -> usize {
+    27
+}
+fn d_sig_heads() -> usize {
+    16
+}
+fn d_sig_channels() -> usize {
+    3
+}
+fn d_sig_image() -> usize {
+    384
+}
+fn d_sig_patch() -> usize {
+    14
+}
+fn d_sig_act() -> String {
+    "gelu_pytorch_tanh".into()
+}
+fn d_sig_eps() -> f64 {
+    1e-6
+}
+fn d_sig_model_type() -> String {
+    "siglip_vision_model".into()
+}
+
+/// HF `SiglipVisionConfig` (the vision tower).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SiglipVisionConfig {
+    #[serde(default = "d_sig_hidden")]
+    pub hidden_size: usize,
+    #[serde(default = "d_sig_inter")]
+    pub intermediate_size: usize,
+    #[serde(default = "d_sig_layers")]
+    pub num_hidden_layers: usize,
+    #[serde(default = "d_sig_heads")]
+    pub num_attention_heads: usize,
+    #[serde(default = "d_sig_channels")]
+    pub num_channels: usize,
+    #[serde(default = "d_sig_image")]
+    pub image_size: usize,
+    #[serde(default = "d_sig_patch")]
+    pub patch_size: usize,
+    #[serde(default = "d_sig_act")]
+    pub hidden_act: String,
+    #[serde(default = "d_sig_eps")]
+    pub layer_norm_eps: f64,
+    #[serde(default = "d_sig_model_type")]
+    pub model_type: String,
+}
+
+impl SiglipVisionConfig {
+    pub fn num_patches(&self) -> usize {
+        (self.image_size / self.patch_size).pow(2)
+    }
+}
+
+fn d_connector() -> String {
+    "mlp2x_gelu".into()
+}
+fn d_feature_layer() -> i64 {
+    -2
+}
+fn d_select() -> String {
+    "patch".into()
+}
+fn d_max_len() -> usize {
+    3072
+}
+fn d_image_token() -> i64 {
+    -200
+}
+fn d_tinyllava() -> String {
+    "tinyllava".into()
+}
+
+/// TinyLLaVA Factory's `TinyLlavaConfig`: the whole VLM.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TinyLlavaConfig {
+    #[serde(default = "d_tinyllava")]
+    pub model_type: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub architectures: Option<Vec<String>>,
+    #[serde(default)]
+    pub llm_model_name_or_path: String,
+    #[serde(default)]
+    pub vision_model_name_or_path: String,
+    #[serde(default = "d_connector")]
+    pub connector_type: String,
+    pub text_config: PhiConfig,
+    pub vision_config: SiglipVisionConfig,
+    /// Which hidden state of the vision encoder feeds the connector (python index, -2 = before
+    /// the last layer).
+    #[serde(default = "d_feature_layer")]
+    pub vision_feature_layer: i64,
+    /// `patch` drops the first token (TinyLLaVA does so for SigLIP too), `cls_patch` keeps all.
+    #[serde(default = "d_select")]
+    pub vision_feature_select_strategy: String,
+    #[serde(default = "d_max_len")]
+    pub tokenizer_model_max_length: usize,
+    #[serde(default = "d_image_token")]
+    pub image_token_index: i64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pad_token: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tokenizer_padding_side: Option<String>,
+    /// Everything else the file holds, kept so that saving writes it back unchanged.
+    #[serde(flatten)]
+    pub extra: serde_json::Map<String, serde_json::Value>,
+}
+
+impl TinyLlavaConfig {
+    pub fn from_file(path: &Path) -> Result<Self> {
+        read_json(path)
+    }
+
+    /// Number of image vectors the connector hands to the decoder for one image.
+    pub fn image_tokens(&self) -> usize {
+        let n = self.vision_config.num_patches();
+        if self.vision_feature_select_strategy == "patch" {
+            n - 1
+        } else {
+            n
+        }
+    }
+
+    /// Resolve `vision_feature_layer` to the number of encoder layers to run (hidden_states has
+    /// `layers + 1` entries: the embeddings, then each layer's output).
+    pub fn vision_layers_used(&self) -> Result<usize> {
+        let total = self.vision_config.num_hidden_layers as i64 + 1;
+        let idx = if self.vision_feature_layer < 0 {
+            total + self.vision_feature_layer
+        } else {
+            self.vision_feature_layer
+        };
+        if idx < 0 || idx >= total {
+            return Err(Error::Invalid(format!(
+                "vision_feature_layer {} out of range for {} encoder layers",
+                self.vision_feature_layer, self.vision_config.num_hidden_layers
+            )));
+        }
+        Ok(idx as usize)
+    }
+}
+
+fn d_mean() -> Vec<f32> {
+    vec![0.5, 0.5, 0.5]
+}
+
+/// The image processor's settings (HF `preprocessor_config.json`; SigLIP's when absent).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PreprocessorConfig {
+    #[serde(default = "d_mean")]
+    pub image_mean: Vec<f32>,
+    #[serde(default = "d_mean")]
+    pub image_std: Vec<f32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub size: Option<ImageSize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rescale_factor: Option<f64>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ImageSize {
+    pub height: usize,
+    pub width: usize,
+}
+
+impl PreprocessorConfig {
+    pub fn siglip_default(image_size: usize) -> Self {
+        Self {
+            image_mean: d_mean(),
+            image_std: d_mean(),
+            size: Some(ImageSize {
+                height: image_size,
+                width: image_size,
+            }),
+            rescale_factor: Some(1.0 / 255.0),
+        }
+    }
+}

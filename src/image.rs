@@ -1,0 +1,1 @@
+//! Image loading and preprocessing (resize, rescale, normalise) for the vision tower.

@@ -1,0 +1,1 @@
+//! The TinyLLaVA connector between the vision tower and the decoder.

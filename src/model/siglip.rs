@@ -1,0 +1,1 @@
+//! The SigLIP vision tower.

@@ -1,0 +1,1 @@
+//! Training: optimiser, schedules, runs (checkpoints, metrics, resume), the trainer.
