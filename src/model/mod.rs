@@ -1,6 +1,10 @@
 //! The networks: vision tower, connector, decoder (attention and Mamba-2 mixers) and the VLM.
 
+pub mod cache;
+pub mod connector;
+pub mod decoder;
 pub mod layers;
 pub mod mamba2;
-pub mod connector;
+pub mod phi;
 pub mod siglip;
+pub mod vlm;

@@ -1,0 +1,200 @@
+//! The decoder: token embeddings, blocks, final LayerNorm, lm_head (HF `PhiForCausalLM` names).
+//!
+//! One block type with two possible mixers: a teacher is a decoder whose blocks all hold
+//! attention; a MaTVLM hybrid swaps some of them for Mamba-2 and keeps everything else.
+
+use std::collections::BTreeMap;
+
+use candle_core::{Module, Result, Tensor};
+use candle_nn::VarBuilder;
+
+use super::cache::{Cache, LayerCache};
+use super::layers::{LayerNorm, Linear};
+use super::phi::{PhiAttention, PhiMlp, Rotary};
+use crate::config::PhiConfig;
+
+/// The sequence mixer of one block.
+#[derive(Debug, Clone)]
+pub enum Mixer {
+    Attention(PhiAttention),
+}
+
+impl Mixer {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Mixer::Attention(_) => "attn",
+        }
+    }
+}
+
+/// `h = x + mixer(LN(x)) + MLP(LN(x))`.
+#[derive(Debug, Clone)]
+pub struct Block {
+    pub input_layernorm: LayerNorm,
+    pub mixer: Mixer,
+    pub mlp: PhiMlp,
+}
+
+/// What a forward pass should hand back besides the logits. Names of captured tensors:
+/// `layers.{i}.input` and `layers.{i}.output` (hidden states around block i),
+/// `layers.{i}.mixer_input` (the LayerNorm output the mixer sees), `layers.{i}.mixer_output`,
+/// `layers.{i}.attn_weights` (`[B, H, T, T_total]`), `final_hidden` (before the final LayerNorm).
+#[derive(Debug, Clone, Default)]
+pub struct Capture {
+    pub hidden: bool,
+    pub mixer: bool,
+    pub attn_weights: bool,
+    /// Restrict to these layers (all when `None`).
+    pub layers: Option<Vec<usize>>,
+}
+
+impl Capture {
+    pub fn none() -> Self {
+        Self::default()
+    }
+    pub fn hidden_states() -> Self {
+        Self {
+            hidden: true,
+            ..Self::default()
+        }
+    }
+    fn wants(&self, layer: usize) -> bool {
+        self.layers.as_ref().is_none_or(|l| l.contains(&layer))
+    }
+}
+
+pub type Captured = BTreeMap<String, Tensor>;
+
+#[derive(Debug, Clone)]
+pub struct Decoder {
+    pub embed_tokens: Tensor,
+    pub blocks: Vec<Block>,
+    pub final_layernorm: LayerNorm,
+    pub lm_head: Linear,
+    pub rotary: Rotary,
+    pub cfg: PhiConfig,
+}
+
+impl Decoder {
+    /// Load an all-attention decoder. `vb` is at the `language_model` prefix.
+    pub fn load(vb: VarBuilder, cfg: &PhiConfig) -> Result<Self> {
+        let m = vb.pp("model");
+        let embed_tokens = m
+            .pp("embed_tokens")
+            .get((cfg.vocab_size, cfg.hidden_size), "weight")?;
+        let mut blocks = Vec::with_capacity(cfg.num_hidden_layers);
+        for i in 0..cfg.num_hidden_layers {
+            let l = m.pp("layers").pp(i);
+            blocks.push(Block {
+                input_layernorm: LayerNorm::load(
+                    l.pp("input_layernorm"),
+                    cfg.hidden_size,
+                    cfg.layer_norm_eps,
+                )?,
+                mixer: Mixer::Attention(PhiAttention::load(l.pp("self_attn"), cfg)?),
+                mlp: PhiMlp::load(l.pp("mlp"), cfg)?,
+            });
+        }
+        let final_layernorm =
+            LayerNorm::load(m.pp("final_layernorm"), cfg.hidden_size, cfg.layer_norm_eps)?;
+        let lm_head = if cfg.tie_word_embeddings {
+            Linear {
+                weight: embed_tokens.clone(),
+                bias: None,
+            }
+        } else {
+            Linear::load(vb.pp("lm_head"), cfg.hidden_size, cfg.vocab_size, true)?
+        };
+        Ok(Self {
+            embed_tokens,
+            blocks,
+            final_layernorm,
+            lm_head,
+            rotary: Rotary::new(cfg),
+            cfg: cfg.clone(),
+        })
+    }
+
+    /// A fresh, empty cache with one entry per block.
+    pub fn new_cache(&self) -> Cache {
+        Cache {
+            layers: self
+                .blocks
+                .iter()
+                .map(|b| match b.mixer {
+                    Mixer::Attention(_) => LayerCache::Attention(None),
+                })
+                .collect(),
+            seq_len: 0,
+        }
+    }
+
+    /// Embeddings of token ids `[B, T]` (u32).
+    pub fn embed(&self, ids: &Tensor) -> Result<Tensor> {
+        let (b, t) = ids.dims2()?;
+        self.embed_tokens
+            .index_select(&ids.flatten_all()?, 0)?
+            .reshape((b, t, ()))
+    }
+
+    /// Run the blocks over input embeddings `[B, T, hidden]` continuing from `cache`, and return
+    /// the final hidden states (after the final LayerNorm).
+    pub fn forward_hidden(
+        &self,
+        embeds: &Tensor,
+        cache: &mut Cache,
+        capture: &Capture,
+        captured: &mut Captured,
+    ) -> Result<Tensor> {
+        let t = embeds.dim(1)?;
+        let mut h = embeds.clone();
+        for (i, (block, layer_cache)) in self.blocks.iter().zip(cache.layers.iter_mut()).enumerate()
+        {
+            let wants = capture.wants(i);
+            if wants && capture.hidden {
+                captured.insert(format!("layers.{i}.input"), h.clone());
+            }
+            let normed = block.input_layernorm.forward(&h)?;
+            let mixed = match (&block.mixer, layer_cache) {
+                (Mixer::Attention(attn), LayerCache::Attention(kv)) => {
+                    let (out, weights) =
+                        attn.forward(&normed, &self.rotary, kv, wants && capture.attn_weights)?;
+                    if let Some(w) = weights {
+                        captured.insert(format!("layers.{i}.attn_weights"), w);
+                    }
+                    out
+                }
+            };
+            if wants && capture.mixer {
+                captured.insert(format!("layers.{i}.mixer_input"), normed.clone());
+                captured.insert(format!("layers.{i}.mixer_output"), mixed.clone());
+            }
+            let mlp = block.mlp.forward(&normed)?;
+            h = ((h + mixed)? + mlp)?;
+            if wants && capture.hidden {
+                captured.insert(format!("layers.{i}.output"), h.clone());
+            }
+        }
+        cache.seq_len += t;
+        if capture.hidden {
+            captured.insert("final_hidden".into(), h.clone());
+        }
+        self.final_layernorm.forward(&h)
+    }
+
+    /// Logits `[B, T, vocab]` for input embeddings.
+    pub fn forward(
+        &self,
+        embeds: &Tensor,
+        cache: &mut Cache,
+        capture: &Capture,
+        captured: &mut Captured,
+    ) -> Result<Tensor> {
+        let h = self.forward_hidden(embeds, cache, capture, captured)?;
+        self.lm_head.forward(&h)
+    }
+
+    pub fn layer_kinds(&self) -> Vec<&'static str> {
+        self.blocks.iter().map(|b| b.mixer.kind()).collect()
+    }
+}

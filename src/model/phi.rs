@@ -1,0 +1,224 @@
+//! The Phi (Phi-2) attention mixer and MLP, with HF `PhiForCausalLM` weight names.
+//!
+//! A Phi block is parallel: `h = x + Attn(LN(x)) + MLP(LN(x))` with one shared LayerNorm. The
+//! block itself lives in [`super::decoder`], because a hybrid swaps only the attention for a
+//! Mamba-2 mixer and keeps the LayerNorm and the MLP.
+
+use candle_core::{Device, Module, Result, Tensor, D};
+use candle_nn::VarBuilder;
+
+use super::layers::{softmax_last_dim, upcast, Activation, Linear};
+use crate::config::PhiConfig;
+
+/// Rotary tables for the first `rotary_dim` dimensions of each head (NeoX rotate-half form).
+#[derive(Debug, Clone)]
+pub struct Rotary {
+    inv_freq: Vec<f32>,
+    pub rotary_dim: usize,
+}
+
+impl Rotary {
+    pub fn new(cfg: &PhiConfig) -> Self {
+        let dim = cfg.rotary_dim();
+        let theta = cfg.rope_theta();
+        let inv_freq = (0..dim)
+            .step_by(2)
+            .map(|i| 1.0 / theta.powf(i as f64 / dim as f64) as f32)
+            .collect();
+        Self {
+            inv_freq,
+            rotary_dim: dim,
+        }
+    }
+
+    /// cos and sin, each `[T, rotary_dim]`, for positions `offset .. offset + len`.
+    pub fn tables(&self, offset: usize, len: usize, device: &Device) -> Result<(Tensor, Tensor)> {
+        let half = self.inv_freq.len();
+        let mut freqs = Vec::with_capacity(len * half * 2);
+        for p in offset..offset + len {
+            let row: Vec<f32> = self.inv_freq.iter().map(|f| p as f32 * f).collect();
+            freqs.extend_from_slice(&row);
+            freqs.extend_from_slice(&row);
+        }
+        let freqs = Tensor::from_vec(freqs, (len, 2 * half), device)?;
+        Ok((freqs.cos()?, freqs.sin()?))
+    }
+
+    /// Rotate the leading `rotary_dim` dims of `x: [B, H, T, Dh]`; the rest passes through.
+    pub fn apply(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+        let head_dim = x.dim(D::Minus1)?;
+        let rot = self.rotary_dim;
+        if rot == 0 {
+            return Ok(x.clone());
+        }
+        let dtype = x.dtype();
+        let (cos, sin) = (cos.to_dtype(dtype)?, sin.to_dtype(dtype)?);
+        let x_rot = x.narrow(D::Minus1, 0, rot)?;
+        let x1 = x_rot.narrow(D::Minus1, 0, rot / 2)?;
+        let x2 = x_rot.narrow(D::Minus1, rot / 2, rot / 2)?;
+        let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
+        let out = (x_rot.broadcast_mul(&cos)? + rotated.broadcast_mul(&sin)?)?;
+        if rot == head_dim {
+            Ok(out)
+        } else {
+            let pass = x.narrow(D::Minus1, rot, head_dim - rot)?;
+            Tensor::cat(&[&out, &pass], D::Minus1)
+        }
+    }
+}
+
+/// Keys and values of the positions seen so far, `[B, H_kv, T, Dh]` each.
+#[derive(Debug, Clone)]
+pub struct KvCache {
+    pub k: Tensor,
+    pub v: Tensor,
+}
+
+impl KvCache {
+    pub fn len(&self) -> usize {
+        self.k.dim(2).unwrap_or(0)
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    pub fn bytes(&self) -> usize {
+        (self.k.elem_count() + self.v.elem_count()) * self.k.dtype().size_in_bytes()
+    }
+}
+
+/// Phi self-attention: q/k/v/dense with biases, partial rotary, causal softmax attention.
+#[derive(Debug, Clone)]
+pub struct PhiAttention {
+    pub q_proj: Linear,
+    pub k_proj: Linear,
+    pub v_proj: Linear,
+    pub dense: Linear,
+    pub num_heads: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+}
+
+impl PhiAttention {
+    pub fn load(vb: VarBuilder, cfg: &PhiConfig) -> Result<Self> {
+        let h = cfg.hidden_size;
+        let (nh, nkv, hd) = (cfg.num_attention_heads, cfg.num_kv_heads(), cfg.head_dim());
+        if cfg.qk_layernorm {
+            candle_core::bail!("Phi qk_layernorm = true is not supported");
+        }
+        Ok(Self {
+            q_proj: Linear::load(vb.pp("q_proj"), h, nh * hd, true)?,
+            k_proj: Linear::load(vb.pp("k_proj"), h, nkv * hd, true)?,
+            v_proj: Linear::load(vb.pp("v_proj"), h, nkv * hd, true)?,
+            dense: Linear::load(vb.pp("dense"), nh * hd, h, true)?,
+            num_heads: nh,
+            num_kv_heads: nkv,
+            head_dim: hd,
+        })
+    }
+
+    /// `x: [B, T, hidden]` at positions `cache.len() ..`. Appends to `cache` and returns the output
+    /// and, when `want_weights`, the attention probabilities `[B, H, T, T_total]`.
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        rotary: &Rotary,
+        cache: &mut Option<KvCache>,
+        want_weights: bool,
+    ) -> Result<(Tensor, Option<Tensor>)> {
+        let (b, t, _) = x.dims3()?;
+        let offset = cache.as_ref().map_or(0, |c| c.len());
+        let heads = |y: Tensor, n: usize| -> Result<Tensor> {
+            y.reshape((b, t, n, self.head_dim))?.transpose(1, 2)?.contiguous()
+        };
+        let q = heads(self.q_proj.forward(x)?, self.num_heads)?;
+        let k = heads(self.k_proj.forward(x)?, self.num_kv_heads)?;
+        let v = heads(self.v_proj.forward(x)?, self.num_kv_heads)?;
+        let (cos, sin) = rotary.tables(offset, t, x.device())?;
+        let q = rotary.apply(&q, &cos, &sin)?;
+        let k = rotary.apply(&k, &cos, &sin)?;
+        let (k, v) = match cache.take() {
+            Some(c) => (
+                Tensor::cat(&[&c.k, &k], 2)?.contiguous()?,
+                Tensor::cat(&[&c.v, &v], 2)?.contiguous()?,
+            ),
+            None => (k, v),
+        };
+        *cache = Some(KvCache {
+            k: k.clone(),
+            v: v.clone(),
+        });
+        let rep = self.num_heads / self.num_kv_heads;
+        let (k, v) = (repeat_kv(&k, rep)?, repeat_kv(&v, rep)?);
+
+        // Scores and softmax in f32 (as HF does for half precision), then back.
+        let dtype = x.dtype();
+        let scale = 1.0 / (self.head_dim as f64).sqrt();
+        let scores = (upcast(&q)?.matmul(&upcast(&k)?.t()?)? * scale)?;
+        let total = offset + t;
+        let scores = if t > 1 {
+            scores.broadcast_add(&causal_mask(t, total, offset, x.device())?)?
+        } else {
+            scores
+        };
+        let probs = softmax_last_dim(&scores)?;
+        let out = probs.to_dtype(dtype)?.matmul(&v)?;
+        let out = out
+            .transpose(1, 2)?
+            .reshape((b, t, self.num_heads * self.head_dim))?;
+        let out = self.dense.forward(&out)?;
+        Ok((out, want_weights.then_some(probs)))
+    }
+}
+
+/// `[T, T_total]` additive mask: 0 where query `i` (at absolute position `offset + i`) may see
+/// key `j`, -inf after it.
+pub fn causal_mask(t: usize, total: usize, offset: usize, device: &Device) -> Result<Tensor> {
+    let mask: Vec<f32> = (0..t)
+        .flat_map(|i| {
+            (0..total).map(move |j| {
+                if j > i + offset {
+                    f32::NEG_INFINITY
+                } else {
+                    0.0
+                }
+            })
+        })
+        .collect();
+    Tensor::from_vec(mask, (t, total), device)
+}
+
+fn repeat_kv(x: &Tensor, rep: usize) -> Result<Tensor> {
+    if rep == 1 {
+        return Ok(x.clone());
+    }
+    let (b, n, t, d) = x.dims4()?;
+    x.unsqueeze(2)?
+        .expand((b, n, rep, t, d))?
+        .reshape((b, n * rep, t, d))
+}
+
+/// Phi MLP: fc1 -> activation -> fc2, with biases.
+#[derive(Debug, Clone)]
+pub struct PhiMlp {
+    pub fc1: Linear,
+    pub fc2: Linear,
+    pub act: Activation,
+}
+
+impl PhiMlp {
+    pub fn load(vb: VarBuilder, cfg: &PhiConfig) -> Result<Self> {
+        let act = Activation::from_hf(&cfg.hidden_act)
+            .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+        Ok(Self {
+            fc1: Linear::load(vb.pp("fc1"), cfg.hidden_size, cfg.intermediate_size, true)?,
+            fc2: Linear::load(vb.pp("fc2"), cfg.intermediate_size, cfg.hidden_size, true)?,
+            act,
+        })
+    }
+}
+
+impl Module for PhiMlp {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.fc2.forward(&self.act.forward(&self.fc1.forward(x)?)?)
+    }
+}

@@ -1,0 +1,241 @@
+//! The whole VLM: vision tower -> connector -> image vectors spliced into the decoder's input.
+//!
+//! Mirrors TinyLLaVA Factory's `TinyLlavaForConditionalGeneration` and its checkpoint layout:
+//! `vision_tower._vision_tower.vision_model.*`, `connector._connector.*`, `language_model.*`.
+
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
+
+use super::cache::Cache;
+use super::connector::Connector;
+use super::decoder::{Capture, Captured, Decoder};
+use super::layers::Activation;
+use super::siglip::SiglipVisionTower;
+use crate::checkpoint::CheckpointFiles;
+use crate::config::{PreprocessorConfig, TinyLlavaConfig};
+use crate::error::classify_candle;
+use crate::image::ImagePreprocessor;
+use crate::tokenize::{PromptTokenizer, IMAGE_TOKEN};
+use crate::{Error, Result};
+
+#[derive(Debug, Clone)]
+pub struct Vlm {
+    pub config: TinyLlavaConfig,
+    pub vision: SiglipVisionTower,
+    pub connector: Connector,
+    pub decoder: Decoder,
+    pub tokenizer: Option<PromptTokenizer>,
+    pub preprocessor: ImagePreprocessor,
+    pub device: Device,
+    pub dtype: DType,
+}
+
+impl Vlm {
+    /// Load a TinyLLaVA checkpoint from a folder or a hub id (see [`CheckpointFiles::resolve`]).
+    pub fn load(spec: &str, dtype: DType, device: &Device) -> Result<Self> {
+        let files = CheckpointFiles::resolve(spec)?;
+        Self::from_files(&files, dtype, device)
+    }
+
+    pub fn from_files(files: &CheckpointFiles, dtype: DType, device: &Device) -> Result<Self> {
+        let config = TinyLlavaConfig::from_file(&files.config)?;
+        let tokenizer = match &files.tokenizer {
+            Some(p) => Some(PromptTokenizer::from_file(p)?),
+            None => None,
+        };
+        let preprocessor = match &files.preprocessor {
+            Some(p) => ImagePreprocessor::from_config(&crate::config::read_json::<
+                PreprocessorConfig,
+            >(p)?),
+            None => ImagePreprocessor::from_config(&PreprocessorConfig::siglip_default(
+                config.vision_config.image_size,
+            )),
+        };
+        let vb = files.var_builder(dtype, device)?;
+        Self::from_var_builder(vb, config, tokenizer, preprocessor, &files.location())
+    }
+
+    /// Build from any VarBuilder positioned at the checkpoint root (`location` names the source in
+    /// errors).
+    pub fn from_var_builder(
+        vb: VarBuilder,
+        config: TinyLlavaConfig,
+        tokenizer: Option<PromptTokenizer>,
+        preprocessor: ImagePreprocessor,
+        location: &str,
+    ) -> Result<Self> {
+        // Check the configured activations up front so that the error is a typed one.
+        Activation::from_hf(&config.text_config.hidden_act)?;
+        Activation::from_hf(&config.vision_config.hidden_act)?;
+        let classify = |e| classify_candle(e, location);
+        let vision = SiglipVisionTower::load(
+            vb.pp("vision_tower").pp("_vision_tower").pp("vision_model"),
+            &config.vision_config,
+            config.vision_layers_used()?,
+        )
+        .map_err(classify)?;
+        let connector = Connector::load(
+            vb.pp("connector").pp("_connector"),
+            &config.connector_type,
+            config.vision_config.hidden_size,
+            config.text_config.hidden_size,
+        )
+        .map_err(|e| match e {
+            Error::Candle(c) => classify_candle(c, location),
+            other => other,
+        })?;
+        let decoder =
+            Decoder::load(vb.pp("language_model"), &config.text_config).map_err(classify)?;
+        Ok(Self {
+            device: vb.device().clone(),
+            dtype: vb.dtype(),
+            config,
+            vision,
+            connector,
+            decoder,
+            tokenizer,
+            preprocessor,
+        })
+    }
+
+    pub fn tokenizer(&self) -> Result<&PromptTokenizer> {
+        self.tokenizer
+            .as_ref()
+            .ok_or_else(|| Error::NotFound("this checkpoint has no tokenizer.json".into()))
+    }
+
+    /// Image vectors for the decoder: `[B, N_img, hidden]` from pixel values `[B, 3, H, W]`.
+    pub fn encode_images(&self, pixel_values: &Tensor) -> Result<Tensor> {
+        let pixel_values = pixel_values.to_dtype(self.dtype)?;
+        let feats = self.vision.forward(&pixel_values)?;
+        let feats = if self.config.vision_feature_select_strategy == "patch" {
+            let n = feats.dim(1)?;
+            feats.narrow(1, 1, n - 1)?
+        } else {
+            feats
+        };
+        Ok(self.connector.forward(&feats)?)
+    }
+
+    /// Preprocess an image file into pixel values `[1, 3, H, W]`.
+    pub fn pixel_values(&self, image_path: &Path) -> Result<Tensor> {
+        let img = crate::image::load_image(image_path)?;
+        Ok(self
+            .preprocessor
+            .preprocess(&img, &self.device, self.dtype)?
+            .unsqueeze(0)?)
+    }
+
+    /// Input embeddings for a batch of token-id rows (with [`IMAGE_TOKEN`] placeholders) and the
+    /// image vectors `[N_images, N_img_tokens, hidden]` consumed in order of appearance. Rows are
+    /// padded on the right with zeros, as TinyLLaVA does; returns the embeddings and each row's
+    /// true length.
+    pub fn embed_inputs(
+        &self,
+        rows: &[Vec<i64>],
+        images: Option<&Tensor>,
+    ) -> Result<(Tensor, Vec<usize>)> {
+        let n_images = match images {
+            Some(t) => t.dim(0)?,
+            None => 0,
+        };
+        let n_markers: usize = rows
+            .iter()
+            .map(|r| r.iter().filter(|&&t| t == IMAGE_TOKEN).count())
+            .sum();
+        if n_markers != n_images {
+            return Err(Error::Prompt(format!(
+                "the input has {n_markers} image placeholder(s) but {n_images} image(s) were given"
+            )));
+        }
+        let vocab = self.decoder.cfg.vocab_size as i64;
+        let mut next_image = 0usize;
+        let mut per_row = Vec::with_capacity(rows.len());
+        for row in rows {
+            let mut pieces: Vec<Tensor> = Vec::new();
+            let mut text: Vec<u32> = Vec::new();
+            let flush = |text: &mut Vec<u32>, pieces: &mut Vec<Tensor>| -> Result<()> {
+                if !text.is_empty() {
+                    let ids = Tensor::new(text.as_slice(), &self.device)?.unsqueeze(0)?;
+                    pieces.push(self.decoder.embed(&ids)?.squeeze(0)?);
+                    text.clear();
+                }
+                Ok(())
+            };
+            for &id in row {
+                if id == IMAGE_TOKEN {
+                    flush(&mut text, &mut pieces)?;
+                    let img = images.expect("counted above").get(next_image)?;
+                    pieces.push(img);
+                    next_image += 1;
+                } else if id < 0 || id >= vocab {
+                    return Err(Error::Prompt(format!(
+                        "token id {id} is outside the vocabulary (size {vocab})"
+                    )));
+                } else {
+                    text.push(id as u32);
+                }
+            }
+            flush(&mut text, &mut pieces)?;
+            if pieces.is_empty() {
+                return Err(Error::Prompt("an input row is empty".into()));
+            }
+            per_row.push(Tensor::cat(&pieces, 0)?);
+        }
+        let lens: Vec<usize> = per_row.iter().map(|t| t.dim(0)).collect::<candle_core::Result<_>>()?;
+        let max = lens.iter().copied().max().unwrap_or(0);
+        let hidden = self.decoder.cfg.hidden_size;
+        let padded: Vec<Tensor> = per_row
+            .into_iter()
+            .zip(&lens)
+            .map(|(t, &len)| {
+                if len == max {
+                    Ok(t)
+                } else {
+                    let pad = Tensor::zeros((max - len, hidden), t.dtype(), &self.device)?;
+                    Tensor::cat(&[&t, &pad], 0)
+                }
+            })
+            .collect::<candle_core::Result<_>>()?;
+        Ok((Tensor::stack(&padded, 0)?, lens))
+    }
+
+    /// Logits `[B, T, vocab]` for token rows and optional pixel values, from an empty cache.
+    pub fn forward(
+        &self,
+        rows: &[Vec<i64>],
+        pixel_values: Option<&Tensor>,
+        capture: &Capture,
+    ) -> Result<(Tensor, Captured)> {
+        let images = match pixel_values {
+            Some(p) => Some(self.encode_images(p)?),
+            None => None,
+        };
+        let (embeds, _) = self.embed_inputs(rows, images.as_ref())?;
+        let mut cache = self.decoder.new_cache();
+        let mut captured = Captured::new();
+        let logits = self
+            .decoder
+            .forward(&embeds, &mut cache, capture, &mut captured)?;
+        Ok((logits, captured))
+    }
+
+    /// Continue from `cache` with input embeddings (prefill or one decode step).
+    pub fn step_embeds(&self, embeds: &Tensor, cache: &mut Cache) -> Result<Tensor> {
+        let mut captured = Captured::new();
+        Ok(self
+            .decoder
+            .forward(embeds, cache, &Capture::none(), &mut captured)?)
+    }
+
+    pub fn new_cache(&self) -> Cache {
+        self.decoder.new_cache()
+    }
+
+    /// "attn" or "mamba" for each decoder layer.
+    pub fn layer_kinds(&self) -> Vec<&'static str> {
+        self.decoder.layer_kinds()
+    }
+}
