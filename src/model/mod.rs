@@ -7,4 +7,3 @@ pub mod layers;
 pub mod mamba2;
 pub mod phi;
 pub mod siglip;
-pub mod vlm;
