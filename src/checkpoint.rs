@@ -36,11 +36,17 @@ impl CheckpointFiles {
     /// A local folder in TinyLLaVA / MaTVLM layout.
     pub fn from_dir(dir: &Path) -> Result<Self> {
         if !dir.is_dir() {
-            return Err(Error::NotFound(format!("{} is not a folder", dir.display())));
+            return Err(Error::NotFound(format!(
+                "{} is not a folder",
+                dir.display()
+            )));
         }
         let config = dir.join(CONFIG);
         if !config.is_file() {
-            return Err(Error::NotFound(format!("{} has no {CONFIG}", dir.display())));
+            return Err(Error::NotFound(format!(
+                "{} has no {CONFIG}",
+                dir.display()
+            )));
         }
         let weights = weight_files(dir)?;
         let opt = |name: &str| Some(dir.join(name)).filter(|p| p.is_file());

@@ -128,7 +128,10 @@ impl PhiConfig {
     }
     pub fn partial_rotary_factor(&self) -> f64 {
         self.partial_rotary_factor
-            .or(self.rope_parameters.as_ref().and_then(|r| r.partial_rotary_factor))
+            .or(self
+                .rope_parameters
+                .as_ref()
+                .and_then(|r| r.partial_rotary_factor))
             .unwrap_or_else(d_partial)
     }
     /// Dimensions of each head that get rotary embeddings (HF: `int(factor * head_dim)`).

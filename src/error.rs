@@ -88,12 +88,10 @@ pub fn classify_candle(err: candle_core::Error, location: &str) -> Error {
             }
         }
         candle_core::Error::WithBacktrace { inner, .. } => classify_candle(*inner, location),
-        candle_core::Error::Context { inner, context } => {
-            match classify_candle(*inner, location) {
-                Error::Candle(e) => Error::Candle(e.context(context)),
-                other => other,
-            }
-        }
+        candle_core::Error::Context { inner, context } => match classify_candle(*inner, location) {
+            Error::Candle(e) => Error::Candle(e.context(context)),
+            other => other,
+        },
         other => Error::Candle(other),
     }
 }

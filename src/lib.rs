@@ -4,11 +4,11 @@
 //! attention layers for Mamba-2 mixers initialised from the attention weights, distil, evaluate,
 //! generate and look inside.
 
-pub mod error;
-pub mod image;
 pub mod checkpoint;
 pub mod config;
 pub mod data;
+pub mod error;
+pub mod image;
 pub mod model;
 pub mod tokenize;
 pub mod train;

@@ -17,7 +17,8 @@ pub const IGNORE_INDEX: i64 = -100;
 pub const IMAGE_MARKER: &str = "<image>";
 pub const EOS_TEXT: &str = "<|endoftext|>";
 
-pub const PHI_SYSTEM: &str = "A chat between a curious user and an artificial intelligence assistant. \
+pub const PHI_SYSTEM: &str =
+    "A chat between a curious user and an artificial intelligence assistant. \
 The assistant gives helpful, detailed, and polite answers to the user's questions.";
 
 /// One exchange of a conversation; `answer == None` marks the turn the model must answer.
@@ -84,7 +85,10 @@ impl PromptTokenizer {
     /// Load `tokenizer.json`; the EOS is `<|endoftext|>` (Phi's bos = eos = pad).
     pub fn from_file(path: &Path) -> Result<Self> {
         if !path.exists() {
-            return Err(Error::NotFound(format!("tokenizer file {}", path.display())));
+            return Err(Error::NotFound(format!(
+                "tokenizer file {}",
+                path.display()
+            )));
         }
         let inner = tokenizers::Tokenizer::from_file(path)
             .map_err(|e| Error::Tokenizer(format!("{}: {e}", path.display())))?;
@@ -92,9 +96,9 @@ impl PromptTokenizer {
     }
 
     pub fn new(inner: tokenizers::Tokenizer) -> Result<Self> {
-        let eos_id = inner.token_to_id(EOS_TEXT).ok_or_else(|| {
-            Error::Tokenizer(format!("the tokenizer has no `{EOS_TEXT}` token"))
-        })?;
+        let eos_id = inner
+            .token_to_id(EOS_TEXT)
+            .ok_or_else(|| Error::Tokenizer(format!("the tokenizer has no `{EOS_TEXT}` token")))?;
         Ok(Self { inner, eos_id })
     }
 

@@ -81,10 +81,7 @@ pub fn layer_norm_differentiable(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -
     let centered = x.broadcast_sub(&mean)?;
     let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
     let normed = centered.broadcast_div(&(var + eps)?.sqrt()?)?;
-    normed
-        .to_dtype(dtype)?
-        .broadcast_mul(w)?
-        .broadcast_add(b)
+    normed.to_dtype(dtype)?.broadcast_mul(w)?.broadcast_add(b)
 }
 
 /// Softmax over the last dimension; fused unless gradients are tracked.

@@ -128,7 +128,9 @@ impl PhiAttention {
         let (b, t, _) = x.dims3()?;
         let offset = cache.as_ref().map_or(0, |c| c.len());
         let heads = |y: Tensor, n: usize| -> Result<Tensor> {
-            y.reshape((b, t, n, self.head_dim))?.transpose(1, 2)?.contiguous()
+            y.reshape((b, t, n, self.head_dim))?
+                .transpose(1, 2)?
+                .contiguous()
         };
         let q = heads(self.q_proj.forward(x)?, self.num_heads)?;
         let k = heads(self.k_proj.forward(x)?, self.num_kv_heads)?;
