@@ -1,0 +1,63 @@
+//! Helpers shared by the integration tests: fixture paths and tensor comparisons.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+
+pub fn fixture(area: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(area)
+}
+
+pub fn reference(area: &str, file: &str) -> HashMap<String, Tensor> {
+    matvlm::checkpoint::load_safetensors(&fixture(area).join(file), &Device::Cpu)
+        .expect("reference tensors")
+}
+
+pub fn reference_json(area: &str, file: &str) -> serde_json::Value {
+    let text = std::fs::read_to_string(fixture(area).join(file)).expect("reference json");
+    serde_json::from_str(&text).expect("valid json")
+}
+
+pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    assert_eq!(a.dims(), b.dims(), "shapes differ");
+    let a = a.to_dtype(DType::F32).unwrap();
+    let b = b.to_dtype(DType::F32).unwrap();
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
+pub fn ids_i64(t: &Tensor) -> Vec<i64> {
+    t.to_vec1::<i64>().unwrap()
+}
+
+pub fn json_i64s(v: &serde_json::Value) -> Vec<i64> {
+    v.as_array()
+        .expect("array")
+        .iter()
+        .map(|x| x.as_i64().expect("int"))
+        .collect()
+}
+
+/// Copy a fixture folder into a fresh temporary folder that tests may damage.
+pub fn scratch_copy(area: &str) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    for entry in std::fs::read_dir(fixture(area)).unwrap() {
+        let p = entry.unwrap().path();
+        if p.is_file() {
+            std::fs::copy(&p, dir.path().join(p.file_name().unwrap())).unwrap();
+        }
+    }
+    dir
+}
