@@ -6,4 +6,5 @@ pub mod decoder;
 pub mod layers;
 pub mod mamba2;
 pub mod phi;
+pub mod placement;
 pub mod siglip;
