@@ -200,9 +200,18 @@ impl Vlm {
     }
 
     /// Ask one question about an optional image with the phi template; returns the answer.
-    pub fn ask(&self, question: &str, image: Option<&Path>, opts: &GenerateOptions) -> Result<String> {
+    pub fn ask(
+        &self,
+        question: &str,
+        image: Option<&Path>,
+        opts: &GenerateOptions,
+    ) -> Result<String> {
         let prompt = single_turn_prompt(question, image.is_some());
-        Ok(self.generate(&prompt, image, opts, &mut |_| true)?.text.trim().to_string())
+        Ok(self
+            .generate(&prompt, image, opts, &mut |_| true)?
+            .text
+            .trim()
+            .to_string())
     }
 
     /// Next-token logits `[T, vocab]` of a prompt (with the image if given), batch of one.

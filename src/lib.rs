@@ -8,6 +8,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod data;
 pub mod error;
+pub mod generate;
 pub mod image;
 pub mod model;
 pub mod tokenize;

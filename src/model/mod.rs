@@ -8,3 +8,4 @@ pub mod mamba2;
 pub mod phi;
 pub mod placement;
 pub mod siglip;
+pub mod vlm;

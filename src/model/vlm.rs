@@ -46,12 +46,12 @@ impl Vlm {
             None => None,
         };
         let preprocessor = match &files.preprocessor {
-            Some(p) => ImagePreprocessor::from_config(&crate::config::read_json::<
-                PreprocessorConfig,
-            >(p)?),
+            Some(p) => {
+                ImagePreprocessor::from_config(&crate::config::read_json::<PreprocessorConfig>(p)?)?
+            }
             None => ImagePreprocessor::from_config(&PreprocessorConfig::siglip_default(
                 config.vision_config.image_size,
-            )),
+            ))?,
         };
         let vb = files.var_builder(dtype, device)?;
         Self::from_var_builder(vb, config, tokenizer, preprocessor, &files.location())
@@ -70,22 +70,23 @@ impl Vlm {
         Activation::from_hf(&config.text_config.hidden_act)?;
         Activation::from_hf(&config.vision_config.hidden_act)?;
         let classify = |e| classify_candle(e, location);
+        let reclassify = |e: Error| match e {
+            Error::Candle(c) => classify_candle(c, location),
+            other => other,
+        };
         let vision = SiglipVisionTower::load(
             vb.pp("vision_tower").pp("_vision_tower").pp("vision_model"),
             &config.vision_config,
             config.vision_layers_used()?,
         )
-        .map_err(classify)?;
+        .map_err(reclassify)?;
         let connector = Connector::load(
             vb.pp("connector").pp("_connector"),
             &config.connector_type,
             config.vision_config.hidden_size,
             config.text_config.hidden_size,
         )
-        .map_err(|e| match e {
-            Error::Candle(c) => classify_candle(c, location),
-            other => other,
-        })?;
+        .map_err(reclassify)?;
         let decoder =
             Decoder::load(vb.pp("language_model"), &config.text_config).map_err(classify)?;
         Ok(Self {
@@ -184,7 +185,10 @@ impl Vlm {
             }
             per_row.push(Tensor::cat(&pieces, 0)?);
         }
-        let lens: Vec<usize> = per_row.iter().map(|t| t.dim(0)).collect::<candle_core::Result<_>>()?;
+        let lens: Vec<usize> = per_row
+            .iter()
+            .map(|t| t.dim(0))
+            .collect::<candle_core::Result<_>>()?;
         let max = lens.iter().copied().max().unwrap_or(0);
         let hidden = self.decoder.cfg.hidden_size;
         let padded: Vec<Tensor> = per_row
