@@ -49,6 +49,19 @@ pub struct ImagePreprocessor {
 }
 
 impl ImagePreprocessor {
+    /// The settings as a `preprocessor_config.json` (for saving a checkpoint).
+    pub fn to_config(&self) -> PreprocessorConfig {
+        PreprocessorConfig {
+            image_mean: self.mean.to_vec(),
+            image_std: self.std.to_vec(),
+            size: Some(crate::config::ImageSize {
+                height: self.height,
+                width: self.width,
+            }),
+            rescale_factor: Some(self.rescale as f64),
+        }
+    }
+
     /// SigLIP's settings for a `size` x `size` input: x/255, mean = std = 0.5.
     pub fn siglip(size: usize) -> Self {
         Self {

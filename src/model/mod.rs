@@ -9,3 +9,4 @@ pub mod phi;
 pub mod placement;
 pub mod siglip;
 pub mod vlm;
+pub mod shapes;

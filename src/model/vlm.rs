@@ -234,6 +234,48 @@ impl Vlm {
             .forward(embeds, cache, &Capture::none(), &mut captured)?)
     }
 
+    /// Every parameter under its TinyLLaVA checkpoint name.
+    pub fn named_tensors(&self) -> Vec<(String, Tensor)> {
+        let mut out = Vec::new();
+        let prefixed = |out: &mut Vec<(String, Tensor)>, prefix: &str, v: Vec<(String, Tensor)>| {
+            out.extend(v.into_iter().map(|(k, t)| (format!("{prefix}.{k}"), t)));
+        };
+        prefixed(
+            &mut out,
+            "vision_tower._vision_tower.vision_model",
+            self.vision.named_tensors(),
+        );
+        prefixed(&mut out, "connector._connector", self.connector.named_tensors());
+        prefixed(&mut out, "language_model", self.decoder.named_tensors());
+        out
+    }
+
+    /// Save in the TinyLLaVA layout: config.json, weights (sharded above `max_shard_bytes`),
+    /// tokenizer.json and preprocessor_config.json. Every file is written atomically. Weights are
+    /// converted to `dtype`.
+    pub fn save(&self, dir: &Path, dtype: DType, max_shard_bytes: Option<usize>) -> Result<()> {
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        let tensors: std::collections::BTreeMap<String, Tensor> = self
+            .named_tensors()
+            .into_iter()
+            .map(|(k, t)| Ok((k, t.to_dtype(dtype)?)))
+            .collect::<Result<_>>()?;
+        crate::checkpoint::save_safetensors(dir, &tensors, max_shard_bytes)?;
+        crate::config::write_json(&dir.join(crate::checkpoint::CONFIG), &self.config)?;
+        crate::config::write_json(
+            &dir.join(crate::checkpoint::PREPROCESSOR),
+            &self.preprocessor.to_config(),
+        )?;
+        if let Some(tok) = &self.tokenizer {
+            let json = tok
+                .inner()
+                .to_string(true)
+                .map_err(|e| Error::Tokenizer(e.to_string()))?;
+            crate::checkpoint::write_atomic(&dir.join(crate::checkpoint::TOKENIZER), json.as_bytes())?;
+        }
+        Ok(())
+    }
+
     pub fn new_cache(&self) -> Cache {
         self.decoder.new_cache()
     }
