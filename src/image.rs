@@ -88,7 +88,7 @@ impl ImagePreprocessor {
             })
         };
         let std = three(&cfg.image_std, "image_std")?;
-        if std.iter().any(|&s| s == 0.0) {
+        if std.contains(&0.0) {
             return Err(Error::Invalid(
                 "preprocessor config `image_std` contains 0".into(),
             ));

@@ -160,13 +160,14 @@ impl SiglipVisionTower {
                 cfg.num_hidden_layers
             )));
         }
-        if cfg.num_attention_heads == 0 || cfg.hidden_size % cfg.num_attention_heads != 0 {
+        if cfg.num_attention_heads == 0 || !cfg.hidden_size.is_multiple_of(cfg.num_attention_heads)
+        {
             return Err(Error::Invalid(format!(
                 "{LOCATION}: hidden size {} is not a multiple of {} heads",
                 cfg.hidden_size, cfg.num_attention_heads
             )));
         }
-        if cfg.patch_size == 0 || cfg.image_size % cfg.patch_size != 0 {
+        if cfg.patch_size == 0 || !cfg.image_size.is_multiple_of(cfg.patch_size) {
             return Err(Error::Invalid(format!(
                 "{LOCATION}: image size {} is not a multiple of patch size {}",
                 cfg.image_size, cfg.patch_size
