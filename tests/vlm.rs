@@ -306,3 +306,25 @@ fn bad_images_and_prompts_are_errors_not_panics() {
 fn layer_kinds_of_a_teacher_are_all_attention() {
     assert_eq!(teacher().layer_kinds(), vec!["attn"; 4]);
 }
+
+#[test]
+fn save_then_load_is_bit_exact() {
+    let vlm = teacher();
+    let dir = tempfile::tempdir().unwrap();
+    // A small shard limit forces several shards plus an index.
+    vlm.save(dir.path(), DType::F32, Some(400_000)).unwrap();
+    assert!(dir.path().join("model.safetensors.index.json").is_file());
+    let back = load(dir.path()).unwrap();
+    let a = vlm.named_tensors();
+    let b: HashMap<String, Tensor> = back.named_tensors().into_iter().collect();
+    assert_eq!(a.len(), b.len());
+    for (k, t) in &a {
+        let u = &b[k];
+        assert_eq!(t.dims(), u.dims(), "{k}");
+        assert_eq!(max_abs_diff(t, u), 0.0, "{k} changed in the round trip");
+    }
+    let no_tmp = std::fs::read_dir(dir.path())
+        .unwrap()
+        .all(|e| !e.unwrap().file_name().to_string_lossy().ends_with(".tmp"));
+    assert!(no_tmp, "temporary files left behind");
+}

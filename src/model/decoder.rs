@@ -196,7 +196,10 @@ impl Decoder {
 
     /// Every parameter under its checkpoint name relative to `language_model.`.
     pub fn named_tensors(&self) -> Vec<(String, Tensor)> {
-        let mut out = vec![("model.embed_tokens.weight".to_string(), self.embed_tokens.clone())];
+        let mut out = vec![(
+            "model.embed_tokens.weight".to_string(),
+            self.embed_tokens.clone(),
+        )];
         let linear = |out: &mut Vec<(String, Tensor)>, name: String, l: &Linear| {
             out.push((format!("{name}.weight"), l.weight.clone()));
             if let Some(b) = &l.bias {
@@ -205,8 +208,14 @@ impl Decoder {
         };
         for (i, block) in self.blocks.iter().enumerate() {
             let p = format!("model.layers.{i}");
-            out.push((format!("{p}.input_layernorm.weight"), block.input_layernorm.weight.clone()));
-            out.push((format!("{p}.input_layernorm.bias"), block.input_layernorm.bias.clone()));
+            out.push((
+                format!("{p}.input_layernorm.weight"),
+                block.input_layernorm.weight.clone(),
+            ));
+            out.push((
+                format!("{p}.input_layernorm.bias"),
+                block.input_layernorm.bias.clone(),
+            ));
             match &block.mixer {
                 Mixer::Attention(a) => {
                     linear(&mut out, format!("{p}.self_attn.q_proj"), &a.q_proj);
@@ -218,8 +227,14 @@ impl Decoder {
             linear(&mut out, format!("{p}.mlp.fc1"), &block.mlp.fc1);
             linear(&mut out, format!("{p}.mlp.fc2"), &block.mlp.fc2);
         }
-        out.push(("model.final_layernorm.weight".into(), self.final_layernorm.weight.clone()));
-        out.push(("model.final_layernorm.bias".into(), self.final_layernorm.bias.clone()));
+        out.push((
+            "model.final_layernorm.weight".into(),
+            self.final_layernorm.weight.clone(),
+        ));
+        out.push((
+            "model.final_layernorm.bias".into(),
+            self.final_layernorm.bias.clone(),
+        ));
         if !self.cfg.tie_word_embeddings {
             linear(&mut out, "lm_head".into(), &self.lm_head);
         }

@@ -245,7 +245,11 @@ impl Vlm {
             "vision_tower._vision_tower.vision_model",
             self.vision.named_tensors(),
         );
-        prefixed(&mut out, "connector._connector", self.connector.named_tensors());
+        prefixed(
+            &mut out,
+            "connector._connector",
+            self.connector.named_tensors(),
+        );
         prefixed(&mut out, "language_model", self.decoder.named_tensors());
         out
     }
@@ -271,7 +275,10 @@ impl Vlm {
                 .inner()
                 .to_string(true)
                 .map_err(|e| Error::Tokenizer(e.to_string()))?;
-            crate::checkpoint::write_atomic(&dir.join(crate::checkpoint::TOKENIZER), json.as_bytes())?;
+            crate::checkpoint::write_atomic(
+                &dir.join(crate::checkpoint::TOKENIZER),
+                json.as_bytes(),
+            )?;
         }
         Ok(())
     }
