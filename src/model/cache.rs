@@ -5,11 +5,13 @@
 //! student, or several probes, never share state by accident, and [`Cache::bytes`] answers the
 //! memory question directly.
 
+use super::mamba2::Mamba2State;
 use super::phi::KvCache;
 
 #[derive(Debug, Clone)]
 pub enum LayerCache {
     Attention(Option<KvCache>),
+    Mamba(Option<Mamba2State>),
 }
 
 #[derive(Debug, Clone)]
@@ -25,7 +27,8 @@ impl Cache {
             .iter()
             .map(|l| match l {
                 LayerCache::Attention(Some(kv)) => kv.bytes(),
-                LayerCache::Attention(None) => 0,
+                LayerCache::Mamba(Some(s)) => s.bytes(),
+                LayerCache::Attention(None) | LayerCache::Mamba(None) => 0,
             })
             .sum()
     }

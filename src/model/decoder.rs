@@ -5,24 +5,28 @@
 
 use std::collections::BTreeMap;
 
-use candle_core::{Module, Result, Tensor};
+use candle_core::{Module, Tensor};
 use candle_nn::VarBuilder;
 
 use super::cache::{Cache, LayerCache};
 use super::layers::{LayerNorm, Linear};
+use super::mamba2::{Mamba2, Mamba2Config};
 use super::phi::{PhiAttention, PhiMlp, Rotary};
 use crate::config::PhiConfig;
+use crate::{Error, Result};
 
 /// The sequence mixer of one block.
 #[derive(Debug, Clone)]
 pub enum Mixer {
     Attention(PhiAttention),
+    Mamba2(Mamba2),
 }
 
 impl Mixer {
     pub fn kind(&self) -> &'static str {
         match self {
             Mixer::Attention(_) => "attn",
+            Mixer::Mamba2(_) => "mamba",
         }
     }
 }
@@ -76,8 +80,19 @@ pub struct Decoder {
 }
 
 impl Decoder {
-    /// Load an all-attention decoder. `vb` is at the `language_model` prefix.
-    pub fn load(vb: VarBuilder, cfg: &PhiConfig) -> Result<Self> {
+    /// Load an all-attention decoder (a teacher). `vb` is at the `language_model` prefix.
+    pub fn load(vb: VarBuilder, cfg: &PhiConfig) -> candle_core::Result<Self> {
+        Self::load_with(vb, cfg, &[], None)
+    }
+
+    /// Load a decoder whose layers `mamba_layers` hold a Mamba-2 mixer (`...layers.{i}.mamba.*`)
+    /// and the others attention (`...layers.{i}.self_attn.*`).
+    pub fn load_with(
+        vb: VarBuilder,
+        cfg: &PhiConfig,
+        mamba_layers: &[usize],
+        mamba_cfg: Option<&Mamba2Config>,
+    ) -> candle_core::Result<Self> {
         let m = vb.pp("model");
         let embed_tokens = m
             .pp("embed_tokens")
@@ -91,7 +106,11 @@ impl Decoder {
                     cfg.hidden_size,
                     cfg.layer_norm_eps,
                 )?,
-                mixer: Mixer::Attention(PhiAttention::load(l.pp("self_attn"), cfg)?),
+                mixer: match (mamba_layers.contains(&i), mamba_cfg) {
+                    (true, Some(mc)) => Mixer::Mamba2(Mamba2::load(l.pp("mamba"), mc)?),
+                    (true, None) => candle_core::bail!("layer {i} is a Mamba layer but no Mamba config was given"),
+                    (false, _) => Mixer::Attention(PhiAttention::load(l.pp("self_attn"), cfg)?),
+                },
                 mlp: PhiMlp::load(l.pp("mlp"), cfg)?,
             });
         }
@@ -123,6 +142,7 @@ impl Decoder {
                 .iter()
                 .map(|b| match b.mixer {
                     Mixer::Attention(_) => LayerCache::Attention(None),
+                    Mixer::Mamba2(_) => LayerCache::Mamba(None),
                 })
                 .collect(),
             seq_len: 0,
@@ -132,9 +152,10 @@ impl Decoder {
     /// Embeddings of token ids `[B, T]` (u32).
     pub fn embed(&self, ids: &Tensor) -> Result<Tensor> {
         let (b, t) = ids.dims2()?;
-        self.embed_tokens
+        Ok(self
+            .embed_tokens
             .index_select(&ids.flatten_all()?, 0)?
-            .reshape((b, t, ()))
+            .reshape((b, t, ()))?)
     }
 
     /// Run the blocks over input embeddings `[B, T, hidden]` continuing from `cache`, and return
@@ -164,6 +185,21 @@ impl Decoder {
                     }
                     out
                 }
+                (Mixer::Mamba2(m), LayerCache::Mamba(state)) => match state {
+                    // One new token after a prefill: the single-step recurrence.
+                    Some(st) if t == 1 => m.step(&normed.squeeze(1)?, st)?.unsqueeze(1)?,
+                    _ => {
+                        let (out, next) = m.forward(&normed, state.as_ref())?;
+                        *state = Some(next);
+                        out
+                    }
+                },
+                (mixer, _) => {
+                    return Err(Error::Invalid(format!(
+                        "cache entry of layer {i} does not fit its {} mixer (a cache made for another model?)",
+                        mixer.kind()
+                    )))
+                }
             };
             if wants && capture.mixer {
                 captured.insert(format!("layers.{i}.mixer_input"), normed.clone());
@@ -179,7 +215,7 @@ impl Decoder {
         if capture.hidden {
             captured.insert("final_hidden".into(), h.clone());
         }
-        self.final_layernorm.forward(&h)
+        Ok(self.final_layernorm.forward(&h)?)
     }
 
     /// Logits `[B, T, vocab]` for input embeddings.
@@ -191,7 +227,7 @@ impl Decoder {
         captured: &mut Captured,
     ) -> Result<Tensor> {
         let h = self.forward_hidden(embeds, cache, capture, captured)?;
-        self.lm_head.forward(&h)
+        Ok(self.lm_head.forward(&h)?)
     }
 
     /// Every parameter under its checkpoint name relative to `language_model.`.
@@ -223,6 +259,11 @@ impl Decoder {
                     linear(&mut out, format!("{p}.self_attn.v_proj"), &a.v_proj);
                     linear(&mut out, format!("{p}.self_attn.dense"), &a.dense);
                 }
+                Mixer::Mamba2(m) => out.extend(
+                    m.named_tensors()
+                        .into_iter()
+                        .map(|(k, t)| (format!("{p}.mamba.{k}"), t)),
+                ),
             }
             linear(&mut out, format!("{p}.mlp.fc1"), &block.mlp.fc1);
             linear(&mut out, format!("{p}.mlp.fc2"), &block.mlp.fc2);
@@ -239,6 +280,16 @@ impl Decoder {
             linear(&mut out, "lm_head".into(), &self.lm_head);
         }
         out
+    }
+
+    /// Ids of the Mamba layers.
+    pub fn mamba_layers(&self) -> Vec<usize> {
+        self.blocks
+            .iter()
+            .enumerate()
+            .filter(|(_, b)| matches!(b.mixer, Mixer::Mamba2(_)))
+            .map(|(i, _)| i)
+            .collect()
     }
 
     pub fn layer_kinds(&self) -> Vec<&'static str> {
