@@ -312,7 +312,7 @@ impl WorldConfig {
                 self.version
             ));
         }
-        if self.grid == 0 || self.image_size == 0 || self.image_size % self.grid != 0 {
+        if self.grid == 0 || self.image_size == 0 || !self.image_size.is_multiple_of(self.grid) {
             return bad(format!(
                 "image_size ({}) must be a positive multiple of grid ({})",
                 self.image_size, self.grid
