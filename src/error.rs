@@ -38,6 +38,13 @@ pub enum Error {
     #[error("cannot load image {path}: {reason}")]
     BadImage { path: PathBuf, reason: String },
 
+    #[error("{path}: {count} bad record(s): {summary}")]
+    BadRecords {
+        path: PathBuf,
+        count: usize,
+        summary: String,
+    },
+
     #[error("prompt error: {0}")]
     Prompt(String),
 

@@ -1,1 +1,21 @@
 //! Training data: LLaVA conversation JSON, the synthetic visual-QA world, batching.
+//!
+//! * [`llava`]: read LLaVA / ShareGPT4V records, check them, tokenise them with the phi template
+//!   (labels on the answers only) into a [`Dataset`] whose images are decoded once and cached.
+//! * [`batch`]: the seeded, resumable [`Loader`] of sample indices and the padded [`Batch`].
+//! * [`synthetic`]: a small visual-QA world generated from a seed into the same JSON + PNG format,
+//!   with its own byte-level BPE tokenizer.
+
+pub mod batch;
+pub mod llava;
+pub(crate) mod rng;
+pub mod synthetic;
+
+pub use batch::{Batch, Loader, LoaderState};
+pub use llava::{
+    read_llava_json, BadRecord, Dataset, ImageCheck, LoadOptions, OnBadRecord, Record, Sample,
+};
+pub use synthetic::{
+    ensure_world, generate_world, normalize_answer, read_world_split, train_world_tokenizer,
+    QuestionType, WorldConfig, WorldRecord, WorldSummary,
+};
