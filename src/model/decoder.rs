@@ -108,7 +108,9 @@ impl Decoder {
                 )?,
                 mixer: match (mamba_layers.contains(&i), mamba_cfg) {
                     (true, Some(mc)) => Mixer::Mamba2(Mamba2::load(l.pp("mamba"), mc)?),
-                    (true, None) => candle_core::bail!("layer {i} is a Mamba layer but no Mamba config was given"),
+                    (true, None) => candle_core::bail!(
+                        "layer {i} is a Mamba layer but no Mamba config was given"
+                    ),
                     (false, _) => Mixer::Attention(PhiAttention::load(l.pp("self_attn"), cfg)?),
                 },
                 mlp: PhiMlp::load(l.pp("mlp"), cfg)?,
