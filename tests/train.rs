@@ -664,6 +664,9 @@ fn data_exhaustion_and_evaluation() -> R<()> {
     let (params, model) = toy_setup(5)?;
     let cfg = TrainConfig {
         eval_every: 2,
+        // Plain lines (captured by the test harness): exercises the non-terminal display.
+        progress: ProgressMode::Lines,
+        log_every: 1,
         ..toy_config(10)
     };
     let mut evals = Vec::new();
@@ -807,6 +810,60 @@ fn checkpoints_are_atomic_and_found_without_the_pointer() -> R<()> {
         other => panic!("expected BadSafetensors, got {other:?}"),
     }
     Ok(())
+}
+
+#[test]
+fn a_finished_run_is_not_restarted_over_its_checkpoints() -> R<()> {
+    let dir = scratch("no-clobber");
+    let (params, model) = toy_setup(2)?;
+    Trainer::new(toy_config(2), &params, RunDir::open(&dir)?)?
+        .fit(&mut toy_source(100), |ctx, b| toy_step(&model, ctx, b))?;
+    let fresh = TrainConfig {
+        resume: false,
+        ..toy_config(2)
+    };
+    let err = Trainer::new(fresh, &params, RunDir::open(&dir)?)?
+        .fit(&mut toy_source(100), |ctx, b| toy_step(&model, ctx, b))
+        .unwrap_err();
+    assert!(
+        matches!(err, Error::Invalid(ref m) if m.contains("step-000002")),
+        "{err}"
+    );
+    // Resuming a finished run does nothing and keeps the log as it was.
+    let before = train_lines(&dir)?;
+    let s = Trainer::new(toy_config(2), &params, RunDir::open(&dir)?)?
+        .fit(&mut toy_source(100), |ctx, b| toy_step(&model, ctx, b))?;
+    assert_eq!(
+        (s.stop, s.start_step, s.step),
+        (StopReason::Completed, 2, 2)
+    );
+    assert_eq!(train_lines(&dir)?, before);
+    Ok(())
+}
+
+#[test]
+fn progress_line_shows_every_term() {
+    let terms = vec![("l2".to_string(), 12.5), ("kl".to_string(), 0.0321)];
+    let line = matvlm::train::StepReport {
+        step: 3,
+        total: 10,
+        loss: 0.75,
+        terms: &terms,
+        lr: 2e-4,
+        grad_norm: 0.5,
+        tokens_per_s: 1234.0,
+    }
+    .summary();
+    for piece in [
+        "loss 0.7500",
+        "l2 12.5000",
+        "kl 0.0321",
+        "lr 2.00e-4",
+        "gnorm 0.5000",
+        "1234 tok/s",
+    ] {
+        assert!(line.contains(piece), "`{piece}` missing from `{line}`");
+    }
 }
 
 #[test]

@@ -51,7 +51,8 @@ pub struct TrainConfig {
     pub seed: u64,
     /// Progress line every this many steps when not on a terminal.
     pub log_every: usize,
-    /// Continue from the newest checkpoint of the run directory, if there is one.
+    /// Continue from the newest checkpoint of the run directory, if there is one. When false, a
+    /// run directory that already holds a checkpoint is refused.
     pub resume: bool,
     pub progress: ProgressMode,
 }
@@ -232,6 +233,23 @@ pub struct StepOutput {
     pub tokens: usize,
 }
 
+impl StepOutput {
+    /// A loss with no separate terms.
+    pub fn new(loss: Tensor, tokens: usize) -> Self {
+        Self {
+            loss,
+            terms: Vec::new(),
+            tokens,
+        }
+    }
+
+    /// Add a named term (builder style).
+    pub fn term(mut self, name: impl Into<String>, value: f64) -> Self {
+        self.terms.push((name.into(), value));
+        self
+    }
+}
+
 /// Why [`Trainer::fit`] returned.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -385,6 +403,13 @@ impl<'a> Trainer<'a> {
                 tokens_total = r.tokens;
                 resumed_from = Some(r.dir);
             }
+        } else if let Some(existing) = self.run.latest_dir()? {
+            // Starting over would interleave two runs' metrics and checkpoints.
+            return Err(Error::Invalid(format!(
+                "{} already holds checkpoint {}; resume it or use a new run directory",
+                self.run.path().display(),
+                existing.display()
+            )));
         }
         let start_step = step;
         let mut saved_at = resumed_from.as_ref().map(|_| step);
@@ -518,8 +543,14 @@ impl<'a> Trainer<'a> {
         if step > 0 && saved_at != Some(step) {
             last_checkpoint = Some(self.save(step, lr, data, tokens_total)?);
         }
-        if stop == StopReason::Cancelled {
-            progress.message(&format!("stopped at step {step}; checkpoint saved"));
+        match stop {
+            StopReason::Cancelled => {
+                progress.message(&format!("cancelled at step {step}; checkpoint saved"))
+            }
+            StopReason::DataExhausted => {
+                progress.message(&format!("data exhausted at step {step}; checkpoint saved"))
+            }
+            StopReason::Completed => {}
         }
         progress.finish();
         Ok(TrainSummary {
