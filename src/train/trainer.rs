@@ -421,7 +421,6 @@ impl<'a> Trainer<'a> {
         }
         let started = Instant::now();
         let mut last_loss = None;
-        let mut lr = schedule.lr(step);
 
         let stop = loop {
             if step >= cfg.steps {
@@ -431,7 +430,7 @@ impl<'a> Trainer<'a> {
                 break StopReason::Cancelled;
             }
             let t0 = Instant::now();
-            lr = schedule.lr(step);
+            let lr = schedule.lr(step);
 
             // Forward and backward over the micro-batches, summing gradients.
             let mut grads: Option<Grads> = None;
@@ -527,6 +526,11 @@ impl<'a> Trainer<'a> {
                     let mut record = json!({ "kind": "eval", "step": step });
                     let mut shown = format!("eval @ {step}:");
                     for (k, v) in &values {
+                        if k == "kind" || k == "step" {
+                            return Err(Error::Invalid(format!(
+                                "evaluation value `{k}` clashes with a metrics field; rename it"
+                            )));
+                        }
                         record[k.as_str()] = json!(v);
                         shown.push_str(&format!(" {k} {v:.4}"));
                     }
@@ -541,14 +545,13 @@ impl<'a> Trainer<'a> {
         };
 
         if step > 0 && saved_at != Some(step) {
+            let lr = schedule.lr(step - 1);
             last_checkpoint = Some(self.save(step, lr, data, tokens_total)?);
         }
         match stop {
-            StopReason::Cancelled => {
-                progress.message(&format!("cancelled at step {step}; checkpoint saved"))
-            }
+            StopReason::Cancelled => progress.message(&format!("cancelled at step {step}")),
             StopReason::DataExhausted => {
-                progress.message(&format!("data exhausted at step {step}; checkpoint saved"))
+                progress.message(&format!("data exhausted at step {step}"))
             }
             StopReason::Completed => {}
         }
