@@ -564,6 +564,7 @@ fn resumed_run_is_bit_identical_to_an_uninterrupted_one() -> R<()> {
         2 * STOP_AT,
         "data position saved with the checkpoint"
     );
+    assert_eq!((ck.step, ck.lr), (STOP_AT, cfg.schedule()?.lr(STOP_AT - 1)));
 
     // B, second process: everything rebuilt from scratch, then resumed from the run dir.
     let (params_b, model_b) = toy_setup(11)?;
