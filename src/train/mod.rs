@@ -1,1 +1,35 @@
-//! Training: optimiser, schedules, runs (checkpoints, metrics, resume), the trainer.
+//! Training: the parts shared by every training mode.
+//!
+//! - [`params`]: which tensors train ([`ParamSet`], chosen by name patterns) and their [`Grads`].
+//! - [`optim`]: AdamW and gradient clipping, numerically as torch.
+//! - [`schedule`]: learning-rate schedules with warmup, as transformers.
+//! - [`run`]: the run directory: config, metrics, atomic checkpoints.
+//! - [`trainer`]: the loop ([`Trainer::fit`]), with accumulation, evaluation, resume and cancel.
+//! - [`progress`], [`cancel`]: what the user sees, and Ctrl-C.
+//!
+//! A run in a few lines:
+//! ```ignore
+//! let (params, tensors) = ParamSet::select(&weights, &Selection::new(["*.mamba.*"], [""; 0]))?;
+//! let model = build_model(VarBuilder::from_tensors(tensors, DType::F32, &dev))?;
+//! let mut trainer = Trainer::new(cfg, &params, RunDir::open("runs/x")?)?.with_cancel(&flag);
+//! let summary = trainer.fit(&mut loader, |ctx, batch| model.loss(batch))?;
+//! ```
+
+pub mod cancel;
+pub mod optim;
+pub mod params;
+pub mod progress;
+pub mod run;
+pub mod schedule;
+pub mod trainer;
+
+pub use cancel::ctrlc_flag;
+pub use optim::{clip_grad_norm, decays, AdamW, AdamWConfig};
+pub use params::{glob, Grads, ParamSet, Selection};
+pub use progress::{Progress, ProgressMode, StepReport};
+pub use run::{Checkpoint, CheckpointState, RunDir};
+pub use schedule::{LrSchedule, Ramp, Schedule};
+pub use trainer::{
+    BatchSource, IndexedSource, Resumable, Resumed, StepCtx, StepOutput, StopReason, TrainConfig,
+    TrainSummary, Trainer,
+};
