@@ -372,3 +372,81 @@ fn full_size_parameter_and_cache_budget() {
         assert_eq!(fixed, layers.len() * (7680 * 4 + 32 * 80 * 80) * 4);
     }
 }
+
+/// The upstream-layout hybrid fixture (scripts/fixtures/make_hybrid_fixtures.py: HF Phi with
+/// layers 0 and 2 replaced by the mamba_ssm reference mixer, params perturbed away from the init)
+/// loads as a hybrid and matches the reference: f32 logits <= 1e-4, greedy ids identical (the
+/// greedy run decodes through the mixed cache).
+#[test]
+fn upstream_hybrid_fixture_matches_the_reference() {
+    let r = reference("hybrid", "reference.safetensors");
+    let h = Vlm::load(
+        fixture("hybrid").to_str().unwrap(),
+        DType::F32,
+        &Device::Cpu,
+    )
+    .unwrap();
+    assert_eq!(h.layer_kinds(), vec!["mamba", "attn", "mamba", "attn"]);
+    let cfg = h.mamba_config().unwrap();
+    assert_eq!((cfg.head_dim, cfg.d_state, cfg.chunk_size), (20, 20, 16));
+
+    let embeds = r["image_inputs_embeds"].unsqueeze(0).unwrap();
+    let mut cache = h.new_cache();
+    let mut captured = Captured::new();
+    let logits = h
+        .decoder
+        .forward(
+            &embeds,
+            &mut cache,
+            &Capture::hidden_states(),
+            &mut captured,
+        )
+        .unwrap()
+        .squeeze(0)
+        .unwrap();
+    for i in 0..4 {
+        let ours = captured[&format!("layers.{i}.output")].squeeze(0).unwrap();
+        let diff = max_abs_diff(&ours, &r["image_decoder_hidden_states"].get(i + 1).unwrap());
+        assert!(diff <= 1e-4, "layer {i} output differs by {diff}");
+    }
+    let diff = max_abs_diff(&logits, &r["image_logits"]);
+    assert!(diff <= 1e-4, "image logits differ by {diff}");
+    for layer in [0usize, 2] {
+        let matvlm::model::cache::LayerCache::Mamba(Some(state)) = &cache.layers[layer] else {
+            panic!("layer {layer} has no Mamba state");
+        };
+        let conv = state.conv.squeeze(0).unwrap();
+        let ssm = state.ssm.squeeze(0).unwrap();
+        assert!(max_abs_diff(&conv, &r[&format!("image_conv_state_layer{layer}")]) <= 1e-5);
+        assert!(max_abs_diff(&ssm, &r[&format!("image_ssm_state_layer{layer}")]) <= 1e-4);
+    }
+
+    let (logits, _) = h
+        .forward(&[ids_i64(&r["text_prompt_ids"])], None, &Default::default())
+        .unwrap();
+    let diff = max_abs_diff(&logits.squeeze(0).unwrap(), &r["text_logits"]);
+    assert!(diff <= 1e-4, "text logits differ by {diff}");
+
+    let opts = matvlm::generate::GenerateOptions {
+        max_new_tokens: 8,
+        stop_at_eos: false,
+        ..Default::default()
+    };
+    let (out, _) = h
+        .generate_ids(&ids_i64(&r["text_prompt_ids"]), None, &opts, &mut |_| true)
+        .unwrap();
+    let out: Vec<i64> = out.into_iter().map(i64::from).collect();
+    assert_eq!(out, ids_i64(&r["text_greedy_ids"]));
+    // With the image: the vision side is the teacher's, so its reference pixels apply.
+    let pixels = &reference("teacher", "reference.safetensors")["pixel_values"];
+    let (out, _) = h
+        .generate_ids(
+            &ids_i64(&r["image_prompt_ids"]),
+            Some(pixels),
+            &opts,
+            &mut |_| true,
+        )
+        .unwrap();
+    let out: Vec<i64> = out.into_iter().map(i64::from).collect();
+    assert_eq!(out, ids_i64(&r["image_greedy_ids"]));
+}
