@@ -170,54 +170,87 @@ impl Decoder {
         captured: &mut Captured,
     ) -> Result<Tensor> {
         let t = embeds.dim(1)?;
+        if cache.layers.len() != self.blocks.len() {
+            return Err(Error::Invalid(format!(
+                "the cache has {} layers but the decoder has {}",
+                cache.layers.len(),
+                self.blocks.len()
+            )));
+        }
         let mut h = embeds.clone();
-        for (i, (block, layer_cache)) in self.blocks.iter().zip(cache.layers.iter_mut()).enumerate()
-        {
-            let wants = capture.wants(i);
-            if wants && capture.hidden {
-                captured.insert(format!("layers.{i}.input"), h.clone());
-            }
-            let normed = block.input_layernorm.forward(&h)?;
-            let mixed = match (&block.mixer, layer_cache) {
-                (Mixer::Attention(attn), LayerCache::Attention(kv)) => {
-                    let (out, weights) =
-                        attn.forward(&normed, &self.rotary, kv, wants && capture.attn_weights)?;
-                    if let Some(w) = weights {
-                        captured.insert(format!("layers.{i}.attn_weights"), w);
-                    }
-                    out
-                }
-                (Mixer::Mamba2(m), LayerCache::Mamba(state)) => match state {
-                    // One new token after a prefill: the single-step recurrence.
-                    Some(st) if t == 1 => m.step(&normed.squeeze(1)?, st)?.unsqueeze(1)?,
-                    _ => {
-                        let (out, next) = m.forward(&normed, state.as_ref())?;
-                        *state = Some(next);
-                        out
-                    }
-                },
-                (mixer, _) => {
-                    return Err(Error::Invalid(format!(
-                        "cache entry of layer {i} does not fit its {} mixer (a cache made for another model?)",
-                        mixer.kind()
-                    )))
-                }
-            };
-            if wants && capture.mixer {
-                captured.insert(format!("layers.{i}.mixer_input"), normed.clone());
-                captured.insert(format!("layers.{i}.mixer_output"), mixed.clone());
-            }
-            let mlp = block.mlp.forward(&normed)?;
-            h = ((h + mixed)? + mlp)?;
-            if wants && capture.hidden {
-                captured.insert(format!("layers.{i}.output"), h.clone());
-            }
+        for (i, layer_cache) in cache.layers.iter_mut().enumerate() {
+            h = self.block_forward(i, &h, layer_cache, capture, captured)?;
         }
         cache.seq_len += t;
         if capture.hidden {
             captured.insert("final_hidden".into(), h.clone());
         }
         Ok(self.final_layernorm.forward(&h)?)
+    }
+
+    /// Run block `i` on hidden states `h: [B, T, hidden]`, continuing from `layer_cache`.
+    /// Distillation also calls this alone, to run a student block on a teacher's hidden state.
+    pub fn block_forward(
+        &self,
+        i: usize,
+        h: &Tensor,
+        layer_cache: &mut LayerCache,
+        capture: &Capture,
+        captured: &mut Captured,
+    ) -> Result<Tensor> {
+        let block = self
+            .blocks
+            .get(i)
+            .ok_or_else(|| Error::Invalid(format!("no decoder layer {i}")))?;
+        let t = h.dim(1)?;
+        let wants = capture.wants(i);
+        if wants && capture.hidden {
+            captured.insert(format!("layers.{i}.input"), h.clone());
+        }
+        let normed = block.input_layernorm.forward(h)?;
+        let mixed = match (&block.mixer, layer_cache) {
+            (Mixer::Attention(attn), LayerCache::Attention(kv)) => {
+                let (out, weights) =
+                    attn.forward(&normed, &self.rotary, kv, wants && capture.attn_weights)?;
+                if let Some(w) = weights {
+                    captured.insert(format!("layers.{i}.attn_weights"), w);
+                }
+                out
+            }
+            (Mixer::Mamba2(m), LayerCache::Mamba(state)) => match state {
+                // One new token after a prefill: the single-step recurrence.
+                Some(st) if t == 1 => m.step(&normed.squeeze(1)?, st)?.unsqueeze(1)?,
+                _ => {
+                    let (out, next) = m.forward(&normed, state.as_ref())?;
+                    *state = Some(next);
+                    out
+                }
+            },
+            (mixer, _) => {
+                return Err(Error::Invalid(format!(
+                    "cache entry of layer {i} does not fit its {} mixer (a cache made for another model?)",
+                    mixer.kind()
+                )))
+            }
+        };
+        if wants && capture.mixer {
+            captured.insert(format!("layers.{i}.mixer_input"), normed.clone());
+            captured.insert(format!("layers.{i}.mixer_output"), mixed.clone());
+        }
+        let mlp = block.mlp.forward(&normed)?;
+        let out = ((h + mixed)? + mlp)?;
+        if wants && capture.hidden {
+            captured.insert(format!("layers.{i}.output"), out.clone());
+        }
+        Ok(out)
+    }
+
+    /// A fresh cache entry for block `i` (attention or Mamba).
+    pub fn new_layer_cache(&self, i: usize) -> LayerCache {
+        match self.blocks.get(i).map(|b| &b.mixer) {
+            Some(Mixer::Mamba2(_)) => LayerCache::Mamba(None),
+            _ => LayerCache::Attention(None),
+        }
     }
 
     /// Logits `[B, T, vocab]` for input embeddings.
