@@ -275,6 +275,21 @@ impl Vlm {
             .forward(embeds, cache, &Capture::none(), &mut captured)?)
     }
 
+    /// The same architecture built over other tensors (same names and shapes), e.g. the map
+    /// `train::ParamSet::select` returns, whose trainable entries are `Var`s.
+    pub fn rebuilt(&self, tensors: std::collections::HashMap<String, Tensor>) -> Result<Vlm> {
+        let vb = VarBuilder::from_tensors(tensors, self.dtype, &self.device);
+        let mamba = self.mamba_config().map(|c| (self.mamba_layers(), c));
+        Self::from_var_builder_hybrid(
+            vb,
+            self.config.clone(),
+            self.tokenizer.clone(),
+            self.preprocessor.clone(),
+            "rebuilt model",
+            mamba.as_ref().map(|(l, c)| (l.as_slice(), c)),
+        )
+    }
+
     /// Every parameter under its TinyLLaVA checkpoint name.
     pub fn named_tensors(&self) -> Vec<(String, Tensor)> {
         let mut out = Vec::new();

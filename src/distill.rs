@@ -1,0 +1,323 @@
+//! Single-stage distillation of a teacher into a hybrid (MaTVLM), as losses over one batch.
+//!
+//! The teacher runs without a graph (its tensors are plain, its outputs detached) and hands over
+//! its logits and, for every Mamba layer of the student, that layer's input and output hidden
+//! states. The student runs on the same inputs. Losses, each with its own weight:
+//! - logit terms at temperature `T`: forward KL(teacher || student) (upstream: T = 1, summed over
+//!   positions and vocabulary, divided by the batch size, times T^2), reverse KL, JSD, CE on the
+//!   teacher's argmax, CE on the data labels;
+//! - the layer-wise term: each student Mamba block is run on the *teacher's* input hidden state of
+//!   that layer and compared with the teacher's output there (L2 norm, unsquared and unaveraged,
+//!   as upstream; or MSE). The LayerNorm and MLP of the block are the teacher's, so this measures
+//!   the mixer alone.
+
+use candle_core::{DType, Tensor, D};
+
+use crate::model::decoder::{Capture, Captured};
+use crate::model::vlm::Vlm;
+use crate::tokenize::IGNORE_INDEX;
+use crate::{Error, Result};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HiddenLoss {
+    /// `||student - teacher||_2` over the whole batch tensor (upstream).
+    L2Norm,
+    /// Mean squared error over valid positions.
+    Mse,
+}
+
+/// Which positions the logit terms cover.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Positions {
+    /// Every non-padding position (upstream).
+    All,
+    /// Only positions whose next token is an answer token (labels != IGNORE).
+    Answers,
+}
+
+/// Loss weights and options; the default is the released MaTVLM recipe (KL at T = 1 + L2).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
+pub struct DistillLoss {
+    pub kl: f64,
+    pub temperature: f64,
+    pub reverse_kl: f64,
+    pub jsd: f64,
+    pub ce_teacher: f64,
+    pub ce_labels: f64,
+    pub hidden: f64,
+    pub hidden_kind: HiddenLoss,
+    pub positions: Positions,
+}
+
+impl Default for DistillLoss {
+    fn default() -> Self {
+        Self {
+            kl: 1.0,
+            temperature: 1.0,
+            reverse_kl: 0.0,
+            jsd: 0.0,
+            ce_teacher: 0.0,
+            ce_labels: 0.0,
+            hidden: 1.0,
+            hidden_kind: HiddenLoss::L2Norm,
+            positions: Positions::All,
+        }
+    }
+}
+
+/// One batch as both models see it. `labels` (optional unless `ce_labels` or answer positions are
+/// used) are aligned with the spliced sequence: `[B, T]` i64, [`IGNORE_INDEX`] at image and
+/// prompt positions, where label `t` is the token at position `t`.
+pub struct DistillBatch<'a> {
+    pub rows: &'a [Vec<i64>],
+    pub pixel_values: Option<&'a Tensor>,
+    pub labels: Option<&'a Tensor>,
+}
+
+/// The weighted total (to backpropagate) and each raw term (for metrics).
+pub struct DistillOutput {
+    pub loss: Tensor,
+    pub terms: Vec<(String, f64)>,
+    /// Number of positions the logit terms covered.
+    pub positions: usize,
+}
+
+/// Teacher outputs for one batch, detached: computed once, never part of a graph.
+pub struct TeacherOutputs {
+    pub logits: Tensor,
+    pub hidden: Captured,
+    pub lengths: Vec<usize>,
+}
+
+pub fn teacher_outputs(
+    teacher: &Vlm,
+    batch: &DistillBatch,
+    layers: &[usize],
+) -> Result<TeacherOutputs> {
+    let images = match batch.pixel_values {
+        Some(p) => Some(teacher.encode_images(p)?.detach()),
+        None => None,
+    };
+    let (embeds, lengths) = teacher.embed_inputs(batch.rows, images.as_ref())?;
+    let capture = Capture {
+        hidden: true,
+        layers: Some(layers.to_vec()),
+        ..Capture::default()
+    };
+    let mut hidden = Captured::new();
+    let mut cache = teacher.new_cache();
+    let logits = teacher
+        .decoder
+        .forward(&embeds.detach(), &mut cache, &capture, &mut hidden)?
+        .detach();
+    let hidden = hidden.into_iter().map(|(k, v)| (k, v.detach())).collect();
+    Ok(TeacherOutputs {
+        logits,
+        hidden,
+        lengths,
+    })
+}
+
+/// `[B, T]` f32 mask of the positions the logit terms use.
+fn position_mask(
+    lengths: &[usize],
+    t: usize,
+    labels: Option<&Tensor>,
+    positions: Positions,
+    device: &candle_core::Device,
+) -> Result<Tensor> {
+    let mut mask = vec![0f32; lengths.len() * t];
+    let labels: Option<Vec<Vec<i64>>> = match labels {
+        Some(l) => Some(l.to_dtype(DType::I64)?.to_vec2()?),
+        None => None,
+    };
+    for (b, &len) in lengths.iter().enumerate() {
+        for pos in 0..len.min(t) {
+            let keep = match positions {
+                Positions::All => true,
+                Positions::Answers => {
+                    let l = labels.as_ref().ok_or_else(|| {
+                        Error::Invalid("answer-only distillation needs labels".into())
+                    })?;
+                    l[b].get(pos + 1).is_some_and(|&x| x != IGNORE_INDEX)
+                }
+            };
+            mask[b * t + pos] = f32::from(u8::from(keep));
+        }
+    }
+    Ok(Tensor::from_vec(mask, (lengths.len(), t), device)?)
+}
+
+/// Sum over `[B, T]` of `x * mask`.
+fn masked_sum(x: &Tensor, mask: &Tensor) -> Result<Tensor> {
+    Ok((x * mask)?.sum_all()?)
+}
+
+/// `sum_v p (log p - log q)` per position.
+fn kl_per_position(log_p: &Tensor, log_q: &Tensor) -> Result<Tensor> {
+    Ok((log_p.exp()? * (log_p - log_q)?)?.sum(D::Minus1)?)
+}
+
+/// Negative log-probability of `targets` (`[B, T]` u32) under `log_probs` (`[B, T, V]`).
+fn nll(log_probs: &Tensor, targets: &Tensor) -> Result<Tensor> {
+    Ok(log_probs
+        .gather(&targets.unsqueeze(D::Minus1)?, D::Minus1)?
+        .squeeze(D::Minus1)?
+        .neg()?)
+}
+
+/// The distillation losses of `student` against `teacher` on one batch.
+pub fn distill_loss(
+    teacher: &Vlm,
+    student: &Vlm,
+    batch: &DistillBatch,
+    cfg: &DistillLoss,
+) -> Result<DistillOutput> {
+    let layers = student.mamba_layers();
+    let teach = teacher_outputs(teacher, batch, &layers)?;
+    distill_loss_with(&teach, student, batch, cfg)
+}
+
+/// [`distill_loss`] from teacher outputs computed beforehand.
+pub fn distill_loss_with(
+    teach: &TeacherOutputs,
+    student: &Vlm,
+    batch: &DistillBatch,
+    cfg: &DistillLoss,
+) -> Result<DistillOutput> {
+    let images = match batch.pixel_values {
+        Some(p) => Some(student.encode_images(p)?),
+        None => None,
+    };
+    let (embeds, lengths) = student.embed_inputs(batch.rows, images.as_ref())?;
+    let mut cache = student.new_cache();
+    let s_logits =
+        student
+            .decoder
+            .forward(&embeds, &mut cache, &Capture::none(), &mut Captured::new())?;
+    let (b, t, _) = s_logits.dims3()?;
+    if teach.logits.dims() != s_logits.dims() {
+        return Err(Error::Invalid(format!(
+            "teacher logits {:?} and student logits {:?} differ in shape (another vocabulary?)",
+            teach.logits.dims(),
+            s_logits.dims()
+        )));
+    }
+    let device = s_logits.device().clone();
+    let mask = position_mask(&lengths, t, batch.labels, cfg.positions, &device)?;
+    let n_pos = mask.sum_all()?.to_scalar::<f32>()? as usize;
+    let s32 = s_logits.to_dtype(DType::F32)?;
+    let t32 = teach.logits.to_dtype(DType::F32)?;
+    let temp = cfg.temperature;
+    let ls_t = candle_nn::ops::log_softmax(&(&s32 / temp)?, D::Minus1)?;
+    let lt_t = candle_nn::ops::log_softmax(&(&t32 / temp)?, D::Minus1)?;
+
+    let mut total = Tensor::zeros((), DType::F32, &device)?;
+    let mut terms = Vec::new();
+    let mut add = |name: &str, weight: f64, value: Tensor| -> Result<()> {
+        terms.push((name.to_string(), value.to_scalar::<f32>()? as f64));
+        if weight != 0.0 {
+            total = (&total + (value * weight)?)?;
+        }
+        Ok(())
+    };
+    // KL terms: summed over positions and vocabulary, divided by the batch size, times T^2.
+    let batch_mean =
+        |x: Tensor| -> Result<Tensor> { Ok((masked_sum(&x, &mask)? * (temp * temp / b as f64))?) };
+    if cfg.kl != 0.0 {
+        add("kl", cfg.kl, batch_mean(kl_per_position(&lt_t, &ls_t)?)?)?;
+    }
+    if cfg.reverse_kl != 0.0 {
+        add(
+            "reverse_kl",
+            cfg.reverse_kl,
+            batch_mean(kl_per_position(&ls_t, &lt_t)?)?,
+        )?;
+    }
+    if cfg.jsd != 0.0 {
+        let m = ((ls_t.exp()? + lt_t.exp()?)? * 0.5)?.log()?;
+        let js = ((kl_per_position(&lt_t, &m)? + kl_per_position(&ls_t, &m)?)? * 0.5)?;
+        add("jsd", cfg.jsd, batch_mean(js)?)?;
+    }
+    let per_token =
+        |x: Tensor| -> Result<Tensor> { Ok((masked_sum(&x, &mask)? / (n_pos.max(1) as f64))?) };
+    if cfg.ce_teacher != 0.0 || cfg.ce_labels != 0.0 {
+        let ls = candle_nn::ops::log_softmax(&s32, D::Minus1)?;
+        if cfg.ce_teacher != 0.0 {
+            let target = t32.argmax(D::Minus1)?;
+            add("ce_teacher", cfg.ce_teacher, per_token(nll(&ls, &target)?)?)?;
+        }
+        if cfg.ce_labels != 0.0 {
+            let labels = batch
+                .labels
+                .ok_or_else(|| Error::Invalid("ce_labels needs labels".into()))?;
+            // Position t predicts the token at t + 1; ignored labels are masked out.
+            let next: Vec<Vec<i64>> = labels.to_dtype(DType::I64)?.to_vec2()?;
+            let mut targets = vec![0u32; b * t];
+            let mut keep = vec![0f32; b * t];
+            for (bi, row) in next.iter().enumerate() {
+                for pos in 0..t.min(lengths[bi]) {
+                    if let Some(&l) = row.get(pos + 1) {
+                        if l != IGNORE_INDEX && l >= 0 {
+                            targets[bi * t + pos] = l as u32;
+                            keep[bi * t + pos] = 1.0;
+                        }
+                    }
+                }
+            }
+            let n: f32 = keep.iter().sum();
+            let targets = Tensor::from_vec(targets, (b, t), &device)?;
+            let keep = Tensor::from_vec(keep, (b, t), &device)?;
+            let ce = (masked_sum(&nll(&ls, &targets)?, &keep)? / (n.max(1.0) as f64))?;
+            add("ce_labels", cfg.ce_labels, ce)?;
+        }
+    }
+    if cfg.hidden != 0.0 && !student.mamba_layers().is_empty() {
+        let valid = Tensor::from_vec(
+            lengths
+                .iter()
+                .flat_map(|&len| (0..t).map(move |p| f32::from(u8::from(p < len))))
+                .collect::<Vec<f32>>(),
+            (b, t, 1),
+            &device,
+        )?;
+        let mut sum = Tensor::zeros((), DType::F32, &device)?;
+        for i in student.mamba_layers() {
+            let get = |k: String| -> Result<&Tensor> {
+                teach.hidden.get(&k).ok_or_else(|| {
+                    Error::Invalid(format!("the teacher outputs lack `{k}` (layer {i})"))
+                })
+            };
+            let h_in = get(format!("layers.{i}.input"))?;
+            let h_out = get(format!("layers.{i}.output"))?;
+            let mut layer_cache = student.decoder.new_layer_cache(i);
+            let ours = student.decoder.block_forward(
+                i,
+                h_in,
+                &mut layer_cache,
+                &Capture::none(),
+                &mut Captured::new(),
+            )?;
+            let diff = (ours - h_out)?
+                .to_dtype(DType::F32)?
+                .broadcast_mul(&valid)?;
+            let term = match cfg.hidden_kind {
+                HiddenLoss::L2Norm => diff.sqr()?.sum_all()?.sqrt()?,
+                HiddenLoss::Mse => {
+                    let n = valid.sum_all()?.to_scalar::<f32>()? as f64 * diff.dim(2)? as f64;
+                    (diff.sqr()?.sum_all()? / n.max(1.0))?
+                }
+            };
+            sum = (sum + term)?;
+        }
+        add("hidden", cfg.hidden, sum)?;
+    }
+    Ok(DistillOutput {
+        loss: total,
+        terms,
+        positions: n_pos,
+    })
+}
