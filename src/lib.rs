@@ -11,6 +11,8 @@ pub mod error;
 pub mod generate;
 pub mod image;
 pub mod model;
+pub mod repl;
+pub mod script;
 pub mod tokenize;
 pub mod train;
 
