@@ -145,10 +145,24 @@ pub fn mixer_from_attention(
             }
         };
         let zeros = |n: usize| Tensor::zeros(n, dtype, device);
-        let vb = repeat_heads(&bias(&attn.v_proj, attn.num_kv_heads * attn.head_dim)?, attn.num_kv_heads, rep)?;
-        let kb = repeat_heads(&bias(&attn.k_proj, attn.num_kv_heads * attn.head_dim)?, attn.num_kv_heads, rep)?;
+        let vb = repeat_heads(
+            &bias(&attn.v_proj, attn.num_kv_heads * attn.head_dim)?,
+            attn.num_kv_heads,
+            rep,
+        )?;
+        let kb = repeat_heads(
+            &bias(&attn.k_proj, attn.num_kv_heads * attn.head_dim)?,
+            attn.num_kv_heads,
+            rep,
+        )?;
         let in_bias = Tensor::cat(
-            &[&zeros(di)?, &vb, &kb, &bias(&attn.q_proj, q_out)?, &zeros(cfg.n_heads)?],
+            &[
+                &zeros(di)?,
+                &vb,
+                &kb,
+                &bias(&attn.q_proj, q_out)?,
+                &zeros(cfg.n_heads)?,
+            ],
             0,
         )?;
         t.insert("in_proj.bias".into(), in_bias);

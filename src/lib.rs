@@ -10,6 +10,7 @@ pub mod data;
 pub mod error;
 pub mod generate;
 pub mod image;
+pub mod init;
 pub mod model;
 pub mod repl;
 pub mod script;

@@ -859,7 +859,7 @@ where
         .filter(|t| !t.is_empty())
         .map(|t| AddedToken::from(t.to_string(), false))
         .collect();
-    tok.add_tokens(extra.iter().cloned());
+    tok.add_tokens(extra.iter().cloned()).map_err(terr)?;
     Ok(tok)
 }
 

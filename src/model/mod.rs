@@ -3,6 +3,7 @@
 pub mod cache;
 pub mod connector;
 pub mod decoder;
+pub mod hybrid;
 pub mod layers;
 pub mod mamba2;
 pub mod phi;

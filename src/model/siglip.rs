@@ -167,10 +167,10 @@ impl SiglipVisionTower {
                 cfg.hidden_size, cfg.num_attention_heads
             )));
         }
-        if cfg.patch_size == 0 || !cfg.image_size.is_multiple_of(cfg.patch_size) {
+        if cfg.patch_size == 0 || cfg.patch_size > cfg.image_size {
             return Err(Error::Invalid(format!(
-                "{LOCATION}: image size {} is not a multiple of patch size {}",
-                cfg.image_size, cfg.patch_size
+                "{LOCATION}: patch size {} does not fit image size {}",
+                cfg.patch_size, cfg.image_size
             )));
         }
         let act = Activation::from_hf(&cfg.hidden_act)?;
@@ -220,6 +220,13 @@ impl SiglipVisionTower {
         let (b, c, h, w) = self.check_input(pixel_values)?;
         let p = self.cfg.patch_size;
         let (gh, gw) = (h / p, w / p);
+        // A stride-p convolution ignores the last `h % p` rows and `w % p` columns
+        // (SigLIP-so400m: 384 px, patch 14 -> 27 x 27 patches over 378 px).
+        let pixel_values = if h % p != 0 || w % p != 0 {
+            pixel_values.narrow(2, 0, gh * p)?.narrow(3, 0, gw * p)?
+        } else {
+            pixel_values.clone()
+        };
         // [B, C, gh, p, gw, p] -> [B, gh, gw, C, p, p]: each row is one patch flattened in the
         // conv weight's (channel, row, col) order; patches in row-major grid order as HF's
         // `flatten(2).transpose(1, 2)`.

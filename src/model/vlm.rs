@@ -54,7 +54,26 @@ impl Vlm {
             ))?,
         };
         let vb = files.var_builder(dtype, device)?;
-        Self::from_var_builder(vb, config, tokenizer, preprocessor, &files.location())
+        let hybrid = match &files.mamba_config {
+            Some(p) => {
+                let file = super::hybrid::MambaConfigFile::from_file(p)?;
+                let layers = super::hybrid::check_layers_against_weights(
+                    &file,
+                    |k| vb.contains_tensor(k),
+                    config.text_config.num_hidden_layers,
+                )?;
+                Some((layers, file.mixer_config()?))
+            }
+            None => None,
+        };
+        Self::from_var_builder_hybrid(
+            vb,
+            config,
+            tokenizer,
+            preprocessor,
+            &files.location(),
+            hybrid.as_ref().map(|(l, c)| (l.as_slice(), c)),
+        )
     }
 
     /// Build from any VarBuilder positioned at the checkpoint root (`location` names the source in
@@ -65,6 +84,19 @@ impl Vlm {
         tokenizer: Option<PromptTokenizer>,
         preprocessor: ImagePreprocessor,
         location: &str,
+    ) -> Result<Self> {
+        Self::from_var_builder_hybrid(vb, config, tokenizer, preprocessor, location, None)
+    }
+
+    /// [`Vlm::from_var_builder`] for a hybrid: `mamba` gives the Mamba layer ids and their
+    /// mixer config.
+    pub fn from_var_builder_hybrid(
+        vb: VarBuilder,
+        config: TinyLlavaConfig,
+        tokenizer: Option<PromptTokenizer>,
+        preprocessor: ImagePreprocessor,
+        location: &str,
+        mamba: Option<(&[usize], &crate::model::mamba2::Mamba2Config)>,
     ) -> Result<Self> {
         // Check the configured activations up front so that the error is a typed one.
         Activation::from_hf(&config.text_config.hidden_act)?;
@@ -87,8 +119,17 @@ impl Vlm {
             config.text_config.hidden_size,
         )
         .map_err(reclassify)?;
-        let decoder =
-            Decoder::load(vb.pp("language_model"), &config.text_config).map_err(classify)?;
+        let (mamba_layers, mamba_cfg) = match mamba {
+            Some((l, c)) => (l, Some(c)),
+            None => (&[][..], None),
+        };
+        let decoder = Decoder::load_with(
+            vb.pp("language_model"),
+            &config.text_config,
+            mamba_layers,
+            mamba_cfg,
+        )
+        .map_err(classify)?;
         Ok(Self {
             device: vb.device().clone(),
             dtype: vb.dtype(),
@@ -279,6 +320,13 @@ impl Vlm {
                 &dir.join(crate::checkpoint::TOKENIZER),
                 json.as_bytes(),
             )?;
+        }
+        let mamba_config = dir.join(crate::checkpoint::MAMBA_CONFIG);
+        if self.mamba_config().is_some() {
+            super::hybrid::save_mamba_config(self, dir)?;
+        } else if mamba_config.exists() {
+            // Saving a teacher over a hybrid's folder: the stale layer map must go.
+            std::fs::remove_file(&mamba_config).map_err(|e| Error::io(&mamba_config, e))?;
         }
         Ok(())
     }

@@ -8,7 +8,7 @@
 //! - [`progress`], [`cancel`]: what the user sees, and Ctrl-C.
 //!
 //! A run in a few lines:
-//! ```ignore
+//! ```text
 //! let (params, tensors) = ParamSet::select(&weights, &Selection::new(["*.mamba.*"], [""; 0]))?;
 //! let model = build_model(VarBuilder::from_tensors(tensors, DType::F32, &dev))?;
 //! let mut trainer = Trainer::new(cfg, &params, RunDir::open("runs/x")?)?.with_cancel(&flag);
