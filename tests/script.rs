@@ -566,3 +566,190 @@ fn shipped_example_script_runs_on_the_fixture() {
     );
     assert!(printed.contains("logits: [56, 448]"), "{printed}");
 }
+
+#[test]
+fn hybrids_are_the_librarys_hybrids() {
+    use matvlm::init::InitOptions;
+    use matvlm::model::hybrid::HybridSpec;
+    use matvlm::model::placement::Placement;
+
+    let t = teacher();
+    let lib_half = t.hybrid(&HybridSpec::ratio(0.5)).unwrap();
+    let lib_random = t
+        .hybrid(&HybridSpec {
+            placement: Placement::Explicit(vec![1, 3]),
+            init: InitOptions::random(5),
+            mamba: None,
+        })
+        .unwrap();
+    let prompt = single_turn_prompt("hi", false);
+    let lib_logits = |v: &Vlm| -> Vec<f64> {
+        v.prompt_logits(&prompt, None)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
+            .into_iter()
+            .map(f64::from)
+            .collect()
+    };
+    let out = run("let m = load_model(TEACHER);\n\
+         let h = m.hybrid(#{ ratio: 0.5 });\n\
+         let r = m.hybrid(#{ mamba_layers: [1, 3], init: \"random\", seed: 5 });\n\
+         #{ layers: h.layers(), mamba: h.mamba_layers(), teacher: m.layers(),\n\
+            h: h.logits(\"hi\").to_array(), r: r.logits(\"hi\").to_array(),\n\
+            params: h.parameter_count(), cache: h.cache_bytes(2, 100),\n\
+            r_layers: r.layers(), last: m.hybrid(#{ ratio: 0.25, placement: \"last\" }).mamba_layers() }")
+    .unwrap();
+    let m: Map = out.cast();
+    let expect_kinds: Vec<String> = lib_half
+        .layer_kinds()
+        .into_iter()
+        .map(String::from)
+        .collect();
+    assert_eq!(strings(m["layers"].clone()), expect_kinds);
+    assert_eq!(
+        strings(m["layers"].clone()),
+        ["mamba", "attn", "mamba", "attn"]
+    );
+    assert_eq!(
+        strings(m["teacher"].clone()),
+        ["attn"; 4],
+        "the teacher is unchanged"
+    );
+    assert_eq!(ints(m["mamba"].clone()), [0, 2]);
+    assert_eq!(
+        strings(m["r_layers"].clone()),
+        ["attn", "mamba", "attn", "mamba"]
+    );
+    assert_eq!(ints(m["last"].clone()), [3]);
+    assert_eq!(
+        floats(&m["h"]),
+        lib_logits(&lib_half),
+        "same hybrid, same logits"
+    );
+    assert_eq!(
+        floats(&m["r"]),
+        lib_logits(&lib_random),
+        "seeded random init"
+    );
+    assert_eq!(
+        m["params"].as_int().unwrap() as usize,
+        lib_half.parameter_count()
+    );
+    assert_eq!(
+        m["cache"].as_int().unwrap() as usize,
+        lib_half.cache_bytes(2, 100)
+    );
+
+    let err = run("load_model(TEACHER).hybrid(#{ ratio: 0.5, mamba_layers: [0] })").unwrap_err();
+    assert!(err.to_string().contains("either"), "{err}");
+    let err = run("load_model(TEACHER).hybrid(#{ mamba_layers: [0, 7] })").unwrap_err();
+    assert!(err.to_string().contains("layer id 7"), "{err}");
+    let err = run("load_model(TEACHER).hybrid(#{ ratio: 0.5, init: \"zeros\" })").unwrap_err();
+    assert!(err.to_string().contains("zeros"), "{err}");
+}
+
+#[test]
+fn saved_hybrids_load_back_as_hybrids() {
+    let dir = tempfile::tempdir().unwrap();
+    let code = format!(
+        "let h = load_model(TEACHER).hybrid(#{{ mamba_layers: [0, 2], init: \"random\", seed: 1 }});\n\
+         h.save({dir:?});\n\
+         let back = load_model({dir:?});\n\
+         [back.layers(), (h.logits(\"hi\") - back.logits(\"hi\")).abs().max().item(),\n\
+          load_model({fixture:?}).mamba_layers()]",
+        dir = dir.path().display().to_string(),
+        fixture = fixture("hybrid").display().to_string(),
+    );
+    let out = run(&code).unwrap().into_array().unwrap();
+    assert_eq!(strings(out[0].clone()), ["mamba", "attn", "mamba", "attn"]);
+    assert_eq!(out[1].as_float().unwrap(), 0.0);
+    assert!(dir.path().join("mamba_config.json").is_file());
+    let upstream = Vlm::load(
+        fixture("hybrid").to_str().unwrap(),
+        DType::F32,
+        &Device::Cpu,
+    )
+    .unwrap();
+    let expected: Vec<i64> = upstream
+        .mamba_layers()
+        .into_iter()
+        .map(|i| i as i64)
+        .collect();
+    assert_eq!(ints(out[2].clone()), expected);
+    assert!(!expected.is_empty());
+}
+
+#[test]
+fn shipped_hybrid_script_reports_the_kl_the_library_computes() {
+    use matvlm::model::hybrid::HybridSpec;
+
+    let out_dir = tempfile::tempdir().unwrap();
+    let (engine, printed) = engine();
+    let mut scope = Scope::new();
+    let args = script::parse_script_args(&[
+        "--model".into(),
+        fixture("teacher").display().to_string(),
+        "--ratio".into(),
+        "0.5".into(),
+        "--prompt".into(),
+        "Tell me a story.".into(),
+        "--out".into(),
+        out_dir.path().display().to_string(),
+    ])
+    .unwrap();
+    script::push_args(&mut scope, &args);
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/hybrid.rhai");
+    let _ = script::run_file(&engine, &mut scope, &path).unwrap();
+    let printed = printed.lock().unwrap().clone();
+    let kl: f64 = printed
+        .iter()
+        .find_map(|l| l.strip_prefix("KL(teacher || hybrid) = "))
+        .expect("the script prints the KL")
+        .parse()
+        .unwrap();
+
+    let t = teacher();
+    let h = t.hybrid(&HybridSpec::ratio(0.5)).unwrap();
+    let prompt = single_turn_prompt("Tell me a story.", false);
+    let rows = |v: &Vlm| -> Vec<Vec<f64>> {
+        v.prompt_logits(&prompt, None)
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap()
+            .into_iter()
+            .map(|r| r.into_iter().map(f64::from).collect())
+            .collect()
+    };
+    let log_softmax = |r: &[f64]| -> Vec<f64> {
+        let m = r.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        let z = r.iter().map(|x| (x - m).exp()).sum::<f64>().ln() + m;
+        r.iter().map(|x| x - z).collect()
+    };
+    let (tr, hr) = (rows(&t), rows(&h));
+    let expected = tr
+        .iter()
+        .zip(&hr)
+        .map(|(a, b)| {
+            let (la, lb) = (log_softmax(a), log_softmax(b));
+            la.iter()
+                .zip(&lb)
+                .map(|(x, y)| x.exp() * (x - y))
+                .sum::<f64>()
+        })
+        .sum::<f64>()
+        / tr.len() as f64;
+    assert!(
+        (kl - expected).abs() < 1e-4,
+        "script {kl} vs library {expected}"
+    );
+    assert!(kl > 0.0);
+    assert!(
+        printed.iter().any(|l| l == "mamba layers: [0, 2]"),
+        "{printed:?}"
+    );
+    let saved = Vlm::load(out_dir.path().to_str().unwrap(), DType::F32, &Device::Cpu).unwrap();
+    assert_eq!(saved.mamba_layers(), vec![0, 2]);
+}

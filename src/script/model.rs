@@ -9,10 +9,13 @@ use std::sync::Arc;
 
 use rhai::{Array, Dynamic, Map, NativeCallContext, INT};
 
-use super::convert::{runtime_error, Opts, OrRhai, RhaiResult};
+use super::convert::{runtime_error, to_usize, Opts, OrRhai, RhaiResult};
 use super::session_of;
 use super::tensor::Tensor;
 use crate::generate::GenerateOptions;
+use crate::init::InitOptions;
+use crate::model::hybrid::HybridSpec;
+use crate::model::placement::Placement;
 use crate::model::vlm::Vlm;
 use crate::tokenize::{single_turn_prompt, PHI_SYSTEM};
 
@@ -67,6 +70,68 @@ pub fn templated_prompt(prompt: &str, with_image: bool, raw: bool) -> String {
     } else {
         single_turn_prompt(prompt, with_image)
     }
+}
+
+/// The [`HybridSpec`] of a `hybrid` options map, for a decoder of `n_layers` layers.
+fn hybrid_spec(options: Map, n_layers: usize) -> RhaiResult<HybridSpec> {
+    let o = Opts::new(
+        "hybrid",
+        options,
+        &[
+            "ratio",
+            "placement",
+            "mamba_layers",
+            "init",
+            "seed",
+            "copy_x",
+            "copy_b",
+            "copy_c",
+            "copy_out_proj",
+            "carry_biases",
+        ],
+    )?;
+    let placement = match (o.float("ratio")?, o.counts("mamba_layers")?) {
+        (Some(ratio), None) => {
+            let strategy = o.string("placement")?.unwrap_or_else(|| "upstream".into());
+            Placement::from_ratio(&strategy, ratio, n_layers).or_rhai()?
+        }
+        (None, Some(ids)) => Placement::Explicit(ids),
+        _ => {
+            return Err(runtime_error(
+                "hybrid: give either `ratio` or `mamba_layers` (not both)".into(),
+            ))
+        }
+    };
+    let seed = o.count("seed")?.unwrap_or(0) as u64;
+    let mut init = match o.string("init")?.as_deref() {
+        None | Some("attention") => InitOptions {
+            seed,
+            ..InitOptions::default()
+        },
+        Some("random") => InitOptions::random(seed),
+        Some(other) => {
+            return Err(runtime_error(format!(
+                "hybrid: init must be \"attention\" or \"random\", not \"{other}\""
+            )))
+        }
+    };
+    let switches: [(&str, &mut bool); 5] = [
+        ("copy_x", &mut init.copy_x),
+        ("copy_b", &mut init.copy_b),
+        ("copy_c", &mut init.copy_c),
+        ("copy_out_proj", &mut init.copy_out_proj),
+        ("carry_biases", &mut init.carry_biases),
+    ];
+    for (key, field) in switches {
+        if let Some(v) = o.bool(key)? {
+            *field = v;
+        }
+    }
+    Ok(HybridSpec {
+        placement,
+        init,
+        mamba: None,
+    })
 }
 
 /// The prompt, image and template switch of a `logits` / `generate` options map.
@@ -134,6 +199,46 @@ pub mod api {
             .into_iter()
             .map(|k| Dynamic::from(k.to_string()))
             .collect()
+    }
+
+    /// A hybrid of this model (the model itself is left as it is):
+    /// `m.hybrid(#{ ratio: 0.25 })` swaps MaTVLM's layers for that ratio (`placement:
+    /// "upstream"` (default), "even", "first" or "last" picks others);
+    /// `m.hybrid(#{ mamba_layers: [0, 4] })` swaps exactly those. The new Mamba-2 mixers start
+    /// from the attention weights (`init: "attention"`, default) or fresh (`init: "random"`);
+    /// `seed` (0) seeds the random parts; `copy_x`, `copy_b`, `copy_c`, `copy_out_proj`
+    /// (true) and `carry_biases` (false) switch single parts of the initialisation.
+    #[rhai_fn(pure, return_raw)]
+    pub fn hybrid(m: &mut Model, options: Map) -> RhaiResult<Model> {
+        let spec = hybrid_spec(options, m.vlm.layer_kinds().len())?;
+        let vlm = m.vlm.hybrid(&spec).or_rhai()?;
+        let source = format!("{}.hybrid({:?})", m.source, spec.placement);
+        Ok(Model::new(vlm, source))
+    }
+
+    /// Ids of the decoder layers that hold a Mamba-2 mixer.
+    #[rhai_fn(pure)]
+    pub fn mamba_layers(m: &mut Model) -> Array {
+        m.vlm
+            .mamba_layers()
+            .into_iter()
+            .map(|i| Dynamic::from_int(i as INT))
+            .collect()
+    }
+
+    /// The number of scalar parameters.
+    #[rhai_fn(pure)]
+    pub fn parameter_count(m: &mut Model) -> INT {
+        m.vlm.parameter_count() as INT
+    }
+
+    /// Bytes of the inference cache for `batch` sequences of `seq_len` positions (KV cache of
+    /// the attention layers, fixed-size states of the Mamba layers).
+    #[rhai_fn(pure, return_raw)]
+    pub fn cache_bytes(m: &mut Model, batch: INT, seq_len: INT) -> RhaiResult<INT> {
+        let batch = to_usize(batch, "batch")?;
+        let seq_len = to_usize(seq_len, "seq_len")?;
+        Ok(m.vlm.cache_bytes(batch, seq_len) as INT)
     }
 
     /// The dtype of the weights: "f32", "bf16" or "f16".
