@@ -87,11 +87,38 @@ fn strip_comment_markers(comments: &[String]) -> String {
         .to_string()
 }
 
-/// Our bindings return `RhaiResult<T>`; scripts see `T`.
+/// The signature as a script sees it: a receiver is passed by value as far as the script can
+/// tell (`&mut Model` is `Model`), and a function that may fail returns its value
+/// (`RhaiResult<T>` and `Result<T, Box<EvalAltResult>>` are `T`).
 fn clean_signature(sig: &str) -> String {
-    match sig.split_once("-> RhaiResult<") {
-        Some((head, tail)) => format!("{head}-> {}", tail.strip_suffix('>').unwrap_or(tail)),
-        None => sig.to_string(),
+    let sig = sig.replace("&mut ", "");
+    for wrapper in ["RhaiResult<", "Result<"] {
+        if let Some((head, tail)) = sig.split_once(&format!("-> {wrapper}")) {
+            let inner = tail.strip_suffix('>').unwrap_or(tail);
+            let inner = inner.strip_suffix(", Box<EvalAltResult>").unwrap_or(inner);
+            return format!("{head}-> {inner}");
+        }
+    }
+    sig
+}
+
+/// The first sentence of a doc comment, on one line, at most `max` characters.
+fn first_sentence(doc: &str, max: usize) -> String {
+    let para = doc
+        .split("\n\n")
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ");
+    let sentence = match para.find(". ") {
+        Some(i) => &para[..=i],
+        None => para.as_str(),
+    };
+    if sentence.chars().count() > max {
+        sentence.chars().take(max - 3).collect::<String>() + "..."
+    } else {
+        sentence.to_string()
     }
 }
 
@@ -175,13 +202,18 @@ impl Docs {
             .collect();
         ours.sort_by(|a, b| a.name.cmp(&b.name));
         for f in ours {
-            if f.name.starts_with("to_") && f.doc.is_empty() || !seen.insert(f.name.clone()) {
+            // Display hooks are not something to call by hand.
+            if ["to_string", "to_debug"].contains(&f.name.as_str()) || !seen.insert(f.name.clone())
+            {
                 continue;
             }
-            let first = self
-                .lookup(&f.name)
+            // Prefer a prose doc over one that opens with a call example.
+            let overloads = self.lookup(&f.name);
+            let first = overloads
                 .iter()
-                .find_map(|g| g.doc.lines().next().map(str::to_string))
+                .find(|g| !g.doc.is_empty() && !g.doc.starts_with('`'))
+                .or_else(|| overloads.iter().find(|g| !g.doc.is_empty()))
+                .map(|g| first_sentence(&g.doc, 90))
                 .unwrap_or_default();
             lines.push(format!("  {:<18} {first}", f.name));
         }

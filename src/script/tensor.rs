@@ -143,7 +143,7 @@ pub mod api {
     use rhai::NativeCallContext;
 
     /// A float32 tensor from nested arrays of numbers, on the session's device:
-    /// `tensor([[1, 2], [3, 4]])` has shape [2, 2].
+    /// `tensor([[1, 2], [3, 4]])` has shape [2, 2]; `tensor(1.5)` is 0-d.
     #[rhai_fn(return_raw)]
     pub fn tensor(ctx: NativeCallContext, data: Dynamic) -> RhaiResult<Tensor> {
         let session = session_of(&ctx)?;
@@ -319,35 +319,35 @@ pub mod api {
 
     #[rhai_fn(name = "+", return_raw)]
     pub fn add_f(a: Tensor, x: FLOAT) -> RhaiResult<Tensor> {
-        a.affine(1.0, x as f64).or_rhai()
+        a.affine(1.0, x).or_rhai()
     }
     #[rhai_fn(name = "+", return_raw)]
     pub fn f_add(x: FLOAT, a: Tensor) -> RhaiResult<Tensor> {
-        a.affine(1.0, x as f64).or_rhai()
+        a.affine(1.0, x).or_rhai()
     }
     #[rhai_fn(name = "-", return_raw)]
     pub fn sub_f(a: Tensor, x: FLOAT) -> RhaiResult<Tensor> {
-        a.affine(1.0, -(x as f64)).or_rhai()
+        a.affine(1.0, -x).or_rhai()
     }
     #[rhai_fn(name = "-", return_raw)]
     pub fn f_sub(x: FLOAT, a: Tensor) -> RhaiResult<Tensor> {
-        a.affine(-1.0, x as f64).or_rhai()
+        a.affine(-1.0, x).or_rhai()
     }
     #[rhai_fn(name = "*", return_raw)]
     pub fn mul_f(a: Tensor, x: FLOAT) -> RhaiResult<Tensor> {
-        a.affine(x as f64, 0.0).or_rhai()
+        a.affine(x, 0.0).or_rhai()
     }
     #[rhai_fn(name = "*", return_raw)]
     pub fn f_mul(x: FLOAT, a: Tensor) -> RhaiResult<Tensor> {
-        a.affine(x as f64, 0.0).or_rhai()
+        a.affine(x, 0.0).or_rhai()
     }
     #[rhai_fn(name = "/", return_raw)]
     pub fn div_f(a: Tensor, x: FLOAT) -> RhaiResult<Tensor> {
-        a.affine(1.0 / x as f64, 0.0).or_rhai()
+        a.affine(1.0 / x, 0.0).or_rhai()
     }
     #[rhai_fn(name = "/", return_raw)]
     pub fn f_div(x: FLOAT, a: Tensor) -> RhaiResult<Tensor> {
-        a.recip().and_then(|r| r.affine(x as f64, 0.0)).or_rhai()
+        a.recip().and_then(|r| r.affine(x, 0.0)).or_rhai()
     }
     #[rhai_fn(name = "+", return_raw)]
     pub fn add_i(a: Tensor, x: INT) -> RhaiResult<Tensor> {
