@@ -73,6 +73,11 @@ fn multi_line_functions_persist_across_entries() {
     r.handle("fn double(x) { x * 3 }");
     assert_eq!(output(r.handle("double(2)")), "6");
     assert_eq!(output(r.handle("\"text\"")), "\"text\"");
+    // The API's types show as themselves, also inside arrays and maps.
+    assert_eq!(
+        output(r.handle("[tensor([1.5]), #{ a: \"s\", b: [2] }]")),
+        "[Tensor[1] f32 [1.5], #{\"a\": \"s\", \"b\": [2]}]"
+    );
 }
 
 #[test]

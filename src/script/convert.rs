@@ -204,9 +204,20 @@ pub fn to_usize(i: INT, what: &str) -> RhaiResult<usize> {
     usize::try_from(i).map_err(|_| runtime_error(format!("{what} must be >= 0, not {i}")))
 }
 
-/// How the REPL and `matrepl -e` show a value: the API's own types by their `to_string`,
-/// strings quoted, everything else as rhai prints it.
+/// How the REPL and `matrepl -e` show a value: the API's own types by their `to_string` (also
+/// inside arrays and maps), strings quoted, everything else as rhai prints it.
 pub fn display_value(v: &Dynamic) -> String {
+    if let Some(arr) = v.read_lock::<rhai::Array>() {
+        let items: Vec<String> = arr.iter().map(display_value).collect();
+        return format!("[{}]", items.join(", "));
+    }
+    if let Some(map) = v.read_lock::<Map>() {
+        let items: Vec<String> = map
+            .iter()
+            .map(|(k, v)| format!("{:?}: {}", k.as_str(), display_value(v)))
+            .collect();
+        return format!("#{{{}}}", items.join(", "));
+    }
     if let Some(t) = v.read_lock::<super::tensor::Tensor>() {
         return super::tensor::describe(&t);
     }
