@@ -13,6 +13,8 @@ pub mod generate;
 pub mod image;
 pub mod init;
 pub mod model;
+pub mod repl;
+pub mod script;
 pub mod tokenize;
 pub mod train;
 

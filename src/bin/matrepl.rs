@@ -1,0 +1,144 @@
+//! `matrepl`: the matvlm REPL, script runner and one-liner evaluator.
+//!
+//! ```text
+//! matrepl                                   # the REPL
+//! matrepl scripts/inspect.rhai --model DIR  # run a script; --name value become variables
+//! matrepl -e 'teacher().layers()'           # evaluate, print, exit
+//! matrepl --device cuda:0 --dtype bf16 ...  # where and how models are loaded
+//! ```
+//!
+//! Exit status: 0 on success, 1 when the script fails, 2 for bad command-line arguments, 130
+//! when interrupted by Ctrl-C.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+use rhai::{EvalAltResult, Scope};
+
+use matvlm::repl::{self, format_error, Repl};
+use matvlm::script::{self, display_value, Session};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "matrepl",
+    version,
+    about = "The matvlm REPL and script runner",
+    after_help = "Options go before FILE; everything after FILE is the script's own \
+                  `--name value` arguments (ints, floats, bools or strings), which the script \
+                  sees as variables and in the map ARGS."
+)]
+struct Cli {
+    /// Evaluate CODE, print its value (unless it is ()) and exit.
+    #[arg(
+        short = 'e',
+        long = "eval",
+        value_name = "CODE",
+        conflicts_with = "file"
+    )]
+    eval: Option<String>,
+
+    /// Device for everything loaded: cpu, cuda or cuda:N (CUDA needs the `cuda` feature).
+    #[arg(long, default_value = "cpu")]
+    device: String,
+
+    /// Dtype for everything loaded: f32, bf16 or f16.
+    #[arg(long, default_value = "f32")]
+    dtype: String,
+
+    /// History file of the REPL (default: $MATREPL_HISTORY, else ~/.matrepl_history).
+    #[arg(long, value_name = "FILE")]
+    history: Option<PathBuf>,
+
+    /// A .rhai script to run instead of the REPL.
+    file: Option<PathBuf>,
+
+    /// The script's arguments: --name value ...
+    #[arg(
+        trailing_var_arg = true,
+        allow_hyphen_values = true,
+        requires = "file",
+        value_name = "ARGS"
+    )]
+    args: Vec<String>,
+}
+
+/// Why the program stops early.
+enum Failure {
+    /// Bad arguments or setup (exit 2).
+    Usage(String),
+    /// The script failed, the message already formatted (exit 1, or 130 when interrupted).
+    Script { message: String, interrupted: bool },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(Failure::Usage(msg)) => {
+            eprintln!("matrepl: {msg}");
+            ExitCode::from(2)
+        }
+        Err(Failure::Script {
+            message,
+            interrupted,
+        }) => {
+            eprintln!("{message}");
+            ExitCode::from(if interrupted { 130 } else { 1 })
+        }
+    }
+}
+
+fn script_failure(source: &str, err: &EvalAltResult, file: Option<&str>) -> Failure {
+    let message = match file {
+        Some(f) => format!("{f}: {}", format_error(source, err)),
+        None => format_error(source, err),
+    };
+    Failure::Script {
+        message,
+        interrupted: matches!(err, EvalAltResult::ErrorTerminated(..)),
+    }
+}
+
+fn run(cli: Cli) -> Result<(), Failure> {
+    let usage = |e: matvlm::Error| Failure::Usage(e.to_string());
+    let device = script::parse_device(&cli.device).map_err(usage)?;
+    let dtype = script::parse_dtype(&cli.dtype).map_err(usage)?;
+    // Ctrl-C sets this flag instead of killing the process: training and generation stop at
+    // their next step, the script at its next operation, and the REPL returns to its prompt.
+    let cancel = matvlm::train::ctrlc_flag().map_err(usage)?;
+    let session = Session::new(device, dtype).with_cancel(cancel);
+
+    if let Some(code) = &cli.eval {
+        let engine = script::engine(&session);
+        let mut scope = Scope::new();
+        let value = engine
+            .eval_with_scope::<rhai::Dynamic>(&mut scope, code)
+            .map_err(|e| script_failure(code, &e, None))?;
+        if !value.is_unit() {
+            println!("{}", display_value(&value));
+        }
+        return Ok(());
+    }
+
+    if let Some(file) = &cli.file {
+        let args = script::parse_script_args(&cli.args).map_err(usage)?;
+        let engine = script::engine(&session);
+        let mut scope = Scope::new();
+        script::push_args(&mut scope, &args);
+        return match script::run_file(&engine, &mut scope, file) {
+            Ok(_) => Ok(()),
+            Err(e) => {
+                let source = std::fs::read_to_string(file).unwrap_or_default();
+                Err(script_failure(
+                    &source,
+                    &e,
+                    Some(&file.display().to_string()),
+                ))
+            }
+        };
+    }
+
+    let history = cli.history.or_else(repl::terminal::default_history_path);
+    repl::terminal::run(Repl::new(session), history.as_deref()).map_err(usage)
+}

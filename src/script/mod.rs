@@ -1,0 +1,237 @@
+//! The rhai scripting API: the library as seen from `.rhai` scripts, the REPL and `matrepl -e`.
+//!
+//! Bindings hold no logic (the rhai book's "domain-specific tools" pattern): each function
+//! converts rhai values into library types, calls one library function and converts the result
+//! back. Whatever a script can do, Rust code can do with the same library call.
+//!
+//! * [`engine`] builds an engine for a [`Session`] (device, dtype, cancel flag).
+//! * One plugin module per area of the library: [`model`] (load, inspect, run, save models),
+//!   [`tensor`] (the `Tensor` type), [`data`] (data sets), [`io`] (safetensors files).
+//!   Adding a binding is one documented `pub fn` in the right module; its `///` comment is what
+//!   the REPL's `:help` shows.
+//! * [`run_file`], [`parse_script_args`], [`parse_device`], [`parse_dtype`]: what `matrepl` needs
+//!   to run a script.
+//!
+//! Errors from the library come back as rhai runtime errors; rhai adds the position of the call.
+
+pub mod convert;
+pub mod data;
+pub mod io;
+pub mod model;
+pub mod tensor;
+
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use candle_core::{DType, Device};
+use rhai::{Dynamic, Engine, EvalAltResult, Map, Scope, AST};
+
+use crate::{Error, Result};
+
+pub use convert::{display_value, RhaiResult};
+
+/// What every binding of one engine shares: where models are loaded, in which dtype, and the
+/// flag that stops long calls (training, generation) at their next step.
+#[derive(Debug, Clone)]
+pub struct Session {
+    pub device: Device,
+    pub dtype: DType,
+    /// Set (by Ctrl-C, or by the host) to stop the current call at its next step boundary and
+    /// then the script. Whoever runs the next entry stores `false` back first.
+    pub cancel: Arc<AtomicBool>,
+}
+
+impl Default for Session {
+    fn default() -> Self {
+        Self::new(Device::Cpu, DType::F32)
+    }
+}
+
+impl Session {
+    pub fn new(device: Device, dtype: DType) -> Self {
+        Self {
+            device,
+            dtype,
+            cancel: Arc::new(AtomicBool::new(false)),
+        }
+    }
+
+    /// Share an existing flag, e.g. the one [`crate::train::ctrlc_flag`] sets on Ctrl-C.
+    pub fn with_cancel(mut self, cancel: Arc<AtomicBool>) -> Self {
+        self.cancel = cancel;
+        self
+    }
+
+    pub fn cancelled(&self) -> bool {
+        self.cancel.load(Ordering::SeqCst)
+    }
+}
+
+/// A rhai engine with the whole matvlm API registered. The session travels as the engine's tag,
+/// so that bindings which load or run things read the device, dtype and cancel flag from it.
+///
+/// A set cancel flag also stops plain script code (loops) at its next operation with an
+/// "interrupted" error, so Ctrl-C always gets back to the prompt.
+pub fn engine(session: &Session) -> Engine {
+    let mut engine = Engine::new();
+    engine.set_default_tag(Dynamic::from(session.clone()));
+    engine
+        .register_type_with_name::<model::Model>("Model")
+        .register_type_with_name::<tensor::Tensor>("Tensor")
+        .register_type_with_name::<data::Data>("Data");
+    engine.register_global_module(rhai::exported_module!(model::api).into());
+    engine.register_global_module(rhai::exported_module!(tensor::api).into());
+    engine.register_global_module(rhai::exported_module!(data::api).into());
+    engine.register_global_module(rhai::exported_module!(io::api).into());
+    let cancel = session.cancel.clone();
+    engine.on_progress(move |_| {
+        cancel
+            .load(Ordering::SeqCst)
+            .then(|| Dynamic::from("interrupted"))
+    });
+    // Deeply nested expressions are legitimate in generated configs; the defaults are for
+    // untrusted input, which scripts here are not.
+    engine.set_max_expr_depths(256, 256);
+    engine
+}
+
+/// The session an engine was built with (see [`engine`]).
+pub fn session_of(ctx: &rhai::NativeCallContext) -> RhaiResult<Session> {
+    ctx.tag()
+        .and_then(|t| t.clone().try_cast::<Session>())
+        .ok_or_else(|| {
+            convert::runtime_error(
+                "this engine was not built by matvlm::script::engine (no session)".into(),
+            )
+        })
+}
+
+/// Put script arguments into `scope`: each as a variable, and all of them in the constant map
+/// `ARGS` (so that a script can write `let steps = ARGS.steps ?? 100;` for a default).
+pub fn push_args(scope: &mut Scope, args: &[(String, Dynamic)]) {
+    let mut map = Map::new();
+    for (name, value) in args {
+        scope.push_dynamic(name.as_str(), value.clone());
+        map.insert(name.as_str().into(), value.clone());
+    }
+    scope.push_constant("ARGS", map);
+}
+
+/// Compile `path` (its name recorded as the AST's source) and run it in `scope`; returns the
+/// value of the last statement. Reading the file fails with a runtime error naming it.
+pub fn run_file(
+    engine: &Engine,
+    scope: &mut Scope,
+    path: &Path,
+) -> std::result::Result<Dynamic, Box<EvalAltResult>> {
+    let source = std::fs::read_to_string(path)
+        .map_err(|e| convert::runtime_error(format!("cannot read {}: {e}", path.display())))?;
+    let mut ast: AST = engine.compile_with_scope(scope, &source)?;
+    ast.set_source(path.display().to_string());
+    engine.eval_ast_with_scope(scope, &ast)
+}
+
+/// Parse `--name value` pairs into typed script variables. `--name=value` works too; a flag
+/// followed by another flag (or nothing) is `true`. Dashes in names become underscores
+/// (`--max-steps` is `max_steps`). Values are parsed as int, then float, then bool, else kept as
+/// a string.
+pub fn parse_script_args(args: &[String]) -> Result<Vec<(String, Dynamic)>> {
+    let mut out: Vec<(String, Dynamic)> = Vec::new();
+    let mut i = 0;
+    while i < args.len() {
+        let arg = &args[i];
+        let Some(flag) = arg.strip_prefix("--") else {
+            return Err(Error::Invalid(format!(
+                "script argument `{arg}`: expected --name value"
+            )));
+        };
+        let (name, value) = match flag.split_once('=') {
+            Some((n, v)) => (n, Some(v.to_string())),
+            None => {
+                let next = args.get(i + 1).filter(|v| !is_flag(v));
+                if next.is_some() {
+                    i += 1;
+                }
+                (flag, next.cloned())
+            }
+        };
+        let name = name.replace('-', "_");
+        let valid = name
+            .chars()
+            .next()
+            .is_some_and(|c| c.is_alphabetic() || c == '_')
+            && name.chars().all(|c| c.is_alphanumeric() || c == '_');
+        if !valid {
+            return Err(Error::Invalid(format!(
+                "script argument `{arg}`: `{name}` is not a valid variable name"
+            )));
+        }
+        if out.iter().any(|(n, _)| *n == name) {
+            return Err(Error::Invalid(format!(
+                "script argument `--{name}` is given twice"
+            )));
+        }
+        let value = value.map_or(Dynamic::TRUE, |v| parse_value(&v));
+        out.push((name, value));
+        i += 1;
+    }
+    Ok(out)
+}
+
+/// `--x`, but not a negative number such as `-1` or `--` alone.
+fn is_flag(s: &str) -> bool {
+    s.len() > 2 && s.starts_with("--")
+}
+
+/// int, float, bool or string, in that order.
+pub fn parse_value(s: &str) -> Dynamic {
+    if let Ok(i) = s.parse::<rhai::INT>() {
+        Dynamic::from_int(i)
+    } else if let Ok(f) = s.parse::<rhai::FLOAT>() {
+        Dynamic::from_float(f)
+    } else if let Ok(b) = s.parse::<bool>() {
+        Dynamic::from_bool(b)
+    } else {
+        Dynamic::from(s.to_string())
+    }
+}
+
+/// `cpu`, `cuda` or `cuda:N`. CUDA needs a build with the `cuda` feature.
+pub fn parse_device(s: &str) -> Result<Device> {
+    let ordinal = match s {
+        "cpu" => return Ok(Device::Cpu),
+        "cuda" => 0,
+        _ => match s.strip_prefix("cuda:").map(str::parse::<usize>) {
+            Some(Ok(n)) => n,
+            _ => {
+                return Err(Error::Invalid(format!(
+                    "unknown device `{s}` (cpu, cuda or cuda:N)"
+                )))
+            }
+        },
+    };
+    if !cfg!(feature = "cuda") {
+        return Err(Error::Invalid(format!(
+            "device `{s}`: this build has no CUDA support; rebuild with `--features cuda`"
+        )));
+    }
+    Ok(Device::new_cuda(ordinal)?)
+}
+
+/// `f32`, `bf16` or `f16`.
+pub fn parse_dtype(s: &str) -> Result<DType> {
+    match s {
+        "f32" => Ok(DType::F32),
+        "bf16" => Ok(DType::BF16),
+        "f16" => Ok(DType::F16),
+        other => Err(Error::Invalid(format!(
+            "unknown dtype `{other}` (f32, bf16 or f16)"
+        ))),
+    }
+}
+
+/// How scripts spell a dtype.
+pub fn dtype_name(dtype: DType) -> &'static str {
+    dtype.as_str()
+}
