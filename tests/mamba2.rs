@@ -332,7 +332,9 @@ fn half_precision_scan_accumulates_in_f32() {
 // ------------------------------------------------------------------------------------ gradients
 
 /// The parameters of a tiny f64 mixer with every optional bias present and an initial state.
-fn grad_setup() -> (Mamba2Config, HashMap<String, Tensor>, Tensor, Mamba2State) {
+fn grad_setup(
+    dt_limit: Option<(f64, f64)>,
+) -> (Mamba2Config, HashMap<String, Tensor>, Tensor, Mamba2State) {
     let mut cfg = Mamba2Config::new(5, 2, 3, 4, 1);
     cfg.chunk_size = 4;
     cfg.d_conv = 3;
@@ -340,6 +342,7 @@ fn grad_setup() -> (Mamba2Config, HashMap<String, Tensor>, Tensor, Mamba2State) 
     cfg.out_proj_bias = true;
     cfg.dt_min = 0.1;
     cfg.dt_max = 1.0;
+    cfg.dt_limit = dt_limit;
     let mut params = Mamba2::init_tensors(&cfg, DType::F64, &Device::Cpu, 5).unwrap();
     // Move D and the norm weight off their constant init so their gradients are generic.
     params.insert("D".into(), (randn(&[2], DType::F64, 21) + 1.0).unwrap());
@@ -366,7 +369,36 @@ fn grad_loss(m: &Mamba2, x: &Tensor, state: &Mamba2State) -> Tensor {
 /// Every parameter's and the input's gradient matches central differences (rel. error <= 1e-3).
 #[test]
 fn gradients_match_finite_differences() {
-    let (cfg, params, x, state) = grad_setup();
+    check_gradients(None);
+}
+
+/// The same with a dt clamp that some steps hit on either side.
+#[test]
+fn gradients_match_finite_differences_with_dt_limit() {
+    check_gradients(Some((0.15, 0.3)));
+}
+
+fn check_gradients(dt_limit: Option<(f64, f64)>) {
+    let (cfg, params, x, state) = grad_setup(dt_limit);
+    if let Some((lo, hi)) = dt_limit {
+        // The clamp must actually bite, on both sides, for this test to mean something.
+        let mut free = cfg.clone();
+        free.dt_limit = None;
+        let raw = Mamba2::from_tensors(params.clone(), &free).unwrap();
+        let dt: Vec<f64> = raw
+            .project(&x, None)
+            .unwrap()
+            .dt
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        assert!(
+            dt.iter().any(|&d| d < lo) && dt.iter().any(|&d| d > hi),
+            "{dt:?}"
+        );
+        assert!(dt.iter().any(|&d| d > lo && d < hi), "{dt:?}");
+    }
     let vars: HashMap<String, Var> = params
         .iter()
         .map(|(k, v)| (k.clone(), Var::from_tensor(v).unwrap()))

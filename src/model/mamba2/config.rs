@@ -147,14 +147,14 @@ impl Mamba2Config {
                 self.n_heads, self.head_dim, self.d_inner
             ));
         }
-        if self.n_heads % self.n_groups != 0 {
+        if !self.n_heads.is_multiple_of(self.n_groups) {
             return bad(format!(
                 "n_heads = {} is not a multiple of n_groups = {}",
                 self.n_heads, self.n_groups
             ));
         }
         let gs = self.norm_group();
-        if gs == 0 || self.d_inner % gs != 0 {
+        if gs == 0 || !self.d_inner.is_multiple_of(gs) {
             return bad(format!(
                 "norm group size {gs} does not divide d_inner = {}",
                 self.d_inner

@@ -83,10 +83,9 @@ pub fn causal_depthwise(
     };
     // `full[K + t]` is input t; the taps for output t read `full[t + 1 ..= t + K]`.
     let full = Tensor::cat(&[&prev, &x.to_dtype(cd)?], 1)?;
-    let tap = |i: usize| {
-        full.narrow(1, 1 + i, len)?
-            .broadcast_mul(&w.narrow(1, i, 1)?.squeeze(1)?)
-    };
+    // Taps as contiguous rows, so each multiply is a contiguous broadcast over the channels.
+    let w_rows = w.t()?.contiguous()?; // [K, C]
+    let tap = |i: usize| full.narrow(1, 1 + i, len)?.broadcast_mul(&w_rows.get(i)?);
     let mut y = tap(0)?;
     for i in 1..k {
         y = (y + tap(i)?)?;

@@ -267,18 +267,15 @@ impl Mamba2 {
         ssd::a_from_log(&self.a_log)
     }
 
+    /// Check an input is `[batch, len, d_model]` (`forward`) or `[batch, d_model]` (`step`) in
+    /// the parameters' dtype.
     fn check_input(&self, x: &Tensor, what: &str) -> Result<()> {
-        let ok = match x.dims() {
-            [_, _, d] if what == "forward" => *d == self.cfg.d_model,
-            [_, d] if what == "step" => *d == self.cfg.d_model,
-            _ => false,
+        let (rank, expected) = if what == "step" {
+            (2, "[batch, d_model]")
+        } else {
+            (3, "[batch, len, d_model]")
         };
-        if !ok {
-            let expected = if what == "step" {
-                "[batch, d_model]"
-            } else {
-                "[batch, len, d_model]"
-            };
+        if x.rank() != rank || x.dims()[rank - 1] != self.cfg.d_model {
             return Err(Error::Invalid(format!(
                 "Mamba2::{what}: input has shape {:?}, expected {expected} with d_model = {}",
                 x.dims(),
@@ -326,7 +323,7 @@ impl Mamba2 {
     /// The SSM inputs of a sequence: in_proj, conv (continuing from `conv_state` if given),
     /// SiLU, split, dt discretisation. `x`: `[B, L, d_model]`.
     pub fn project(&self, x: &Tensor, conv_state: Option<&Tensor>) -> Result<Projection> {
-        self.check_input(x, "forward")?;
+        self.check_input(x, "project")?;
         let (z, xbc, dt_raw) = self.split_zxbcdt(&self.in_proj.forward(x)?)?;
         let (xbc, conv_state) =
             conv::causal_depthwise(&xbc, &self.conv_weight, self.conv_bias.as_ref(), conv_state)?;

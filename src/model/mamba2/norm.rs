@@ -33,7 +33,7 @@ pub fn gated_rms_norm(
             weight.dims()
         )));
     }
-    if group_size == 0 || channels % group_size != 0 {
+    if group_size == 0 || !channels.is_multiple_of(group_size) {
         return Err(Error::Invalid(format!(
             "gated_rms_norm: group size {group_size} does not divide {channels} channels"
         )));

@@ -55,7 +55,7 @@ fn scan_dims(
             ))
         }
     };
-    if groups == 0 || heads % groups != 0 {
+    if groups == 0 || !heads.is_multiple_of(groups) {
         return invalid(format!(
             "{heads} heads are not a multiple of {groups} groups"
         ));
