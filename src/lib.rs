@@ -9,12 +9,14 @@ pub mod config;
 pub mod data;
 pub mod distill;
 pub mod error;
+pub mod eval;
 pub mod generate;
 pub mod image;
 pub mod init;
 pub mod model;
 pub mod repl;
 pub mod script;
+pub mod teacher;
 pub mod tokenize;
 pub mod train;
 

@@ -21,6 +21,7 @@ pub mod params;
 pub mod progress;
 pub mod run;
 pub mod schedule;
+pub mod supervised;
 pub mod trainer;
 
 pub use cancel::ctrlc_flag;

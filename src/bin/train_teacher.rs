@@ -1,0 +1,353 @@
+//! Train the embedded tiny teacher from scratch on the synthetic world, and write it in the
+//! TinyLLaVA layout with its evaluation.
+//!
+//! ```text
+//! cargo run --release --bin train_teacher -- --out assets/tiny-teacher
+//! ```
+//!
+//! Generates the world into `runs/world` when missing, trains with checkpoints in `runs/teacher`
+//! (Ctrl-C stops after the current step with a checkpoint; the same command resumes), evaluates
+//! on val every `--eval-every` steps (teacher forced), then on test by greedy generation, with
+//! real and with blank (all-black) images, after casting the weights to `--dtype` and loading
+//! them back. Writes the checkpoint and `eval.json` to `--out`.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Instant;
+
+// The training step allocates and frees many tensor-sized buffers; mimalloc keeps them warm
+// instead of handing them back to the kernel (page faults and zeroing cost ~15% with glibc).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+use anyhow::{bail, Context};
+use candle_core::{DType, Device};
+use clap::{Parser, ValueEnum};
+use serde_json::json;
+
+use matvlm::data::llava::ImageCheck;
+use matvlm::data::{ensure_world, Dataset, LoadOptions, Loader, OnBadRecord};
+use matvlm::eval::{evaluate, EvalMode, EvalOptions, EvalReport, ImageInput};
+use matvlm::model::vlm::Vlm;
+use matvlm::teacher::{self, TeacherDims};
+use matvlm::tokenize::PromptTokenizer;
+use matvlm::train::supervised::{supervised_step, SupervisedSource};
+use matvlm::train::{
+    ctrlc_flag, LrSchedule, ParamSet, RunDir, Selection, StopReason, TrainConfig, Trainer,
+};
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum SaveDtype {
+    F16,
+    Bf16,
+    F32,
+}
+
+impl SaveDtype {
+    fn dtype(self) -> DType {
+        match self {
+            SaveDtype::F16 => DType::F16,
+            SaveDtype::Bf16 => DType::BF16,
+            SaveDtype::F32 => DType::F32,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum Size {
+    /// The committed teacher's sizes.
+    Tiny,
+    /// A much smaller model, for smoke runs.
+    Reduced,
+}
+
+/// Train the tiny TinyLLaVA-shaped teacher on the synthetic world.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Args {
+    /// Where the finished checkpoint and eval.json go.
+    #[arg(long, default_value_os_t = teacher::default_teacher_path())]
+    out: PathBuf,
+    /// The synthetic world (generated there when missing or made from another config).
+    #[arg(long, default_value_os_t = teacher::default_world_dir())]
+    world: PathBuf,
+    /// Run directory: config, metrics.jsonl, checkpoints; a run there is resumed.
+    #[arg(long, default_value_os_t = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("runs/teacher"))]
+    run_dir: PathBuf,
+    /// Optimiser steps (the whole budget; the learning-rate schedule spans them).
+    #[arg(long, default_value_t = 6000)]
+    steps: usize,
+    #[arg(long, default_value_t = 64)]
+    batch: usize,
+    /// Peak learning rate (linear warmup, then cosine decay to a tenth of it).
+    #[arg(long, default_value_t = 1e-3)]
+    lr: f64,
+    #[arg(long, default_value_t = 200)]
+    warmup: usize,
+    #[arg(long, default_value_t = 0.05)]
+    weight_decay: f64,
+    /// Gradient-norm clip.
+    #[arg(long, default_value_t = 1.0)]
+    clip: f64,
+    /// Evaluate on val (teacher forced) every this many steps.
+    #[arg(long, default_value_t = 500)]
+    eval_every: usize,
+    #[arg(long, default_value_t = 500)]
+    save_every: usize,
+    /// Seed of the initial weights and of the data order.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Precision of the saved weights.
+    #[arg(long, value_enum, default_value_t = SaveDtype::Bf16)]
+    dtype: SaveDtype,
+    #[arg(long, value_enum, default_value_t = Size::Tiny)]
+    size: Size,
+    /// Evaluate on only the first N test samples (smoke runs).
+    #[arg(long)]
+    test_limit: Option<usize>,
+    /// Progress lines instead of a bar.
+    #[arg(long)]
+    lines: bool,
+    /// CPU threads for tensor ops (CANDLE_NUM_THREADS / RAYON_NUM_THREADS win when set). One
+    /// is fastest on a small shared machine: candle's worker pool spins while it waits.
+    #[arg(long, default_value_t = 1)]
+    threads: usize,
+    /// Override the decoder MLP width.
+    #[arg(long)]
+    intermediate: Option<usize>,
+    /// Override the vision feature selection (`patch` drops the first patch, `cls_patch` keeps all).
+    #[arg(long)]
+    strategy: Option<String>,
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    for var in ["CANDLE_NUM_THREADS", "RAYON_NUM_THREADS"] {
+        if std::env::var_os(var).is_none() {
+            // Read by candle when its first parallel op runs, which is after this point.
+            std::env::set_var(var, args.threads.to_string());
+        }
+    }
+    let started = Instant::now();
+    let command: Vec<String> = std::env::args().collect();
+    let device = Device::Cpu;
+
+    let world_cfg = teacher::teacher_world_config();
+    eprintln!("world: {}", args.world.display());
+    ensure_world(&args.world, &world_cfg).context("generating the synthetic world")?;
+    let tok = PromptTokenizer::from_file(&args.world.join("tokenizer.json"))?;
+    let mut dims = match args.size {
+        Size::Tiny => TeacherDims::tiny(),
+        Size::Reduced => TeacherDims::reduced(),
+    };
+    if let Some(i) = args.intermediate {
+        dims.intermediate = i;
+    }
+    if let Some(s) = &args.strategy {
+        dims.select_strategy = s.clone();
+    }
+    let config = dims.config(&tok)?;
+    let load = |split: &str| -> anyhow::Result<Arc<Dataset>> {
+        let opts = LoadOptions {
+            max_len: config.tokenizer_model_max_length,
+            on_bad: OnBadRecord::Fail,
+            image_check: ImageCheck::Decode,
+            image_tokens: config.image_tokens(),
+            cache_images: true,
+        };
+        let path = args.world.join(format!("{split}.json"));
+        let (ds, _) = Dataset::load_with(&path, &args.world, &tok, &opts)
+            .with_context(|| format!("loading {}", path.display()))?;
+        Ok(Arc::new(ds))
+    };
+    let (train, val, test) = (load("train")?, load("val")?, load("test")?);
+    eprintln!(
+        "data: {} train, {} val, {} test samples; vocab {}",
+        train.len(),
+        val.len(),
+        test.len(),
+        tok.vocab_size()
+    );
+
+    // Every tensor trains: the model is built over the Vars, and a detached twin sharing their
+    // storage evaluates without recording a graph.
+    let init = teacher::init_tensors(&config, args.seed)?;
+    let (params, tensors) = ParamSet::select(&init, &Selection::all())?;
+    let vlm = teacher::vlm_from_tensors(&config, &tok, tensors, &device)?;
+    let eval_vlm = teacher::vlm_from_tensors(
+        &config,
+        &tok,
+        params.named_tensors().into_iter().collect(),
+        &device,
+    )?;
+    eprintln!("model: {} parameters, dims {dims:?}", params.num_params());
+
+    let cfg = TrainConfig {
+        steps: args.steps,
+        lr: args.lr,
+        betas: (0.9, 0.98),
+        eps: 1e-8,
+        weight_decay: args.weight_decay,
+        clip: Some(args.clip),
+        accum: 1,
+        schedule: LrSchedule::Cosine {
+            num_cycles: 0.5,
+            min_lr_ratio: 0.1,
+        },
+        warmup_steps: args.warmup,
+        warmup_ratio: 0.0,
+        eval_every: args.eval_every,
+        save_every: args.save_every,
+        keep_last: 2,
+        seed: args.seed,
+        log_every: 50,
+        resume: true,
+        progress: if args.lines {
+            matvlm::train::ProgressMode::Lines
+        } else {
+            matvlm::train::ProgressMode::Auto
+        },
+    };
+    let loader = Loader::new(train.len(), args.batch, args.seed)?
+        .with_drop_last(true)
+        .with_length_grouping(train.lengths(), 16)?;
+    let mut source = SupervisedSource::for_model(train.clone(), loader, &vlm);
+    let run = RunDir::open(&args.run_dir)?;
+    let flag = ctrlc_flag()?;
+    let val_opts = EvalOptions {
+        mode: EvalMode::TeacherForced,
+        ..EvalOptions::default()
+    };
+    let summary = {
+        let mut trainer = Trainer::new(cfg.clone(), &params, run)?
+            .with_cancel(&flag)
+            .with_eval(|_| Ok(evaluate(&eval_vlm, &val, &val_opts)?.metrics("val_")));
+        trainer.fit(&mut source, |_, batch| supervised_step(&vlm, batch))?
+    };
+    match summary.stop {
+        StopReason::Completed => {}
+        StopReason::Cancelled => {
+            flag.store(false, Ordering::SeqCst);
+            eprintln!(
+                "stopped at step {}; run the same command again to resume from {}",
+                summary.step,
+                args.run_dir.display()
+            );
+            std::process::exit(130);
+        }
+        StopReason::DataExhausted => bail!("the loader ran dry at step {}", summary.step),
+    }
+    let train_s = training_seconds(&args.run_dir)?;
+    eprintln!("trained {} steps ({train_s:.0} s of steps)", summary.step);
+
+    // The f32 weights, teacher forced, as the reference for the cast.
+    let test_tf = EvalOptions {
+        mode: EvalMode::TeacherForced,
+        limit: args.test_limit,
+        ..EvalOptions::default()
+    };
+    let f32_tf = evaluate(&eval_vlm, &test, &test_tf)?;
+    eprintln!("test, f32, teacher forced: {}", f32_tf.summary());
+
+    let dtype = args.dtype.dtype();
+    eval_vlm.save(&args.out, dtype, None)?;
+    let shipped = Vlm::load(
+        args.out.to_str().context("non-UTF-8 output path")?,
+        DType::F32,
+        &device,
+    )?;
+    let cast_tf = evaluate(&shipped, &test, &test_tf)?;
+    eprintln!(
+        "test, {dtype:?} weights, teacher forced: {}",
+        cast_tf.summary()
+    );
+    let gen = |image| EvalOptions {
+        mode: EvalMode::Generate,
+        image,
+        limit: args.test_limit,
+        ..EvalOptions::default()
+    };
+    let real = evaluate(&shipped, &test, &gen(ImageInput::Real))?;
+    eprintln!("test, {dtype:?} weights, generated: {}", real.summary());
+    let blank = evaluate(&shipped, &test, &gen(ImageInput::Blank))?;
+    eprintln!("test, blank images, generated: {}", blank.summary());
+
+    write_eval(
+        &args.out,
+        &EvalFile {
+            command: &command,
+            dims: &dims,
+            cfg: &cfg,
+            params: params.num_params(),
+            steps: summary.step,
+            train_s,
+            process_s: started.elapsed().as_secs_f64(),
+            resumed: summary.resumed_from.is_some(),
+            dtype,
+            test: &real,
+            blank: &blank,
+            f32_tf: &f32_tf,
+            cast_tf: &cast_tf,
+            world: &world_cfg,
+        },
+    )?;
+    eprintln!(
+        "wrote {} ({:.1} min in this process)",
+        args.out.display(),
+        started.elapsed().as_secs_f64() / 60.0
+    );
+    Ok(())
+}
+
+/// Seconds spent in optimiser steps over the whole run (resumed parts included), from the run's
+/// metrics.
+fn training_seconds(run_dir: &Path) -> anyhow::Result<f64> {
+    let run = RunDir::open(run_dir)?;
+    Ok(run
+        .read_metrics()?
+        .iter()
+        .filter(|m| m["kind"] == "train")
+        .filter_map(|m| m["step_s"].as_f64())
+        .sum())
+}
+
+struct EvalFile<'a> {
+    command: &'a [String],
+    dims: &'a TeacherDims,
+    cfg: &'a TrainConfig,
+    params: usize,
+    steps: usize,
+    train_s: f64,
+    process_s: f64,
+    resumed: bool,
+    dtype: DType,
+    test: &'a EvalReport,
+    blank: &'a EvalReport,
+    f32_tf: &'a EvalReport,
+    cast_tf: &'a EvalReport,
+    world: &'a matvlm::data::WorldConfig,
+}
+
+fn write_eval(out: &Path, e: &EvalFile) -> anyhow::Result<()> {
+    let value = json!({
+        "command": e.command.join(" "),
+        "steps": e.steps,
+        "parameters": e.params,
+        "train_step_seconds": e.train_s,
+        "process_seconds": e.process_s,
+        "resumed": e.resumed,
+        "weights_dtype": format!("{:?}", e.dtype).to_lowercase(),
+        "test_generate": e.test,
+        "test_blank_image_generate": e.blank,
+        "test_teacher_forced_f32": e.f32_tf,
+        "test_teacher_forced_saved": e.cast_tf,
+        "dims": e.dims,
+        "train_config": e.cfg,
+        "world": e.world,
+        "blank_image": "all-black image of the same size (the world's background: an empty scene)",
+    });
+    let text = serde_json::to_string_pretty(&value)?;
+    matvlm::checkpoint::write_atomic(&out.join("eval.json"), format!("{text}\n").as_bytes())?;
+    Ok(())
+}
