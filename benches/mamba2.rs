@@ -4,26 +4,60 @@
 //!
 //! Run: `cargo bench --bench mamba2` (release). `MAMBA2_BENCH_LENS=256,1024` picks the lengths,
 //! `MAMBA2_BENCH_NAIVE_MAX=1024` the longest length the slow naive paths are timed at.
+//!
+//! Both wall time and process CPU time (all threads, from /proc/self/stat) are reported: on a
+//! machine shared with other jobs the wall time swings with their load, while the CPU time
+//! measures the work done, so the growth with L is judged on CPU time. `RAYON_NUM_THREADS=1`
+//! runs it on one thread (candle's worker threads spin between small ops, which on a busy
+//! 2-core machine can cost more than they bring).
 
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
 use matvlm::model::mamba2::{naive, ssd, Mamba2, Mamba2Config, Mamba2State, Scan};
 
-/// Median wall time in seconds of `reps` runs of `f` (after one untimed warm-up if `warm`).
-fn time<T>(reps: usize, warm: bool, mut f: impl FnMut() -> T) -> f64 {
+/// User + system CPU seconds of this process so far (all threads); 0 where /proc is missing.
+fn cpu_seconds() -> f64 {
+    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
+        return 0.0;
+    };
+    // Fields after the parenthesised command name: state is field 3, utime 14, stime 15.
+    let after = stat.rsplit(')').next().unwrap_or("");
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    (ticks(11) + ticks(12)) / 100.0 // USER_HZ is 100 on Linux
+}
+
+/// Wall and CPU seconds of one run.
+#[derive(Clone, Copy)]
+struct Timing {
+    wall: f64,
+    cpu: f64,
+}
+
+/// The run with the median wall time among `reps` runs of `f` (after one untimed warm-up if
+/// `warm`), and the last run's result.
+fn time<T>(reps: usize, warm: bool, mut f: impl FnMut() -> T) -> (Timing, T) {
     if warm {
         std::hint::black_box(f());
     }
-    let mut times: Vec<f64> = (0..reps)
-        .map(|_| {
-            let t = Instant::now();
-            std::hint::black_box(f());
-            t.elapsed().as_secs_f64()
-        })
-        .collect();
-    times.sort_by(|a, b| a.total_cmp(b));
-    times[times.len() / 2]
+    let mut runs = Vec::with_capacity(reps);
+    let mut last = None;
+    for _ in 0..reps.max(1) {
+        let (t, c) = (Instant::now(), cpu_seconds());
+        last = Some(std::hint::black_box(f()));
+        runs.push(Timing {
+            wall: t.elapsed().as_secs_f64(),
+            cpu: cpu_seconds() - c,
+        });
+    }
+    runs.sort_by(|a, b| a.wall.total_cmp(&b.wall));
+    (runs[runs.len() / 2], last.expect("at least one run"))
 }
 
 fn env_list(name: &str, default: &[usize]) -> Vec<usize> {
@@ -35,11 +69,11 @@ fn env_list(name: &str, default: &[usize]) -> Vec<usize> {
 
 struct Row {
     len: usize,
-    prefill: f64,
-    prefill_naive: Option<f64>,
-    scan: f64,
-    scan_naive: Option<f64>,
-    decode: f64,
+    prefill: Timing,
+    prefill_naive: Option<Timing>,
+    scan: Timing,
+    scan_naive: Option<Timing>,
+    decode: Timing,
 }
 
 fn main() -> matvlm::Result<()> {
@@ -50,7 +84,8 @@ fn main() -> matvlm::Result<()> {
     let naive_max = env_list("MAMBA2_BENCH_NAIVE_MAX", &[4096])[0];
     let decode_steps = 64;
     println!(
-        "Mamba-2 mixer, CPU f32, batch 1: d_model {}, {} heads x {}, d_state {}, {} groups, d_conv {}, chunk {}; {} threads",
+        "Mamba-2 mixer, CPU f32, batch 1: d_model {}, {} heads x {}, d_state {}, {} groups, \
+         d_conv {}, chunk {}; {} threads",
         cfg.d_model,
         cfg.n_heads,
         cfg.head_dim,
@@ -61,14 +96,15 @@ fn main() -> matvlm::Result<()> {
         candle_core::utils::get_num_threads()
     );
 
-    let mut rows = vec![];
+    let mut rows: Vec<Row> = vec![];
     for &len in &lens {
         let x = Tensor::randn(0f32, 1f32, (1, len, cfg.d_model), &dev)?;
         let reps = if len <= 1024 { 3 } else { 1 };
-        let prefill = time(reps, true, || m.forward(&x, None).map(|r| r.0));
+        let (prefill, out) = time(reps, true, || m.forward(&x, None));
+        out?;
         let p = m.project(&x, None)?;
         let a = m.a()?;
-        let scan = time(reps, true, || {
+        let chunked = || {
             ssd::chunked(
                 &p.x,
                 &p.dt,
@@ -79,27 +115,32 @@ fn main() -> matvlm::Result<()> {
                 cfg.chunk_size,
                 None,
             )
-        });
+        };
+        let (scan, out) = time(reps, true, chunked);
+        out?;
         let (prefill_naive, scan_naive) = if len <= naive_max {
-            (
-                Some(time(1, false, || {
-                    m.forward_with(&x, None, Scan::Naive).map(|r| r.0)
-                })),
-                Some(time(1, false, || {
-                    naive::scan(&p.x, &p.dt, &a, &p.b, &p.c, Some(&m.d), None)
-                })),
-            )
+            let (pn, out) = time(1, false, || m.forward_with(&x, None, Scan::Naive));
+            out?;
+            let (sn, out) = time(1, false, || {
+                naive::scan(&p.x, &p.dt, &a, &p.b, &p.c, Some(&m.d), None)
+            });
+            out?;
+            (Some(pn), Some(sn))
         } else {
             (None, None)
         };
         // Decoding after a prefill of `len` tokens (the cost per token must not depend on len).
         let (_, mut state) = m.forward(&x, None)?;
         let tokens = Tensor::randn(0f32, 1f32, (decode_steps, 1, cfg.d_model), &dev)?;
-        let t = Instant::now();
-        for i in 0..decode_steps {
-            std::hint::black_box(m.step(&tokens.get(i)?, &mut state)?);
-        }
-        let decode = t.elapsed().as_secs_f64() / decode_steps as f64;
+        let (mut decode, out) = time(1, false, || -> matvlm::Result<()> {
+            for i in 0..decode_steps {
+                m.step(&tokens.get(i)?, &mut state)?;
+            }
+            Ok(())
+        });
+        out?;
+        decode.wall /= decode_steps as f64;
+        decode.cpu /= decode_steps as f64;
         let row = Row {
             len,
             prefill,
@@ -111,26 +152,30 @@ fn main() -> matvlm::Result<()> {
         print_row(&row, rows.first());
         rows.push(row);
     }
+    println!(
+        "\n* growth = (CPU time / CPU time at L = {}) / (L / {}): 1.00 means linear in L.",
+        lens[0], lens[0]
+    );
+
     // The chunk length is a speed knob only (the result is the same): on a CPU a shorter chunk
     // trades the O(L * chunk) intra-chunk work for more, cheap, chunk-boundary states.
     if let Some(&len) = lens.last() {
         let x = Tensor::randn(0f32, 1f32, (1, len, cfg.d_model), &dev)?;
         let p = m.project(&x, None)?;
         let a = m.a()?;
-        print!("\nscan alone at L = {len} by chunk length:");
+        print!("scan alone at L = {len} by chunk length (wall / CPU s):");
         for chunk in [64, 128, 256] {
-            let s = time(1, true, || {
+            let (t, out) = time(1, true, || {
                 ssd::chunked(&p.x, &p.dt, &a, &p.b, &p.c, Some(&m.d), chunk, None)
             });
-            print!("  {chunk}: {:.1} ms", s * 1e3);
+            out?;
+            print!("  {chunk}: {:.2} / {:.2}", t.wall, t.cpu);
         }
         println!();
     }
     let state = Mamba2State::zeros(&cfg, 1, &dev)?;
     println!(
-        "\n* growth = (time / time at L = {}) / (L / {}): 1.00 means linear in L.\ndecode state per layer: {:.2} MiB (conv {:?} + ssm {:?}, f32)",
-        lens[0],
-        lens[0],
+        "decode state per layer: {:.2} MiB (conv {:?} + ssm {:?}, f32)",
         state.bytes() as f64 / (1 << 20) as f64,
         state.conv.dims(),
         state.ssm.dims()
@@ -141,32 +186,47 @@ fn main() -> matvlm::Result<()> {
 fn print_row(r: &Row, first: Option<&Row>) {
     if first.is_none() {
         println!(
-            "\n{:>6} | {:>30} | {:>21} | {:>21} | {:>16}",
-            "L", "prefill, chunked SSD", "prefill, naive scan", "scan alone (ms)", "decode"
+            "\n{:>5} | {:^33} | {:^25} | {:^19} | {:^21}",
+            "", "prefill, chunked SSD", "prefill, naive scan", "scan alone, CPU s", "decode"
         );
         println!(
-            "{:>6} | {:>9} {:>9} {:>10} | {:>9} {:>11} | {:>10} {:>10} | {:>16}",
-            "", "ms", "tok/s", "growth*", "ms", "tok/s", "chunked", "naive", "tok/s (ms/tok)"
+            "{:>5} | {:>8} {:>6} {:>7} {:>8} | {:>8} {:>6} {:>9} | {:>9} {:>9} | {:>6} {:>6} {:>7}",
+            "L",
+            "wall ms",
+            "tok/s",
+            "CPU s",
+            "growth*",
+            "wall ms",
+            "tok/s",
+            "CPU s",
+            "chunked",
+            "naive",
+            "tok/s",
+            "ms/tok",
+            "CPU ms"
         );
     }
     let tps = |s: f64| r.len as f64 / s;
-    let opt = |v: Option<f64>, f: &dyn Fn(f64) -> String| v.map(f).unwrap_or_else(|| "-".into());
-    // Prefill time relative to the first row, divided by the length ratio: 1.00 is linear.
+    let opt =
+        |v: Option<Timing>, f: &dyn Fn(Timing) -> String| v.map(f).unwrap_or_else(|| "-".into());
     let growth = match first {
-        Some(f) => (r.prefill / f.prefill) / (r.len as f64 / f.len as f64),
+        Some(f) => (r.prefill.cpu / f.prefill.cpu) / (r.len as f64 / f.len as f64),
         None => 1.0,
     };
     println!(
-        "{:>6} | {:>9.1} {:>9.0} {:>10.2} | {:>9} {:>11} | {:>10.1} {:>10} | {:>7.1} ({:>5.2})",
+        "{:>5} | {:>8.0} {:>6.0} {:>7.2} {:>8.2} | {:>8} {:>6} {:>9} | {:>9.2} {:>9} | {:>6.1} {:>6.1} {:>7.1}",
         r.len,
-        r.prefill * 1e3,
-        tps(r.prefill),
+        r.prefill.wall * 1e3,
+        tps(r.prefill.wall),
+        r.prefill.cpu,
         growth,
-        opt(r.prefill_naive, &|v| format!("{:.1}", v * 1e3)),
-        opt(r.prefill_naive, &|v| format!("{:.0}", tps(v))),
-        r.scan * 1e3,
-        opt(r.scan_naive, &|v| format!("{:.1}", v * 1e3)),
-        1.0 / r.decode,
-        r.decode * 1e3,
+        opt(r.prefill_naive, &|t| format!("{:.0}", t.wall * 1e3)),
+        opt(r.prefill_naive, &|t| format!("{:.0}", tps(t.wall))),
+        opt(r.prefill_naive, &|t| format!("{:.2}", t.cpu)),
+        r.scan.cpu,
+        opt(r.scan_naive, &|t| format!("{:.2}", t.cpu)),
+        1.0 / r.decode.wall,
+        r.decode.wall * 1e3,
+        r.decode.cpu * 1e3,
     );
 }
