@@ -55,7 +55,7 @@ impl fmt::Display for Model {
 
 /// Where the embedded tiny teacher lives in this source tree.
 pub fn tiny_teacher_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/tiny-teacher")
+    crate::teacher::default_teacher_path()
 }
 
 /// The command that trains the embedded tiny teacher (named in the error when it is missing).
