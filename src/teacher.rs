@@ -236,6 +236,15 @@ pub fn tiny_teacher_config(tokenizer: &PromptTokenizer) -> Result<TinyLlavaConfi
 /// (the only 1-D weights), zeros for biases. Each tensor draws from its own stream, seeded by
 /// `seed` and its name, so a tensor's values do not depend on which other tensors exist.
 pub fn init_tensors(config: &TinyLlavaConfig, seed: u64) -> Result<BTreeMap<String, Tensor>> {
+    init_tensors_with_std(config, seed, INIT_STD)
+}
+
+/// [`init_tensors`] with another standard deviation for the normal draws.
+pub fn init_tensors_with_std(
+    config: &TinyLlavaConfig,
+    seed: u64,
+    std: f64,
+) -> Result<BTreeMap<String, Tensor>> {
     let preprocessor = ImagePreprocessor::siglip(config.vision_config.image_size);
     let (_, shapes) = ShapeRecorder::record(DType::F32, |vb| {
         Vlm::from_var_builder(vb, config.clone(), None, preprocessor, "shape recorder")
@@ -251,7 +260,7 @@ pub fn init_tensors(config: &TinyLlavaConfig, seed: u64) -> Result<BTreeMap<Stri
             } else {
                 let mut rng = SplitMix64::new(derive_seed(seed, &[name_hash(&name)]));
                 (0..n)
-                    .map(|_| (standard_normal(&mut rng) * INIT_STD) as f32)
+                    .map(|_| (standard_normal(&mut rng) * std) as f32)
                     .collect()
             };
             let t = Tensor::from_vec(data, shape.as_slice(), &Device::Cpu)?;

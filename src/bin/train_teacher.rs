@@ -113,6 +113,9 @@ struct Args {
     /// is fastest on a small shared machine: candle's worker pool spins while it waits.
     #[arg(long, default_value_t = 1)]
     threads: usize,
+    /// Standard deviation of the normal initialisation of matrices and embeddings.
+    #[arg(long, default_value_t = teacher::INIT_STD)]
+    init_std: f64,
     /// Override the decoder MLP width.
     #[arg(long)]
     intermediate: Option<usize>,
@@ -172,7 +175,7 @@ fn main() -> anyhow::Result<()> {
 
     // Every tensor trains: the model is built over the Vars, and a detached twin sharing their
     // storage evaluates without recording a graph.
-    let init = teacher::init_tensors(&config, args.seed)?;
+    let init = teacher::init_tensors_with_std(&config, args.seed, args.init_std)?;
     let (params, tensors) = ParamSet::select(&init, &Selection::all())?;
     let vlm = teacher::vlm_from_tensors(&config, &tok, tensors, &device)?;
     let eval_vlm = teacher::vlm_from_tensors(
