@@ -122,6 +122,9 @@ struct Args {
     /// Override the vision feature selection (`patch` drops the first patch, `cls_patch` keeps all).
     #[arg(long)]
     strategy: Option<String>,
+    /// Where to train: `cpu`, `cuda` or `cuda:N` (CUDA needs a build with `--features cuda`).
+    #[arg(long, default_value = "cpu")]
+    device: String,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -134,7 +137,7 @@ fn main() -> anyhow::Result<()> {
     }
     let started = Instant::now();
     let command: Vec<String> = std::env::args().collect();
-    let device = Device::Cpu;
+    let device = matvlm::script::parse_device(&args.device)?;
 
     let world_cfg = teacher::teacher_world_config();
     eprintln!("world: {}", args.world.display());
@@ -175,7 +178,12 @@ fn main() -> anyhow::Result<()> {
 
     // Every tensor trains: the model is built over the Vars, and a detached twin sharing their
     // storage evaluates without recording a graph.
-    let init = teacher::init_tensors_with_std(&config, args.seed, args.init_std)?;
+    // Drawn on the CPU (the same numbers whatever the device), then moved where training runs so
+    // that the Vars live there.
+    let init = teacher::init_tensors_with_std(&config, args.seed, args.init_std)?
+        .into_iter()
+        .map(|(name, t)| Ok((name, t.to_device(&device)?)))
+        .collect::<candle_core::Result<_>>()?;
     let (params, tensors) = ParamSet::select(&init, &Selection::all())?;
     let vlm = teacher::vlm_from_tensors(&config, &tok, tensors, &device)?;
     let eval_vlm = teacher::vlm_from_tensors(
