@@ -38,7 +38,7 @@ pub enum Positions {
 }
 
 /// Loss weights and options; the default is the released MaTVLM recipe (KL at T = 1 + L2).
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 #[serde(default)]
 pub struct DistillLoss {
     pub kl: f64,

@@ -5,6 +5,7 @@
 //! - [`schedule`]: learning-rate schedules with warmup, as transformers.
 //! - [`run`]: the run directory: config, metrics, atomic checkpoints.
 //! - [`trainer`]: the loop ([`Trainer::fit`]), with accumulation, evaluation, resume and cancel.
+//! - [`supervised`], [`distill`]: the two training modes (cross-entropy; teacher -> hybrid).
 //! - [`progress`], [`cancel`]: what the user sees, and Ctrl-C.
 //!
 //! A run in a few lines:
@@ -16,6 +17,7 @@
 //! ```
 
 pub mod cancel;
+pub mod distill;
 pub mod optim;
 pub mod params;
 pub mod progress;

@@ -51,6 +51,8 @@ pub fn expand_labels(input_ids: &[i64], labels: &[i64], n_image_tokens: usize) -
 pub struct SupervisedBatch {
     /// Token rows with [`IMAGE_TOKEN`] placeholders, all of the same length.
     pub rows: Vec<Vec<i64>>,
+    /// Real length of each row of `rows` (placeholders counted once); the rest is padding.
+    pub lengths: Vec<usize>,
     /// `[N_images, 3, H, W]`, one image per placeholder in order of appearance; `None` when the
     /// batch has no image.
     pub pixel_values: Option<Tensor>,
@@ -104,11 +106,22 @@ impl SupervisedBatch {
         };
         Ok(Self {
             rows: batch.input_ids.clone(),
+            lengths: batch.lengths.clone(),
             pixel_values,
             labels,
             tokens,
             indices: indices.to_vec(),
         })
+    }
+
+    /// The rows without their padding. [`Vlm::embed_inputs`] pads them again (with zero vectors)
+    /// and reports each row's real length, so that losses can leave the padding out.
+    pub fn unpadded_rows(&self) -> Vec<Vec<i64>> {
+        self.rows
+            .iter()
+            .zip(&self.lengths)
+            .map(|(row, &n)| row[..n.min(row.len())].to_vec())
+            .collect()
     }
 
     /// Number of labels the loss is taken over (positions `t >= 1` whose label is not ignored).

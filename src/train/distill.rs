@@ -1,0 +1,299 @@
+//! The distillation mode of the trainer (MaTVLM's single stage): a frozen teacher and a hybrid
+//! student see the same batch; the student learns the teacher's logits and, layer by layer,
+//! what each replaced attention mixer did (the losses are in [`crate::distill`]).
+//!
+//! The whole loop, as [`distill`] runs it:
+//! ```text
+//! let student = Student::new(&hybrid, Trainable::MixersConnector)?;     // Vars + rebuilt model
+//! let mut source = cfg.source(train, &student.vlm)?;                      // shuffled batches
+//! let mut trainer = Trainer::new(cfg.train.clone(), &student.params, RunDir::open(dir)?)?;
+//! trainer.fit(&mut source, |_, batch| distill_step(&teacher, &student.vlm, batch, &cfg.loss))?;
+//! ```
+//! Per step, [`distill_step`] runs the teacher once without a graph (its outputs detached), the
+//! student with one, and returns the weighted loss plus every term on its own, so that
+//! `metrics.jsonl` and the progress line show each of them. Only the trainable tensors are
+//! `Var`s, so backward, gradients and optimiser state cover nothing else; the teacher and the
+//! frozen part of the student are plain tensors that no step can change.
+
+use std::path::Path;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
+use candle_core::Tensor;
+use serde::{Deserialize, Serialize};
+
+use super::params::{ParamSet, Selection};
+use super::run::RunDir;
+use super::schedule::LrSchedule;
+use super::supervised::{SupervisedBatch, SupervisedSource};
+use super::trainer::{StepOutput, TrainConfig, TrainSummary, Trainer};
+use crate::data::{Dataset, Loader};
+use crate::distill::{distill_loss_with, teacher_outputs, DistillBatch, DistillLoss};
+use crate::eval::{agreement, evaluate, AgreementOptions, EvalMode, EvalOptions};
+use crate::model::vlm::Vlm;
+use crate::{Error, Result};
+
+/// Name pattern of every Mamba mixer tensor of a hybrid (`...layers.{i}.mamba.*`); the block's
+/// LayerNorm and MLP live under `input_layernorm.*` and `mlp.*` and do not match.
+pub const MIXER_PATTERN: &str = "language_model.model.layers.*.mamba.*";
+/// Name pattern of the connector (the projector from image features to the decoder).
+pub const CONNECTOR_PATTERN: &str = "connector.*";
+/// Name pattern of the vision tower.
+pub const VISION_PATTERN: &str = "vision_tower.*";
+
+/// Which tensors of the student train; everything else stays frozen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Trainable {
+    /// Only the Mamba mixers of the Mamba layers.
+    Mixers,
+    /// The Mamba mixers and the connector (upstream MaTVLM).
+    #[default]
+    MixersConnector,
+    /// Everything except the vision tower: mixers, attention, MLPs, norms, embeddings, lm_head,
+    /// connector.
+    AllButVision,
+}
+
+impl Trainable {
+    /// The name patterns this choice stands for, over [`Vlm::named_tensors`] names.
+    pub fn selection(self) -> Selection {
+        match self {
+            Trainable::Mixers => Selection::new([MIXER_PATTERN], [""; 0]),
+            Trainable::MixersConnector => {
+                Selection::new([MIXER_PATTERN, CONNECTOR_PATTERN], [""; 0])
+            }
+            Trainable::AllButVision => Selection::new([""; 0], [VISION_PATTERN]),
+        }
+    }
+}
+
+/// Everything that shapes a distillation run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DistillConfig {
+    pub loss: DistillLoss,
+    pub trainable: Trainable,
+    pub train: TrainConfig,
+    /// Samples per micro-batch (the global batch is `batch_size * train.accum`).
+    pub batch_size: usize,
+    /// Evaluate on at most this many validation samples (all when `None`).
+    pub eval_limit: Option<usize>,
+}
+
+impl Default for DistillConfig {
+    fn default() -> Self {
+        Self::upstream(TrainConfig::default().steps)
+    }
+}
+
+/// Peak learning rate of [`DistillConfig::upstream`]. Upstream distils Phi-2 (2560 wide) at
+/// 2e-4 for about 10k steps of batch 64; the tiny teacher is 128 wide and a CPU run has a few
+/// hundred steps. AdamW's per-element step is about `lr` whatever the width, and both models
+/// start from weights of the same scale (init std 0.02), so at 2e-4 the mixers would move a
+/// twentieth of upstream's distance in that budget. 1e-3 is the rate the tiny teacher itself
+/// trained at without instability, and it still sits well below the width-scaled (muP-style)
+/// equivalent of upstream's rate (2e-4 * 2560 / 128 = 4e-3).
+pub const TINY_DISTILL_LR: f64 = 1e-3;
+
+impl DistillConfig {
+    /// MaTVLM's recipe over `steps` optimiser steps: loss KL (T = 1) + layer-wise L2, mixers and
+    /// connector trainable, AdamW betas (0.9, 0.95), weight decay 0.01, gradient clip 0.1, a
+    /// warmup-stable-decay schedule, global batch 64; the learning rate is
+    /// [`TINY_DISTILL_LR`] (see there why it is not upstream's 2e-4).
+    pub fn upstream(steps: usize) -> Self {
+        Self {
+            loss: DistillLoss::default(),
+            trainable: Trainable::MixersConnector,
+            train: TrainConfig {
+                steps,
+                lr: TINY_DISTILL_LR,
+                betas: (0.9, 0.95),
+                weight_decay: 0.01,
+                clip: Some(0.1),
+                schedule: LrSchedule::default(),
+                // Upstream does not fix the warmup; 5% gives short runs a few warmup steps.
+                warmup_ratio: 0.05,
+                ..TrainConfig::default()
+            },
+            batch_size: 64,
+            eval_limit: None,
+        }
+    }
+
+    /// The batches a run of this config reads: `train` shuffled by a loader seeded with the
+    /// run's seed, preprocessed for `student`. A run resumed from a checkpoint continues this
+    /// exact stream.
+    pub fn source(&self, train: Arc<Dataset>, student: &Vlm) -> Result<SupervisedSource> {
+        let loader = Loader::new(train.len(), self.batch_size, self.train.seed)?;
+        Ok(SupervisedSource::for_model(train, loader, student))
+    }
+}
+
+/// A hybrid ready to train: its trainable tensors as `Var`s, and the model built over them
+/// (the frozen tensors are the hybrid's own, shared, never copied).
+pub struct Student {
+    pub params: ParamSet,
+    pub vlm: Vlm,
+}
+
+impl Student {
+    /// Turn the tensors of `hybrid` chosen by `trainable` into `Var`s (copies: training never
+    /// writes into `hybrid`, nor into a teacher it shares tensors with) and rebuild the model
+    /// over them.
+    pub fn new(hybrid: &Vlm, trainable: Trainable) -> Result<Self> {
+        if trainable != Trainable::AllButVision && hybrid.mamba_layers().is_empty() {
+            return Err(Error::Invalid(format!(
+                "the student has no Mamba layer, so {trainable:?} selects no mixer; build it \
+                 with `Vlm::hybrid` first"
+            )));
+        }
+        let tensors = hybrid.named_tensors().into_iter().collect();
+        let (params, tensors) = ParamSet::select(&tensors, &trainable.selection())?;
+        let vlm = hybrid.rebuilt(tensors)?;
+        Ok(Self { params, vlm })
+    }
+
+    /// The same model over detached tensors that share storage with the `Var`s: it follows the
+    /// training (every optimiser step shows in it) but never records a graph, so evaluation
+    /// through it costs no gradient bookkeeping.
+    pub fn detached(&self) -> Result<Vlm> {
+        let tensors = self
+            .vlm
+            .named_tensors()
+            .into_iter()
+            .map(|(name, t)| (name, t.detach()))
+            .collect();
+        self.vlm.rebuilt(tensors)
+    }
+}
+
+/// Refuse a teacher and student that cannot be compared position by position.
+pub fn check_pair(teacher: &Vlm, student: &Vlm) -> Result<()> {
+    let (t, s) = (&teacher.decoder.cfg, &student.decoder.cfg);
+    if t.vocab_size != s.vocab_size {
+        return Err(Error::Invalid(format!(
+            "teacher vocabulary {} differs from the student's {}",
+            t.vocab_size, s.vocab_size
+        )));
+    }
+    if teacher.decoder.blocks.len() != student.decoder.blocks.len() {
+        return Err(Error::Invalid(format!(
+            "teacher has {} decoder layers, the student {}; the layer-wise loss pairs them one to one",
+            teacher.decoder.blocks.len(),
+            student.decoder.blocks.len()
+        )));
+    }
+    let (ti, si) = (teacher.config.image_tokens(), student.config.image_tokens());
+    if ti != si {
+        return Err(Error::Invalid(format!(
+            "teacher turns an image into {ti} tokens, the student into {si}"
+        )));
+    }
+    Ok(())
+}
+
+/// One distillation micro-batch: the teacher's outputs (detached, computed once), the student's
+/// forward and the losses of `loss`. The step's loss is their weighted sum; each term is
+/// reported under its own name (`kl`, `reverse_kl`, `jsd`, `ce_teacher`, `ce_labels`,
+/// `hidden`). Padding is left out of every term; labels (answer positions, `ce_labels`) are the
+/// batch's expanded labels.
+pub fn distill_step(
+    teacher: &Vlm,
+    student: &Vlm,
+    batch: &SupervisedBatch,
+    loss: &DistillLoss,
+) -> Result<StepOutput> {
+    let rows = batch.unpadded_rows();
+    let labels = labels_tensor(&batch.labels, &student.device)?;
+    let inputs = DistillBatch {
+        rows: &rows,
+        pixel_values: batch.pixel_values.as_ref(),
+        labels: Some(&labels),
+    };
+    let teach = teacher_outputs(teacher, &inputs, &student.mamba_layers())?;
+    let out = distill_loss_with(&teach, student, &inputs, loss)?;
+    Ok(out.terms.into_iter().fold(
+        StepOutput::new(out.loss, batch.tokens),
+        |step, (name, v)| step.term(name, v),
+    ))
+}
+
+/// Expanded label rows as a `[B, T]` i64 tensor.
+fn labels_tensor(labels: &[Vec<i64>], device: &candle_core::Device) -> Result<Tensor> {
+    let width = labels.first().map_or(0, Vec::len);
+    if let Some((b, row)) = labels.iter().enumerate().find(|(_, r)| r.len() != width) {
+        return Err(Error::Invalid(format!(
+            "label row {b} has {} positions, row 0 has {width}",
+            row.len()
+        )));
+    }
+    let flat: Vec<i64> = labels.iter().flatten().copied().collect();
+    Ok(Tensor::from_vec(flat, (labels.len(), width), device)?)
+}
+
+/// Distil `teacher` into `student_hybrid` on `train` per `cfg`, writing config, metrics and
+/// checkpoints into `run_dir`; a run directory holding a checkpoint is resumed (when
+/// `cfg.train.resume`), ending with exactly the weights of an uninterrupted run on the CPU.
+///
+/// With `val`, every `cfg.train.eval_every` steps (and at the last step) an eval line records
+/// teacher agreement on the answer tokens (`val_agree`), the mean KL(teacher || student) per
+/// answer position (`val_kl`), the student's teacher-forced exact-match accuracy (`val_acc`,
+/// `val_acc_{type}`) and, for reference, the teacher's (`val_teacher_acc`, computed once).
+///
+/// `cancel` stops the run at the next step boundary with a checkpoint. Returns the distilled
+/// student (plain tensors) and the run's summary.
+pub fn distill(
+    teacher: &Vlm,
+    student_hybrid: &Vlm,
+    train: Arc<Dataset>,
+    val: Option<Arc<Dataset>>,
+    cfg: &DistillConfig,
+    run_dir: &Path,
+    cancel: Option<&AtomicBool>,
+) -> Result<(Vlm, TrainSummary)> {
+    check_pair(teacher, student_hybrid)?;
+    let student = Student::new(student_hybrid, cfg.trainable)?;
+    let mut source = cfg.source(train, &student.vlm)?;
+    let run = RunDir::open(run_dir)?;
+    if run.read_config()?.is_none() {
+        let config = serde_json::to_value(cfg)
+            .map_err(|e| Error::Other(format!("serialising the distillation config: {e}")))?;
+        run.write_config(&config)?;
+    }
+
+    let eval_student = student.detached()?;
+    let mut teacher_acc: Option<f64> = None;
+    let mut eval_on_val = |val: &Dataset| -> Result<Vec<(String, f64)>> {
+        let agree = AgreementOptions {
+            limit: cfg.eval_limit,
+            ..AgreementOptions::default()
+        };
+        let exact = EvalOptions {
+            mode: EvalMode::TeacherForced,
+            limit: cfg.eval_limit,
+            ..EvalOptions::default()
+        };
+        let mut values = agreement(teacher, &eval_student, val, &agree)?.metrics("val_");
+        values.extend(evaluate(&eval_student, val, &exact)?.metrics("val_"));
+        let t_acc = match teacher_acc {
+            Some(a) => a,
+            None => *teacher_acc.insert(evaluate(teacher, val, &exact)?.accuracy),
+        };
+        values.push(("val_teacher_acc".into(), t_acc));
+        Ok(values)
+    };
+
+    let mut trainer = Trainer::new(cfg.train.clone(), &student.params, run)?;
+    if let Some(flag) = cancel {
+        trainer = trainer.with_cancel(flag);
+    }
+    if let Some(val) = val.as_deref() {
+        trainer = trainer.with_eval(move |_| eval_on_val(val));
+    }
+    let summary = trainer.fit(&mut source, |_, batch| {
+        distill_step(teacher, &student.vlm, batch, &cfg.loss)
+    })?;
+    drop(trainer);
+    Ok((student.detached()?, summary))
+}
