@@ -225,6 +225,34 @@ impl Vlm {
         let (logits, _) = self.forward(&[ids], pixel_values.as_ref(), &Default::default())?;
         Ok(logits.squeeze(0)?)
     }
+
+    /// The decoder's hidden states `[T, hidden]` of a prompt (with the image if given), batch of
+    /// one: the input embeddings (image vectors spliced in) followed by the output of every
+    /// decoder layer, so `layers + 1` tensors. The last one is before the final LayerNorm.
+    pub fn prompt_hidden_states(&self, prompt: &str, image: Option<&Path>) -> Result<Vec<Tensor>> {
+        let tok = self.tokenizer()?;
+        let ids = tok.encode_prompt_with_images(prompt, usize::from(image.is_some()))?;
+        let pixel_values = match image {
+            Some(p) => Some(self.pixel_values(p)?),
+            None => None,
+        };
+        let (_, captured) = self.forward(
+            &[ids],
+            pixel_values.as_ref(),
+            &crate::model::decoder::Capture::hidden_states(),
+        )?;
+        let n_layers = self.decoder.blocks.len();
+        let names = std::iter::once("layers.0.input".to_string())
+            .chain((0..n_layers).map(|i| format!("layers.{i}.output")));
+        names
+            .map(|name| match captured.get(&name) {
+                Some(t) => Ok(t.squeeze(0)?),
+                None => Err(Error::Other(format!(
+                    "the decoder did not capture `{name}` ({n_layers} layers)"
+                ))),
+            })
+            .collect()
+    }
 }
 
 /// Greedy argmax over the last dimension of `[.., vocab]` logits.

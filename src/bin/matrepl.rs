@@ -5,13 +5,22 @@
 //! matrepl scripts/inspect.rhai --model DIR  # run a script; --name value become variables
 //! matrepl -e 'teacher().layers()'           # evaluate, print, exit
 //! matrepl --device cuda:0 --dtype bf16 ...  # where and how models are loaded
+//! matrepl --threads 1 scripts/train_0.25.rhai   # CPU threads for tensor operations
 //! ```
+//!
+//! A failing script prints `file:line:col: message` for where the error was raised (inside an
+//! imported module too), the line with a caret, and the calls that led there.
 //!
 //! Exit status: 0 on success, 1 when the script fails, 2 for bad command-line arguments, 130
 //! when interrupted by Ctrl-C.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+
+// Training allocates and frees many tensor-sized buffers; mimalloc keeps them warm instead of
+// handing them back to the kernel (as in train_teacher).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 use clap::Parser;
 use rhai::{EvalAltResult, Scope};
@@ -46,6 +55,12 @@ struct Cli {
     #[arg(long, default_value = "f32")]
     dtype: String,
 
+    /// CPU threads for tensor operations (sets CANDLE_NUM_THREADS and RAYON_NUM_THREADS unless
+    /// they are set; default: candle's, one per core). One is often fastest for the tiny models
+    /// on a small shared machine, where candle's worker pool spins while it waits.
+    #[arg(long, value_name = "N")]
+    threads: Option<usize>,
+
     /// History file of the REPL (default: $MATREPL_HISTORY, else ~/.matrepl_history).
     #[arg(long, value_name = "FILE")]
     history: Option<PathBuf>,
@@ -73,6 +88,14 @@ enum Failure {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Some(n) = cli.threads {
+        for var in ["CANDLE_NUM_THREADS", "RAYON_NUM_THREADS"] {
+            if std::env::var_os(var).is_none() {
+                // Read by candle when its first parallel op runs, which is after this point.
+                std::env::set_var(var, n.to_string());
+            }
+        }
+    }
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(Failure::Usage(msg)) => {
@@ -89,13 +112,9 @@ fn main() -> ExitCode {
     }
 }
 
-fn script_failure(source: &str, err: &EvalAltResult, file: Option<&str>) -> Failure {
-    let message = match file {
-        Some(f) => format!("{f}: {}", format_error(source, err)),
-        None => format_error(source, err),
-    };
+fn script_failure(source: &str, err: &EvalAltResult) -> Failure {
     Failure::Script {
-        message,
+        message: format_error(source, err),
         interrupted: matches!(err, EvalAltResult::ErrorTerminated(..)),
     }
 }
@@ -114,7 +133,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
         let mut scope = Scope::new();
         let value = engine
             .eval_with_scope::<rhai::Dynamic>(&mut scope, code)
-            .map_err(|e| script_failure(code, &e, None))?;
+            .map_err(|e| script_failure(code, &e))?;
         if !value.is_unit() {
             println!("{}", display_value(&value));
         }
@@ -128,14 +147,13 @@ fn run(cli: Cli) -> Result<(), Failure> {
         script::push_args(&mut scope, &args);
         return match script::run_file(&engine, &mut scope, file) {
             Ok(_) => Ok(()),
-            Err(e) => {
-                let source = std::fs::read_to_string(file).unwrap_or_default();
-                Err(script_failure(
-                    &source,
-                    &e,
-                    Some(&file.display().to_string()),
-                ))
-            }
+            Err(e) => Err(Failure::Script {
+                message: repl::format_script_error(file, &e),
+                interrupted: matches!(
+                    repl::unwrap_error(&e, None).1,
+                    EvalAltResult::ErrorTerminated(..)
+                ),
+            }),
         };
     }
 

@@ -113,7 +113,7 @@ impl Repl {
                 };
                 match self.eval(&source, Some(Path::new(arg))) {
                     Ok(v) => show(&v),
-                    Err(e) => Outcome::Error(format!("{arg}: {}", format_error(&source, &e))),
+                    Err(e) => Outcome::Error(format_script_error(Path::new(arg), &e)),
                 }
             }
             "time" => {
@@ -267,6 +267,119 @@ pub fn format_error(source: &str, err: &EvalAltResult) -> String {
     if let EvalAltResult::ErrorTerminated(..) = err {
         msg = "interrupted".into();
     }
+    let (Some(line), Some(col)) = (pos.line(), pos.position()) else {
+        return msg;
+    };
+    let text = source.split('\n').nth(line - 1).unwrap_or("");
+    let prefix = format!("line {line}: ");
+    let caret = " ".repeat(prefix.len() + col.saturating_sub(1));
+    format!("{prefix}{text}\n{caret}^ {msg}")
+}
+
+/// An error raised inside a script function or an imported module reaches the top wrapped once
+/// per call level. This unwraps it: the innermost error, the source it was raised in (the
+/// function's or module's source, else `source`), and the call sites on the way down, outermost
+/// first, as (source, position, function name).
+pub fn unwrap_error<'a>(
+    err: &'a EvalAltResult,
+    source: Option<&'a str>,
+) -> (
+    Option<&'a str>,
+    &'a EvalAltResult,
+    Vec<(Option<&'a str>, Position, String)>,
+) {
+    let mut calls = Vec::new();
+    let (mut err, mut source) = (err, source);
+    loop {
+        match err {
+            EvalAltResult::ErrorInFunctionCall(name, src, inner, pos) => {
+                calls.push((source, *pos, name.clone()));
+                if !src.is_empty() {
+                    source = Some(src.as_str());
+                }
+                err = inner;
+            }
+            EvalAltResult::ErrorInModule(path, inner, pos) => {
+                calls.push((source, *pos, format!("import \"{path}\"")));
+                source = Some(path.as_str());
+                err = inner;
+            }
+            _ => return (source, err, calls),
+        }
+    }
+}
+
+/// The file a source name of a script error stands for: the name itself when it is a file,
+/// else an import path (`"lib/recipe"`) resolved as rhai resolves it, next to `script` with the
+/// `.rhai` extension.
+pub fn source_file(name: &str, script: &Path) -> std::path::PathBuf {
+    let as_is = Path::new(name);
+    if as_is.is_file() {
+        return as_is.to_path_buf();
+    }
+    let dir = script.parent().unwrap_or(Path::new(""));
+    let mut p = dir.join(name);
+    if p.extension().is_none() {
+        p.set_extension("rhai");
+    }
+    if p.is_file() {
+        p
+    } else {
+        as_is.to_path_buf()
+    }
+}
+
+/// A script error as a compiler would print it: `file:line:col: message` for where it was
+/// raised (inside imported modules and functions too), the offending line with a caret, then
+/// the call sites that led there. `script` is the file that was run.
+pub fn format_script_error(script: &Path, err: &EvalAltResult) -> String {
+    let main = script.display().to_string();
+    let (source, inner, calls) = unwrap_error(err, Some(&main));
+    let file = source_file(source.unwrap_or(&main), script);
+    let pos = if inner.position().is_none() {
+        err.position()
+    } else {
+        inner.position()
+    };
+    let text = std::fs::read_to_string(&file).unwrap_or_default();
+    let place = match (pos.line(), pos.position()) {
+        (Some(l), Some(c)) => format!("{}:{l}:{c}", file.display()),
+        (Some(l), None) => format!("{}:{l}", file.display()),
+        _ => file.display().to_string(),
+    };
+    let mut out = format!("{place}: {}", error_message(inner));
+    if pos.line().is_some() {
+        out.push('\n');
+        out.push_str(&format_error_at(&text, inner, pos));
+    }
+    for (src, pos, name) in calls.iter().rev() {
+        let f = source_file(src.unwrap_or(&main), script);
+        if let (Some(l), Some(c)) = (pos.line(), pos.position()) {
+            out.push_str(&format!("\n  in {name}, called at {}:{l}:{c}", f.display()));
+        }
+    }
+    out
+}
+
+/// The message of an error without rhai's ` (line l, position c)` suffix; "interrupted" for a
+/// Ctrl-C.
+pub fn error_message(err: &EvalAltResult) -> String {
+    if let EvalAltResult::ErrorTerminated(..) = err {
+        return "interrupted".into();
+    }
+    let pos = err.position();
+    let msg = err.to_string();
+    if !pos.is_none() {
+        if let Some(stripped) = msg.strip_suffix(&format!(" ({pos})")) {
+            return stripped.to_string();
+        }
+    }
+    msg
+}
+
+/// [`format_error`] at an explicit position.
+fn format_error_at(source: &str, err: &EvalAltResult, pos: Position) -> String {
+    let msg = error_message(err);
     let (Some(line), Some(col)) = (pos.line(), pos.position()) else {
         return msg;
     };

@@ -227,6 +227,9 @@ pub fn display_value(v: &Dynamic) -> String {
     if let Some(d) = v.read_lock::<super::data::Data>() {
         return d.to_string();
     }
+    if let Some(r) = v.read_lock::<super::train::Run>() {
+        return r.to_string();
+    }
     if v.is_string() {
         return format!("{v:?}");
     }

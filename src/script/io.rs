@@ -1,9 +1,12 @@
-//! Reading and writing named tensors as safetensors files.
+//! Files and the terminal: named tensors as safetensors files, JSON files, lines from stdin,
+//! numbers formatted for tables.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
-use rhai::{Dynamic, Map, NativeCallContext};
+use std::io::{BufRead, IsTerminal};
+
+use rhai::{Dynamic, Map, NativeCallContext, FLOAT, INT};
 
 use super::convert::{runtime_error, OrRhai, RhaiResult};
 use super::session_of;
@@ -52,5 +55,56 @@ pub mod api {
             .into_iter()
             .map(|(k, t)| (k.into(), Dynamic::from(t)))
             .collect())
+    }
+
+    /// Write any value (maps, arrays, numbers, strings) as pretty JSON to `path`, atomically.
+    #[rhai_fn(return_raw)]
+    pub fn save_json(path: &str, value: Dynamic) -> RhaiResult<()> {
+        let json: serde_json::Value = rhai::serde::from_dynamic(&value)
+            .map_err(|e| runtime_error(format!("save_json: {e}")))?;
+        let text = serde_json::to_string_pretty(&json)
+            .map_err(|e| runtime_error(format!("save_json: {e}")))?;
+        crate::checkpoint::write_atomic(Path::new(path), format!("{text}\n").as_bytes()).or_rhai()
+    }
+
+    /// The next line of standard input without its line ending, or () at the end of input.
+    #[rhai_fn(return_raw)]
+    pub fn read_line() -> RhaiResult<Dynamic> {
+        let mut line = String::new();
+        let n = std::io::stdin()
+            .lock()
+            .read_line(&mut line)
+            .map_err(|e| runtime_error(format!("read_line: reading stdin: {e}")))?;
+        if n == 0 {
+            return Ok(Dynamic::UNIT);
+        }
+        let trimmed = line.trim_end_matches(['\n', '\r']);
+        Ok(Dynamic::from(trimmed.to_string()))
+    }
+
+    /// Print `text` without a line break and flush (a prompt before `read_line`, or a piece of
+    /// a line being built).
+    #[rhai_fn(name = "write")]
+    pub fn write_text(text: &str) {
+        use std::io::Write;
+        print!("{text}");
+        let _ = std::io::stdout().flush();
+    }
+
+    /// Whether standard input is a terminal (false when it is a pipe or a file).
+    pub fn stdin_is_terminal() -> bool {
+        std::io::stdin().is_terminal()
+    }
+
+    /// `x` with `digits` digits after the decimal point: `fixed(3.14159, 2)` is "3.14".
+    #[rhai_fn(name = "fixed")]
+    pub fn fixed(x: FLOAT, digits: INT) -> String {
+        format!("{x:.*}", digits.clamp(0, 17) as usize)
+    }
+
+    /// An integer as a decimal string (`fixed(3, 2)` is "3.00").
+    #[rhai_fn(name = "fixed")]
+    pub fn fixed_int(x: INT, digits: INT) -> String {
+        fixed(x as FLOAT, digits)
     }
 }

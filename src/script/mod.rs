@@ -6,7 +6,8 @@
 //!
 //! * [`engine`] builds an engine for a [`Session`] (device, dtype, cancel flag).
 //! * One plugin module per area of the library: [`model`] (load, inspect, run, save models),
-//!   [`tensor`] (the `Tensor` type), [`data`] (data sets), [`io`] (safetensors files).
+//!   [`tensor`] (the `Tensor` type), [`data`] (data sets), [`train`] (distillation, training,
+//!   evaluation and the `Run` type), [`io`] (files, stdin, number formatting).
 //!   Adding a binding is one documented `pub fn` in the right module; its `///` comment is what
 //!   the REPL's `:help` shows.
 //! * [`run_file`], [`parse_script_args`], [`parse_device`], [`parse_dtype`]: what `matrepl` needs
@@ -19,6 +20,7 @@ pub mod data;
 pub mod io;
 pub mod model;
 pub mod tensor;
+pub mod train;
 
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -79,11 +81,13 @@ pub fn engine(session: &Session) -> Engine {
     engine
         .register_type_with_name::<model::Model>("Model")
         .register_type_with_name::<tensor::Tensor>("Tensor")
-        .register_type_with_name::<data::Data>("Data");
+        .register_type_with_name::<data::Data>("Data")
+        .register_type_with_name::<train::Run>("Run");
     engine.register_global_module(rhai::exported_module!(model::api).into());
     engine.register_global_module(rhai::exported_module!(tensor::api).into());
     engine.register_global_module(rhai::exported_module!(data::api).into());
     engine.register_global_module(rhai::exported_module!(io::api).into());
+    engine.register_global_module(rhai::exported_module!(train::api).into());
     let cancel = session.cancel.clone();
     engine.on_progress(move |_| {
         cancel

@@ -241,6 +241,38 @@ pub mod api {
         Ok(m.vlm.cache_bytes(batch, seq_len) as INT)
     }
 
+    /// The shape of every weight tensor, by its checkpoint name: `#{ name: [dims], ... }`.
+    #[rhai_fn(pure)]
+    pub fn shapes(m: &mut Model) -> Map {
+        m.vlm
+            .named_tensors()
+            .into_iter()
+            .map(|(name, t)| {
+                let dims: Array = t
+                    .dims()
+                    .iter()
+                    .map(|&d| Dynamic::from_int(d as INT))
+                    .collect();
+                (name.into(), Dynamic::from_array(dims))
+            })
+            .collect()
+    }
+
+    /// `m.hidden_states(#{ prompt, image, raw })`: the decoder's hidden states of a prompt, an
+    /// array of `layers + 1` Tensors [tokens, hidden]: the input embeddings (image vectors
+    /// spliced in), then each layer's output (the last before the final LayerNorm). Templating
+    /// as in `logits`.
+    #[rhai_fn(pure, return_raw)]
+    pub fn hidden_states(m: &mut Model, options: Map) -> RhaiResult<Array> {
+        let o = Opts::new("hidden_states", options, &["prompt", "image", "raw"])?;
+        let (prompt, image) = prompt_opts(&o)?;
+        let states = m
+            .vlm
+            .prompt_hidden_states(&prompt, image.as_deref())
+            .or_rhai()?;
+        Ok(states.into_iter().map(Dynamic::from).collect())
+    }
+
     /// The dtype of the weights: "f32", "bf16" or "f16".
     #[rhai_fn(name = "dtype", pure)]
     pub fn model_dtype(m: &mut Model) -> String {

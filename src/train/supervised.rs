@@ -299,3 +299,107 @@ impl BatchSource for SupervisedSource {
         .map(Some)
     }
 }
+
+/// Everything that shapes a supervised run ([`train`]).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SupervisedConfig {
+    pub train: super::trainer::TrainConfig,
+    /// Samples per micro-batch (the global batch is `batch_size * train.accum`).
+    pub batch_size: usize,
+    /// Evaluate on at most this many validation samples (all when `None`).
+    pub eval_limit: Option<usize>,
+}
+
+impl Default for SupervisedConfig {
+    fn default() -> Self {
+        Self::tiny_teacher(super::trainer::TrainConfig::default().steps)
+    }
+}
+
+impl SupervisedConfig {
+    /// The recipe the embedded tiny teacher was trained with (see `train_teacher`), over `steps`
+    /// optimiser steps: AdamW lr 1e-3, betas (0.9, 0.98), weight decay 0.05, clip 1.0, cosine
+    /// decay to a tenth after a 5% warmup, batch 64.
+    pub fn tiny_teacher(steps: usize) -> Self {
+        use super::schedule::LrSchedule;
+        Self {
+            train: super::trainer::TrainConfig {
+                steps,
+                lr: 1e-3,
+                betas: (0.9, 0.98),
+                eps: 1e-8,
+                weight_decay: 0.05,
+                clip: Some(1.0),
+                schedule: LrSchedule::Cosine {
+                    num_cycles: 0.5,
+                    min_lr_ratio: 0.1,
+                },
+                warmup_ratio: 0.05,
+                ..super::trainer::TrainConfig::default()
+            },
+            batch_size: 64,
+            eval_limit: None,
+        }
+    }
+}
+
+/// Train every parameter of `vlm` (teacher or hybrid) on the answers of `train` per `cfg`,
+/// writing config, metrics and checkpoints into `run_dir` (a run directory holding a checkpoint
+/// is resumed when `cfg.train.resume`). `vlm` itself is never changed: training works on copies.
+///
+/// With `val`, every `cfg.train.eval_every` steps (and at the last step) an eval line records the
+/// teacher-forced exact-match accuracy (`val_acc`, `val_acc_{type}`). `cancel` stops the run at
+/// the next step boundary with a checkpoint. Returns the trained model (plain tensors) and the
+/// run's summary.
+pub fn train(
+    vlm: &Vlm,
+    train: Arc<Dataset>,
+    val: Option<Arc<Dataset>>,
+    cfg: &SupervisedConfig,
+    run_dir: &std::path::Path,
+    cancel: Option<&std::sync::atomic::AtomicBool>,
+) -> Result<(Vlm, super::trainer::TrainSummary)> {
+    use super::params::{ParamSet, Selection};
+    use super::run::RunDir;
+    use super::trainer::Trainer;
+    use crate::eval::{evaluate, EvalMode, EvalOptions};
+
+    let tensors = vlm.named_tensors().into_iter().collect();
+    let (params, tensors) = ParamSet::select(&tensors, &Selection::all())?;
+    let model = vlm.rebuilt(tensors)?;
+    // Shares the Vars' storage, so it sees every step, but records no graph.
+    let detached = |m: &Vlm| -> Result<Vlm> {
+        m.rebuilt(
+            m.named_tensors()
+                .into_iter()
+                .map(|(name, t)| (name, t.detach()))
+                .collect(),
+        )
+    };
+    let eval_model = detached(&model)?;
+    let loader = Loader::new(train.len(), cfg.batch_size, cfg.train.seed)?;
+    let mut source = SupervisedSource::for_model(train, loader, &model);
+    let run = RunDir::open(run_dir)?;
+    if run.read_config()?.is_none() {
+        let config = serde_json::to_value(cfg)
+            .map_err(|e| Error::Other(format!("serialising the supervised config: {e}")))?;
+        run.write_config(&config)?;
+    }
+    let exact = EvalOptions {
+        mode: EvalMode::TeacherForced,
+        limit: cfg.eval_limit,
+        ..EvalOptions::default()
+    };
+    let mut trainer = Trainer::new(cfg.train.clone(), &params, run)?;
+    if let Some(flag) = cancel {
+        trainer = trainer.with_cancel(flag);
+    }
+    if let Some(val) = val.as_deref() {
+        let (eval_model, exact) = (&eval_model, &exact);
+        trainer = trainer.with_eval(move |_| Ok(evaluate(eval_model, val, exact)?.metrics("val_")));
+    }
+    let summary = trainer.fit(&mut source, |_, batch| supervised_step(&model, batch))?;
+    drop(trainer);
+    Ok((detached(&model)?, summary))
+}

@@ -1,0 +1,578 @@
+//! Training and evaluation from scripts: `distill`, `train`, `evaluate`, `agreement`,
+//! `tokens_per_second`, and the `Run` a training call returns.
+//!
+//! Each binding reads its options map into the library's config type, calls one library
+//! function ([`crate::train::distill::distill`], [`crate::train::supervised::train`],
+//! [`crate::eval::evaluate`], [`crate::eval::agreement`], [`crate::eval::decode_speed`]) and
+//! hands its result back as a rhai value.
+//!
+//! Ctrl-C: training reads the session's cancel flag and stops at the next step boundary with a
+//! checkpoint. The binding then clears the flag and returns the `Run` (its `stopped` is true), so
+//! that a REPL entry keeps the run and the model trained so far, and a script goes on with them
+//! (a recipe evaluates and saves what it has). A second Ctrl-C stops the script itself.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use rhai::{Array, Dynamic, Map, NativeCallContext, INT};
+use serde::de::DeserializeOwned;
+
+use super::convert::{runtime_error, Opts, OrRhai, RhaiResult};
+use super::data::Data;
+use super::model::{templated_prompt, Model};
+use super::session_of;
+use crate::distill::DistillLoss;
+use crate::eval::{AgreementOptions, EvalMode, EvalOptions, ImageInput, SpeedOptions};
+use crate::train::distill::DistillConfig;
+use crate::train::supervised::SupervisedConfig;
+use crate::train::{LrSchedule, RunDir, StopReason, TrainConfig, TrainSummary};
+
+/// The outcome of a `distill` or `train` call: the trained model, where the run lives, and its
+/// summary and metrics.
+#[derive(Clone)]
+pub struct Run {
+    /// The trained model (the student, for `distill`).
+    pub model: Model,
+    pub run_dir: PathBuf,
+    pub summary: TrainSummary,
+    /// Every record of the run's `metrics.jsonl` when the call returned.
+    pub metrics: Array,
+}
+
+impl fmt::Display for Run {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "Run({}, {} steps, {}",
+            stop_name(self.summary.stop),
+            self.summary.step,
+            self.run_dir.display()
+        )?;
+        if let Some(loss) = self.summary.last_loss {
+            write!(f, ", last loss {loss:.4}")?;
+        }
+        write!(f, ")")
+    }
+}
+
+fn stop_name(stop: StopReason) -> &'static str {
+    match stop {
+        StopReason::Completed => "completed",
+        StopReason::Cancelled => "cancelled",
+        StopReason::DataExhausted => "data_exhausted",
+    }
+}
+
+/// The options both training calls read (besides `val` and their own).
+const TRAIN_KEYS: [&str; 19] = [
+    "steps",
+    "lr",
+    "batch",
+    "accum",
+    "run_dir",
+    "val",
+    "eval_every",
+    "eval_limit",
+    "save_every",
+    "keep_last",
+    "seed",
+    "warmup_ratio",
+    "warmup_steps",
+    "weight_decay",
+    "clip",
+    "schedule",
+    "resume",
+    "progress",
+    "log_every",
+];
+
+/// The fields of [`DistillLoss`], as a `loss` map may give them.
+const LOSS_KEYS: [&str; 9] = [
+    "kl",
+    "temperature",
+    "reverse_kl",
+    "jsd",
+    "ce_teacher",
+    "ce_labels",
+    "hidden",
+    "hidden_kind",
+    "positions",
+];
+
+/// A string option read as one of the library's serde enums (`"mixers"`, `"l2_norm"`, ...);
+/// a wrong name gets serde's list of the right ones.
+fn enum_opt<T: DeserializeOwned>(o: &Opts, key: &str, what: &str) -> RhaiResult<Option<T>> {
+    match o.string(key)? {
+        None => Ok(None),
+        Some(s) => serde_json::from_value(serde_json::Value::String(s.clone()))
+            .map(Some)
+            .map_err(|e| runtime_error(format!("{what}: option `{key}`: {e}"))),
+    }
+}
+
+/// `schedule: "constant"` or `schedule: #{ kind: "cosine", min_lr_ratio: 0.1 }` (the fields of
+/// [`LrSchedule`]).
+fn schedule_opt(o: &Opts, what: &str) -> RhaiResult<Option<LrSchedule>> {
+    let Some(v) = o.value("schedule") else {
+        return Ok(None);
+    };
+    let map = if v.is_string() {
+        let mut m = Map::new();
+        m.insert("kind".into(), v);
+        Dynamic::from_map(m)
+    } else {
+        v
+    };
+    let json: serde_json::Value = rhai::serde::from_dynamic(&map)
+        .map_err(|e| runtime_error(format!("{what}: option `schedule`: {e}")))?;
+    serde_json::from_value(json)
+        .map(Some)
+        .map_err(|e| runtime_error(format!("{what}: option `schedule`: {e}")))
+}
+
+/// `base` with the options of [`TRAIN_KEYS`] that were given.
+fn train_config(o: &Opts, what: &str, mut t: TrainConfig) -> RhaiResult<TrainConfig> {
+    if let Some(v) = o.count("steps")? {
+        t.steps = v;
+    }
+    if let Some(v) = o.float("lr")? {
+        t.lr = v;
+    }
+    if let Some(v) = o.count("accum")? {
+        t.accum = v;
+    }
+    if let Some(v) = o.count("eval_every")? {
+        t.eval_every = v;
+    }
+    if let Some(v) = o.count("save_every")? {
+        t.save_every = v;
+    }
+    if let Some(v) = o.count("keep_last")? {
+        t.keep_last = v;
+    }
+    if let Some(v) = o.count("seed")? {
+        t.seed = v as u64;
+    }
+    if let Some(v) = o.float("warmup_ratio")? {
+        t.warmup_ratio = v;
+    }
+    if let Some(v) = o.count("warmup_steps")? {
+        t.warmup_steps = v;
+    }
+    if let Some(v) = o.float("weight_decay")? {
+        t.weight_decay = v;
+    }
+    // `clip: false` switches clipping off; a number is the maximum gradient norm.
+    if let Some(v) = o.value("clip") {
+        t.clip = match v.as_bool() {
+            Ok(false) => None,
+            _ => Some(o.float("clip")?.unwrap_or_default()),
+        };
+    }
+    if let Some(v) = schedule_opt(o, what)? {
+        t.schedule = v;
+    }
+    if let Some(v) = o.bool("resume")? {
+        t.resume = v;
+    }
+    if let Some(v) = enum_opt(o, "progress", what)? {
+        t.progress = v;
+    }
+    if let Some(v) = o.count("log_every")? {
+        t.log_every = v;
+    }
+    Ok(t)
+}
+
+/// The `Data` of option `key`, if given.
+fn data_opt(o: &Opts, key: &str, what: &str) -> RhaiResult<Option<Data>> {
+    match o.value(key) {
+        None => Ok(None),
+        Some(v) => match v.read_lock::<Data>() {
+            Some(d) => Ok(Some(d.clone())),
+            None => Err(runtime_error(format!(
+                "{what}: option `{key}` must be a Data (from `dataset(...)`), not {}",
+                v.type_name()
+            ))),
+        },
+    }
+}
+
+/// A run directory no earlier call of this process used: `runs/{mode}-{unix seconds}-{pid}-{n}`
+/// (a directory with a checkpoint would otherwise be resumed).
+fn fresh_run_dir(mode: &str) -> PathBuf {
+    static COUNT: AtomicUsize = AtomicUsize::new(0);
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let n = COUNT.fetch_add(1, Ordering::SeqCst);
+    PathBuf::from("runs").join(format!("{mode}-{secs}-{}-{n}", std::process::id()))
+}
+
+/// The `Run` of a finished training call; a cancelled run clears the cancel flag (see the
+/// module doc).
+fn finish(
+    ctx: &NativeCallContext,
+    vlm: crate::model::vlm::Vlm,
+    source: String,
+    summary: TrainSummary,
+    run_dir: &Path,
+) -> RhaiResult<Run> {
+    if summary.stop == StopReason::Cancelled {
+        session_of(ctx)?.cancel.store(false, Ordering::SeqCst);
+    }
+    let metrics = RunDir::open(run_dir)
+        .and_then(|r| r.read_metrics())
+        .or_rhai()?
+        .iter()
+        .map(rhai::serde::to_dynamic)
+        .collect::<RhaiResult<Array>>()?;
+    Ok(Run {
+        model: Model::new(vlm, source),
+        run_dir: run_dir.to_path_buf(),
+        summary,
+        metrics,
+    })
+}
+
+fn to_map<T: serde::Serialize>(value: &T) -> RhaiResult<Dynamic> {
+    rhai::serde::to_dynamic(value)
+}
+
+#[rhai::export_module]
+pub mod api {
+    use super::*;
+
+    /// Distil `teacher` into the hybrid `student` on `data` with MaTVLM's recipe (KL at T = 1 +
+    /// layer-wise L2, mixers and connector trainable, AdamW (0.9, 0.95), wd 0.01, clip 0.1, WSD
+    /// schedule, batch 64); every part can be changed:
+    /// `#{ steps: 1000, lr, batch: 64, accum: 1, loss: #{ kl, temperature, reverse_kl, jsd,
+    /// ce_teacher, ce_labels, hidden, hidden_kind: "l2_norm" | "mse", positions: "all" |
+    /// "answers" }, trainable: "mixers" | "mixers_connector" | "all_but_vision", run_dir, val:
+    /// data, eval_every, eval_limit, save_every, keep_last, seed, warmup_ratio, warmup_steps,
+    /// weight_decay, clip (a number, or false), schedule: "constant" | #{ kind: "wsd", ... },
+    /// resume: true, progress: "auto" | "bar" | "lines" | "silent", log_every }`.
+    /// A `run_dir` holding a checkpoint is resumed; without `run_dir` a fresh one under `runs/`
+    /// is used. Returns a Run (`run.model` is the distilled student). Ctrl-C stops it at the
+    /// next step with a checkpoint and returns the Run (`run.stopped` is true).
+    #[rhai_fn(return_raw)]
+    pub fn distill(
+        ctx: NativeCallContext,
+        teacher: Model,
+        student: Model,
+        data: Data,
+        options: Map,
+    ) -> RhaiResult<Run> {
+        let s = session_of(&ctx)?;
+        let what = "distill";
+        let known: Vec<&str> = TRAIN_KEYS
+            .iter()
+            .copied()
+            .chain(["loss", "trainable"])
+            .collect();
+        let o = Opts::new(what, options, &known)?;
+        let steps = o
+            .count("steps")?
+            .unwrap_or(DistillConfig::default().train.steps);
+        let mut cfg = DistillConfig::upstream(steps);
+        cfg.train = train_config(&o, what, cfg.train)?;
+        if let Some(b) = o.count("batch")? {
+            cfg.batch_size = b;
+        }
+        cfg.eval_limit = o.count("eval_limit")?;
+        if let Some(t) = enum_opt(&o, "trainable", what)? {
+            cfg.trainable = t;
+        }
+        if let Some(v) = o.value("loss") {
+            let map = v.try_cast::<Map>().ok_or_else(|| {
+                runtime_error(format!(
+                    "{what}: option `loss` must be a map of loss weights"
+                ))
+            })?;
+            cfg.loss = loss_config(map)?;
+        }
+        let val = data_opt(&o, "val", what)?;
+        let run_dir = o
+            .path("run_dir")?
+            .unwrap_or_else(|| fresh_run_dir("distill"));
+        let (vlm, summary) = crate::train::distill::distill(
+            &teacher.vlm,
+            &student.vlm,
+            data.dataset.clone(),
+            val.map(|d| d.dataset.clone()),
+            &cfg,
+            &run_dir,
+            Some(&s.cancel),
+        )
+        .or_rhai()?;
+        let source = format!("distill({} -> {})", teacher.source, student.source);
+        finish(&ctx, vlm, source, summary, &run_dir)
+    }
+
+    /// `distill(teacher, student, data)` with every option at its default.
+    #[rhai_fn(name = "distill", return_raw)]
+    pub fn distill_default(
+        ctx: NativeCallContext,
+        teacher: Model,
+        student: Model,
+        data: Data,
+    ) -> RhaiResult<Run> {
+        distill(ctx, teacher, student, data, Map::new())
+    }
+
+    /// Train every parameter of `model` on the answers of `data` (cross-entropy), with the tiny
+    /// teacher's recipe (AdamW lr 1e-3, betas (0.9, 0.98), wd 0.05, clip 1.0, cosine to a tenth,
+    /// batch 64). Options as `distill` without `loss` and `trainable`: `#{ steps, lr, batch,
+    /// accum, run_dir, val, eval_every, eval_limit, save_every, keep_last, seed, warmup_ratio,
+    /// warmup_steps, weight_decay, clip, schedule, resume, progress, log_every }`. Returns a Run;
+    /// Ctrl-C as for `distill`.
+    #[rhai_fn(name = "train", return_raw)]
+    pub fn train(
+        ctx: NativeCallContext,
+        model: Model,
+        data: Data,
+        options: Map,
+    ) -> RhaiResult<Run> {
+        let s = session_of(&ctx)?;
+        let what = "train";
+        let o = Opts::new(what, options, &TRAIN_KEYS)?;
+        let steps = o
+            .count("steps")?
+            .unwrap_or(SupervisedConfig::default().train.steps);
+        let mut cfg = SupervisedConfig::tiny_teacher(steps);
+        cfg.train = train_config(&o, what, cfg.train)?;
+        if let Some(b) = o.count("batch")? {
+            cfg.batch_size = b;
+        }
+        cfg.eval_limit = o.count("eval_limit")?;
+        let val = data_opt(&o, "val", what)?;
+        let run_dir = o.path("run_dir")?.unwrap_or_else(|| fresh_run_dir("train"));
+        let (vlm, summary) = crate::train::supervised::train(
+            &model.vlm,
+            data.dataset.clone(),
+            val.map(|d| d.dataset.clone()),
+            &cfg,
+            &run_dir,
+            Some(&s.cancel),
+        )
+        .or_rhai()?;
+        let source = format!("train({})", model.source);
+        finish(&ctx, vlm, source, summary, &run_dir)
+    }
+
+    /// `train(model, data)` with every option at its default.
+    #[rhai_fn(name = "train", return_raw)]
+    pub fn train_default(ctx: NativeCallContext, model: Model, data: Data) -> RhaiResult<Run> {
+        train(ctx, model, data, Map::new())
+    }
+
+    /// Exact-match accuracy of `model` on `data`, teacher forced (equal to greedy exact match,
+    /// one forward per batch): a map `#{ accuracy, n, correct, per_type: #{ type: #{ accuracy,
+    /// n, correct } }, mode, image, source }`.
+    #[rhai_fn(name = "evaluate", return_raw)]
+    pub fn evaluate(model: Model, data: Data) -> RhaiResult<Dynamic> {
+        evaluate_with(model, data, Map::new())
+    }
+
+    /// `evaluate(model, data, #{ mode: "teacher_forced" | "generate", limit, blank: false,
+    /// batch: 64, max_new_tokens: 64 })`: `generate` scores greedy answers as text (and lists up
+    /// to 12 `mistakes`); `blank: true` shows all-black images instead of the real ones (what
+    /// the question alone gives away); `limit` takes the first samples only.
+    #[rhai_fn(name = "evaluate", return_raw)]
+    pub fn evaluate_with(model: Model, data: Data, options: Map) -> RhaiResult<Dynamic> {
+        let what = "evaluate";
+        let o = Opts::new(
+            what,
+            options,
+            &["mode", "limit", "blank", "batch", "max_new_tokens"],
+        )?;
+        let d = EvalOptions::default();
+        let opts = EvalOptions {
+            mode: enum_opt::<EvalMode>(&o, "mode", what)?.unwrap_or(d.mode),
+            image: match o.bool("blank")? {
+                Some(true) => ImageInput::Blank,
+                _ => ImageInput::Real,
+            },
+            batch_size: o.count("batch")?.unwrap_or(d.batch_size),
+            limit: o.count("limit")?,
+            max_new_tokens: o.count("max_new_tokens")?.unwrap_or(d.max_new_tokens),
+        };
+        let report = crate::eval::evaluate(&model.vlm, &data.dataset, &opts).or_rhai()?;
+        to_map(&report)
+    }
+
+    /// How closely `student` follows `teacher` on `data`, both teacher forced: a map
+    /// `#{ agreement (top-1 next token), kl (mean KL(teacher || student) per position, nats),
+    /// n_positions, samples, positions, source }` over the answer positions.
+    #[rhai_fn(name = "agreement", return_raw)]
+    pub fn agreement(teacher: Model, student: Model, data: Data) -> RhaiResult<Dynamic> {
+        agreement_with(teacher, student, data, Map::new())
+    }
+
+    /// `agreement(teacher, student, data, #{ positions: "answers" | "all", limit, batch: 64 })`.
+    #[rhai_fn(name = "agreement", return_raw)]
+    pub fn agreement_with(
+        teacher: Model,
+        student: Model,
+        data: Data,
+        options: Map,
+    ) -> RhaiResult<Dynamic> {
+        let what = "agreement";
+        let o = Opts::new(what, options, &["positions", "limit", "batch"])?;
+        let d = AgreementOptions::default();
+        let opts = AgreementOptions {
+            positions: enum_opt(&o, "positions", what)?.unwrap_or(d.positions),
+            batch_size: o.count("batch")?.unwrap_or(d.batch_size),
+            limit: o.count("limit")?,
+        };
+        let report =
+            crate::eval::agreement(&teacher.vlm, &student.vlm, &data.dataset, &opts).or_rhai()?;
+        to_map(&report)
+    }
+
+    /// Greedy decode speed by the wall clock, best of 3:
+    /// `#{ tokens_per_s, prefill_s, decode_s, prompt_tokens, new_tokens, repeats }`.
+    #[rhai_fn(name = "tokens_per_second", return_raw)]
+    pub fn tokens_per_second(model: Model) -> RhaiResult<Dynamic> {
+        tokens_per_second_with(model, Map::new())
+    }
+
+    /// `tokens_per_second(model, #{ prompt, image, raw: false, new_tokens: 64, repeats: 3 })`:
+    /// generate `new_tokens` tokens (EOS does not stop it) after the prompt (templated as in
+    /// `logits`); `tokens_per_s` leaves the prefill out (`prefill_s` times it).
+    #[rhai_fn(name = "tokens_per_second", return_raw)]
+    pub fn tokens_per_second_with(model: Model, options: Map) -> RhaiResult<Dynamic> {
+        let o = Opts::new(
+            "tokens_per_second",
+            options,
+            &["prompt", "image", "raw", "new_tokens", "repeats"],
+        )?;
+        let d = SpeedOptions::default();
+        let image = o.path("image")?;
+        let raw = o.bool("raw")?.unwrap_or(false);
+        let opts = SpeedOptions {
+            prompt: match o.string("prompt")? {
+                Some(p) => templated_prompt(&p, image.is_some(), raw),
+                None if image.is_some() => templated_prompt("What is in the picture?", true, false),
+                None => d.prompt,
+            },
+            image,
+            new_tokens: o.count("new_tokens")?.unwrap_or(d.new_tokens),
+            repeats: o.count("repeats")?.unwrap_or(d.repeats),
+        };
+        let report = crate::eval::decode_speed(&model.vlm, &opts).or_rhai()?;
+        to_map(&report)
+    }
+
+    /// Every record of the run's metrics.jsonl (train steps with each loss term, evaluations),
+    /// as maps with `kind` "train" or "eval" and `step`.
+    #[rhai_fn(get = "metrics", pure)]
+    pub fn metrics(r: &mut Run) -> Array {
+        r.metrics.clone()
+    }
+
+    /// The trained model (for `distill`, the student).
+    #[rhai_fn(get = "model", pure)]
+    pub fn model(r: &mut Run) -> Model {
+        r.model.clone()
+    }
+
+    /// The folder of the newest checkpoint, or () when none was written.
+    #[rhai_fn(get = "checkpoint", pure)]
+    pub fn checkpoint(r: &mut Run) -> Dynamic {
+        r.summary
+            .last_checkpoint
+            .as_ref()
+            .map_or(Dynamic::UNIT, |p| Dynamic::from(p.display().to_string()))
+    }
+
+    /// The run directory (config.json, metrics.jsonl, checkpoints/).
+    #[rhai_fn(get = "run_dir", pure)]
+    pub fn run_dir(r: &mut Run) -> String {
+        r.run_dir.display().to_string()
+    }
+
+    /// Optimiser steps done (resumed ones included).
+    #[rhai_fn(get = "steps", pure)]
+    pub fn steps(r: &mut Run) -> INT {
+        r.summary.step as INT
+    }
+
+    /// The step this call started from (0, or the step of the checkpoint it resumed).
+    #[rhai_fn(get = "start_step", pure)]
+    pub fn start_step(r: &mut Run) -> INT {
+        r.summary.start_step as INT
+    }
+
+    /// True when Ctrl-C stopped the run early.
+    #[rhai_fn(get = "stopped", pure)]
+    pub fn stopped(r: &mut Run) -> bool {
+        r.summary.stop == StopReason::Cancelled
+    }
+
+    /// True when every step of the run is done.
+    #[rhai_fn(get = "completed", pure)]
+    pub fn completed(r: &mut Run) -> bool {
+        r.summary.stop == StopReason::Completed
+    }
+
+    /// Why it returned: "completed", "cancelled" or "data_exhausted".
+    #[rhai_fn(get = "stop", pure)]
+    pub fn stop(r: &mut Run) -> String {
+        stop_name(r.summary.stop).to_string()
+    }
+
+    /// The loss of the last step this call took, or ().
+    #[rhai_fn(get = "last_loss", pure)]
+    pub fn last_loss(r: &mut Run) -> Dynamic {
+        r.summary
+            .last_loss
+            .map_or(Dynamic::UNIT, Dynamic::from_float)
+    }
+
+    /// Seconds this call spent training.
+    #[rhai_fn(get = "elapsed_s", pure)]
+    pub fn elapsed_s(r: &mut Run) -> rhai::FLOAT {
+        r.summary.elapsed_s
+    }
+
+    /// Outcome, steps, run directory and last loss.
+    #[rhai_fn(global, name = "to_string", pure)]
+    pub fn to_string(r: &mut Run) -> String {
+        r.to_string()
+    }
+    #[rhai_fn(global, name = "to_debug", pure)]
+    pub fn to_debug(r: &mut Run) -> String {
+        r.to_string()
+    }
+}
+
+/// A `loss` map as a [`DistillLoss`]: the given fields replace the upstream defaults; unknown
+/// keys are an error.
+fn loss_config(map: Map) -> RhaiResult<DistillLoss> {
+    let what = "distill: loss";
+    let o = Opts::new(what, map, &LOSS_KEYS)?;
+    let mut loss = DistillLoss::default();
+    let weights: [(&str, &mut f64); 7] = [
+        ("kl", &mut loss.kl),
+        ("temperature", &mut loss.temperature),
+        ("reverse_kl", &mut loss.reverse_kl),
+        ("jsd", &mut loss.jsd),
+        ("ce_teacher", &mut loss.ce_teacher),
+        ("ce_labels", &mut loss.ce_labels),
+        ("hidden", &mut loss.hidden),
+    ];
+    for (key, field) in weights {
+        if let Some(v) = o.float(key)? {
+            *field = v;
+        }
+    }
+    if let Some(v) = enum_opt(&o, "hidden_kind", what)? {
+        loss.hidden_kind = v;
+    }
+    if let Some(v) = enum_opt(&o, "positions", what)? {
+        loss.positions = v;
+    }
+    Ok(loss)
+}
