@@ -4,6 +4,7 @@
 //! attention layers for Mamba-2 mixers initialised from the attention weights, distil, evaluate,
 //! generate and look inside.
 
+pub mod benchmarks;
 pub mod checkpoint;
 pub mod config;
 pub mod data;
