@@ -20,5 +20,6 @@ pub mod script;
 pub mod teacher;
 pub mod tokenize;
 pub mod train;
+pub mod viz;
 
 pub use error::{Error, Result};
