@@ -230,7 +230,7 @@ impl Default for MapStyle {
         Self {
             gamma: 0.5,
             max_cells: 160,
-            max_head_cells: 64,
+            max_head_cells: 48,
         }
     }
 }
@@ -413,12 +413,13 @@ impl AttentionFigure {
     }
     fn grid(&self) -> (usize, usize) {
         let h = self.heads();
-        let cols = if h <= 4 {
-            h.max(1)
+        // Near-square grids up to 16 heads, then twice as wide as tall (32 heads: 8 x 4).
+        let cols = if h <= 16 {
+            (h as f64).sqrt().ceil() as usize
         } else {
-            (h as f64).sqrt().ceil() as usize * if h > 16 { 2 } else { 1 }
+            ((2 * h) as f64).sqrt().ceil() as usize
         }
-        .min(h.max(1));
+        .clamp(1, h.max(1));
         (cols, h.div_ceil(cols))
     }
     fn tile(&self) -> u32 {
@@ -427,6 +428,8 @@ impl AttentionFigure {
         (440 / rows as u32).clamp(95, 220).min(1000 / cols as u32)
     }
     const AVG: u32 = 470;
+    /// Room for a head tile's caption above its square map.
+    const CAP: u32 = 20;
     const TITLE: u32 = 56;
     const LABEL: u32 = 34;
     const BAR: u32 = 110;
@@ -436,7 +439,7 @@ impl Figure for AttentionFigure {
     fn size(&self) -> (u32, u32) {
         let (cols, rows) = self.grid();
         let tile = self.tile();
-        let row_h = Self::AVG.max(rows as u32 * tile);
+        let row_h = Self::AVG.max(rows as u32 * (tile + Self::CAP));
         let w = Self::AVG + cols as u32 * tile + Self::BAR + 30;
         let h = Self::TITLE + self.rows.len() as u32 * (Self::LABEL + row_h) + 40;
         (w, h)
@@ -446,19 +449,22 @@ impl Figure for AttentionFigure {
         let (w, h) = self.size();
         let (cols, grid_rows) = self.grid();
         let tile = self.tile();
-        let row_h = Self::AVG.max(grid_rows as u32 * tile);
+        let row_h = Self::AVG.max(grid_rows as u32 * (tile + Self::CAP));
         root.draw(&Text::new(self.title.clone(), (16, 14), font(22)))
             .map_err(de)?;
         let spans = self
             .spans
             .iter()
-            .map(|s| format!("{}..{}", s.start, s.end))
+            .map(|s| format!("{} to {}", s.start, s.end - 1))
             .collect::<Vec<_>>()
             .join(", ");
         let legend = if spans.is_empty() {
             "no image tokens".to_string()
         } else {
-            format!("red box and lines: image tokens {spans}; text tokens elsewhere")
+            format!(
+                "red box and lines: image tokens at positions {spans}; text tokens elsewhere \
+                 (token 0 is the first token of the prompt)"
+            )
         };
         root.draw(&Text::new(legend, (16, 38), font(14).color(&IMAGE_MARK)))
             .map_err(de)?;
@@ -483,9 +489,9 @@ impl Figure for AttentionFigure {
                 let area = root.clone().shrink(
                     (
                         (Self::AVG + 10 + gx * tile) as i32,
-                        body_top + (gy * tile) as i32,
+                        body_top + (gy * (tile + Self::CAP)) as i32,
                     ),
-                    (tile, tile),
+                    (tile, tile + Self::CAP),
                 );
                 draw_map(
                     &area,
@@ -758,6 +764,8 @@ impl LineFigure {
             .axis_desc_style(font(17))
             .light_line_style(RGBColor(235, 235, 235))
             .bold_line_style(RGBColor(205, 205, 205))
+            .x_label_formatter(&|v| tick(*v))
+            .y_label_formatter(&|v| tick(*v))
             .draw()
             .map_err(de)?;
         let (y_lo, y_hi) = {
@@ -781,7 +789,7 @@ impl LineFigure {
             let drawn = chart
                 .draw_series(LineSeries::new(
                     s.points.iter().copied(),
-                    color.stroke_width(2),
+                    color.stroke_width(if n > 12 { 1 } else { 2 }),
                 ))
                 .map_err(de)?;
             if self.legend {
@@ -841,7 +849,15 @@ impl Figure for LineFigure {
         let (y0, y1) = min_max(&ys);
         if self.log_y {
             let (lo, hi) = (y0 / 1.25, if y1 > y0 { y1 * 1.25 } else { y0 * 2.0 });
-            self.draw_on(root, x0..x1, (lo..hi).log_scale())
+            let (bold, light) = log_ticks(lo, hi);
+            self.draw_on(
+                root,
+                x0..x1,
+                (lo..hi)
+                    .log_scale()
+                    .with_key_points(bold)
+                    .with_light_points(light),
+            )
         } else {
             let pad = if y1 > y0 { (y1 - y0) * 0.06 } else { 1.0 };
             let lo = if y0 >= 0.0 && y0 - pad < 0.0 {
@@ -852,6 +868,51 @@ impl Figure for LineFigure {
             self.draw_on(root, x0..x1, lo..y1 + pad)
         }
     }
+}
+
+/// An axis label: integers as integers, others with up to 3 significant decimals, very large or
+/// small numbers in scientific notation.
+fn tick(v: f64) -> String {
+    if v == 0.0 {
+        return "0".into();
+    }
+    let a = v.abs();
+    if !(1e-3..1e6).contains(&a) {
+        return format!("{v:.1e}");
+    }
+    if (v - v.round()).abs() < 1e-9 * a.max(1.0) {
+        return format!("{v:.0}");
+    }
+    let decimals = (2 - a.log10().floor() as i32).clamp(0, 6) as usize;
+    let s = format!("{v:.decimals$}");
+    s.trim_end_matches('0').trim_end_matches('.').to_string()
+}
+
+/// Labelled ticks at 1, 2, 5 x 10^k and faint grid lines at every integer multiple of 10^k
+/// between `lo` and `hi` (> 0).
+fn log_ticks(lo: f64, hi: f64) -> (Vec<f64>, Vec<f64>) {
+    let (mut bold, mut light) = (Vec::new(), Vec::new());
+    let decades = (hi / lo).log10();
+    let steps: &[f64] = if decades > 4.0 {
+        &[1.0]
+    } else {
+        &[1.0, 2.0, 5.0]
+    };
+    let mut e = lo.log10().floor() as i32;
+    while 10f64.powi(e) <= hi {
+        let base = 10f64.powi(e);
+        for m in 1..10 {
+            let v = m as f64 * base;
+            if v >= lo && v <= hi {
+                light.push(v);
+                if steps.contains(&(m as f64)) {
+                    bold.push(v);
+                }
+            }
+        }
+        e += 1;
+    }
+    (bold, light)
 }
 
 fn min_max(v: &[f64]) -> (f64, f64) {
@@ -1044,7 +1105,8 @@ impl Figure for BarFigure {
             .margin(16)
             .x_label_area_size(50)
             .y_label_area_size(80)
-            .build_cartesian_2d((0..n as i32).into_segmented(), y)
+            // Integer ranges include their end: 0..n-1 makes n segments.
+            .build_cartesian_2d((0..n as i32 - 1).into_segmented(), y)
             .map_err(de)?;
         chart
             .configure_mesh()
@@ -1053,6 +1115,7 @@ impl Figure for BarFigure {
             .label_style(font(15))
             .axis_desc_style(font(17))
             .x_labels(n)
+            .y_label_formatter(&|v| tick(*v))
             .x_label_formatter(&|v| match v {
                 SegmentValue::CenterOf(i) => labels.get(*i as usize).cloned().unwrap_or_default(),
                 _ => String::new(),
