@@ -4,6 +4,7 @@
 //! attention layers for Mamba-2 mixers initialised from the attention weights, distil, evaluate,
 //! generate and look inside.
 
+pub mod benchmarks;
 pub mod checkpoint;
 pub mod config;
 pub mod data;
@@ -19,5 +20,6 @@ pub mod script;
 pub mod teacher;
 pub mod tokenize;
 pub mod train;
+pub mod viz;
 
 pub use error::{Error, Result};

@@ -7,19 +7,22 @@
 //! * [`ssd`]: the chunked SSD scan, the single-step recurrence, dt/A discretisation;
 //! * [`naive`]: the sequential recurrence, the reference the chunked scan is checked against;
 //! * [`norm`]: the gated, grouped RMSNorm;
-//! * [`mixer`]: [`Mamba2`] (parameters in the upstream checkpoint layout) and [`Mamba2State`].
+//! * [`mixer`]: [`Mamba2`] (parameters in the upstream checkpoint layout) and [`Mamba2State`];
+//! * [`implicit`]: the mixer's implicit attention matrix and its state norms over time.
 //!
 //! Everything on the path has a candle backward (distillation trains the mixer); states and
 //! scan arithmetic are f32 for half-precision models.
 
 pub mod config;
 pub mod conv;
+pub mod implicit;
 pub mod mixer;
 pub mod naive;
 pub mod norm;
 pub mod ssd;
 
 pub use config::Mamba2Config;
+pub use implicit::{implicit_attention, state_norms};
 pub use mixer::{Mamba2, Mamba2State, Projection, Scan};
 
 use candle_core::DType;
