@@ -816,3 +816,41 @@ fn recipe_scripts_reject_unknown_arguments() {
         assert!(err.contains("recipe.rhai:"), "{script}: {err}");
     }
 }
+
+#[test]
+fn train_script_runs_on_the_embedded_teacher_or_says_how_to_build_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let out_dir = dir.path().join("out");
+    let out = matrepl(
+        &script_path("train_0.25.rhai"),
+        &[
+            "--smoke".into(),
+            "--out".into(),
+            out_dir.display().to_string(),
+        ],
+        dir.path(),
+        "",
+    );
+    let teacher_dir = matvlm::teacher::default_teacher_path();
+    if teacher_dir.join("config.json").is_file() {
+        assert_success(&out);
+        let summary = read_json(&out_dir.join("summary.json"));
+        let teacher = Vlm::load(teacher_dir.to_str().unwrap(), DType::F32, &Device::Cpu).unwrap();
+        let n = teacher.layer_kinds().len();
+        assert_eq!(
+            ids(&summary["mamba_layers"]),
+            Placement::Upstream(0.25).layers(n).unwrap()
+        );
+        let acc = summary["teacher"]["accuracy"]["accuracy"].as_f64().unwrap();
+        assert!((0.0..=1.0).contains(&acc), "{acc}");
+    } else {
+        assert_eq!(out.status.code(), Some(1));
+        let err = text(&out.stderr);
+        assert!(err.contains(&teacher_dir.display().to_string()), "{err}");
+        assert!(
+            err.contains(matvlm::script::model::TINY_TEACHER_COMMAND),
+            "{err}"
+        );
+        assert!(err.contains("recipe.rhai:"), "{err}");
+    }
+}
