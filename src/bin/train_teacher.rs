@@ -106,6 +106,14 @@ struct Args {
     /// Evaluate on only the first N test samples (smoke runs).
     #[arg(long)]
     test_limit: Option<usize>,
+    /// Generate answers for only the first N test samples (generation is one sample at a time;
+    /// `--eval-only` later completes it on the whole split).
+    #[arg(long)]
+    generate_limit: Option<usize>,
+    /// Skip training: evaluate the checkpoint already in `--out` on the whole test split
+    /// (teacher forced and generated, real and blank images) and update its eval.json.
+    #[arg(long)]
+    eval_only: bool,
     /// Progress lines instead of a bar.
     #[arg(long)]
     lines: bool,
@@ -167,6 +175,9 @@ fn main() -> anyhow::Result<()> {
             .with_context(|| format!("loading {}", path.display()))?;
         Ok(Arc::new(ds))
     };
+    if args.eval_only {
+        return eval_only(&args, &*load("test")?, &device);
+    }
     let (train, val, test) = (load("train")?, load("val")?, load("test")?);
     eprintln!(
         "data: {} train, {} val, {} test samples; vocab {}",
@@ -273,16 +284,8 @@ fn main() -> anyhow::Result<()> {
         "test, {dtype:?} weights, teacher forced: {}",
         cast_tf.summary()
     );
-    let gen = |image| EvalOptions {
-        mode: EvalMode::Generate,
-        image,
-        limit: args.test_limit,
-        ..EvalOptions::default()
-    };
-    let real = evaluate(&shipped, &test, &gen(ImageInput::Real))?;
-    eprintln!("test, {dtype:?} weights, generated: {}", real.summary());
-    let blank = evaluate(&shipped, &test, &gen(ImageInput::Blank))?;
-    eprintln!("test, blank images, generated: {}", blank.summary());
+    let limit = args.generate_limit.or(args.test_limit);
+    let (real, blank) = generated(&shipped, &test, limit)?;
 
     write_eval(
         &args.out,
@@ -308,6 +311,53 @@ fn main() -> anyhow::Result<()> {
         args.out.display(),
         started.elapsed().as_secs_f64() / 60.0
     );
+    Ok(())
+}
+
+/// Greedy-generation exact match on `test` with the real images and with blank ones.
+fn generated(
+    vlm: &Vlm,
+    test: &Dataset,
+    limit: Option<usize>,
+) -> anyhow::Result<(EvalReport, EvalReport)> {
+    let gen = |image| EvalOptions {
+        mode: EvalMode::Generate,
+        image,
+        limit,
+        ..EvalOptions::default()
+    };
+    let real = evaluate(vlm, test, &gen(ImageInput::Real))?;
+    eprintln!("test, generated: {}", real.summary());
+    let blank = evaluate(vlm, test, &gen(ImageInput::Blank))?;
+    eprintln!("test, blank images, generated: {}", blank.summary());
+    Ok((real, blank))
+}
+
+/// `--eval-only`: evaluate the saved checkpoint on the whole test split and put the results in
+/// its eval.json (training facts already there are kept).
+fn eval_only(args: &Args, test: &Dataset, device: &Device) -> anyhow::Result<()> {
+    let dir = args.out.to_str().context("non-UTF-8 output path")?;
+    let vlm = Vlm::load(dir, DType::F32, device)?;
+    let tf = EvalOptions {
+        mode: EvalMode::TeacherForced,
+        ..EvalOptions::default()
+    };
+    let cast_tf = evaluate(&vlm, test, &tf)?;
+    eprintln!("test, saved weights, teacher forced: {}", cast_tf.summary());
+    let (real, blank) = generated(&vlm, test, None)?;
+    let path = args.out.join("eval.json");
+    let mut value: serde_json::Value = match std::fs::read_to_string(&path) {
+        Ok(text) => serde_json::from_str(&text)
+            .with_context(|| format!("{} is not JSON", path.display()))?,
+        Err(_) => json!({}),
+    };
+    value["test_generate"] = serde_json::to_value(&real)?;
+    value["test_blank_image_generate"] = serde_json::to_value(&blank)?;
+    value["test_teacher_forced_saved"] = serde_json::to_value(&cast_tf)?;
+    value["eval_command"] = json!(std::env::args().collect::<Vec<_>>().join(" "));
+    let text = serde_json::to_string_pretty(&value)?;
+    matvlm::checkpoint::write_atomic(&path, format!("{text}\n").as_bytes())?;
+    eprintln!("updated {}", path.display());
     Ok(())
 }
 

@@ -192,59 +192,72 @@ impl Vlm {
                 "the input has {n_markers} image placeholder(s) but {n_images} image(s) were given"
             )));
         }
+        // Every output position is one row of a single table [text embeddings; image vectors;
+        // a zero row for padding], gathered with one index_select: a handful of ops per batch
+        // instead of several per row, which is what bounds a training step on small models.
         let vocab = self.decoder.cfg.vocab_size as i64;
+        let n_text: usize = rows
+            .iter()
+            .map(|r| r.iter().filter(|&&t| t != IMAGE_TOKEN).count())
+            .sum();
+        let (n_img_tokens, image_rows) = match images {
+            Some(t) => {
+                let (n, k, h) = t.dims3()?;
+                (k, Some(t.reshape((n * k, h))?))
+            }
+            None => (0, None),
+        };
+        let image_base = n_text;
+        let pad_index = n_text + n_images * n_img_tokens;
+        let mut text_ids: Vec<u32> = Vec::with_capacity(n_text);
+        let mut positions: Vec<Vec<u32>> = Vec::with_capacity(rows.len());
         let mut next_image = 0usize;
-        let mut per_row = Vec::with_capacity(rows.len());
         for row in rows {
-            let mut pieces: Vec<Tensor> = Vec::new();
-            let mut text: Vec<u32> = Vec::new();
-            let flush = |text: &mut Vec<u32>, pieces: &mut Vec<Tensor>| -> Result<()> {
-                if !text.is_empty() {
-                    let ids = Tensor::new(text.as_slice(), &self.device)?.unsqueeze(0)?;
-                    pieces.push(self.decoder.embed(&ids)?.squeeze(0)?);
-                    text.clear();
-                }
-                Ok(())
-            };
+            let mut pos = Vec::with_capacity(row.len() + n_img_tokens);
             for &id in row {
                 if id == IMAGE_TOKEN {
-                    flush(&mut text, &mut pieces)?;
-                    let img = images.expect("counted above").get(next_image)?;
-                    pieces.push(img);
+                    let first = image_base + next_image * n_img_tokens;
+                    pos.extend((first..first + n_img_tokens).map(|i| i as u32));
                     next_image += 1;
                 } else if id < 0 || id >= vocab {
                     return Err(Error::Prompt(format!(
                         "token id {id} is outside the vocabulary (size {vocab})"
                     )));
                 } else {
-                    text.push(id as u32);
+                    pos.push(text_ids.len() as u32);
+                    text_ids.push(id as u32);
                 }
             }
-            flush(&mut text, &mut pieces)?;
-            if pieces.is_empty() {
+            if pos.is_empty() {
                 return Err(Error::Prompt("an input row is empty".into()));
             }
-            per_row.push(Tensor::cat(&pieces, 0)?);
+            positions.push(pos);
         }
-        let lens: Vec<usize> = per_row
-            .iter()
-            .map(|t| t.dim(0))
-            .collect::<candle_core::Result<_>>()?;
+        let lens: Vec<usize> = positions.iter().map(Vec::len).collect();
         let max = lens.iter().copied().max().unwrap_or(0);
         let hidden = self.decoder.cfg.hidden_size;
-        let padded: Vec<Tensor> = per_row
-            .into_iter()
-            .zip(&lens)
-            .map(|(t, &len)| {
-                if len == max {
-                    Ok(t)
-                } else {
-                    let pad = Tensor::zeros((max - len, hidden), t.dtype(), &self.device)?;
-                    Tensor::cat(&[&t, &pad], 0)
-                }
+        let mut table: Vec<Tensor> = Vec::with_capacity(3);
+        if !text_ids.is_empty() {
+            let ids = Tensor::new(text_ids.as_slice(), &self.device)?.unsqueeze(0)?;
+            table.push(self.decoder.embed(&ids)?.squeeze(0)?);
+        }
+        let dtype = table.first().map_or(self.dtype, Tensor::dtype);
+        if let Some(img) = image_rows {
+            table.push(img.to_dtype(dtype)?);
+        }
+        table.push(Tensor::zeros((1, hidden), dtype, &self.device)?);
+        let table = Tensor::cat(&table, 0)?;
+        let index: Vec<u32> = positions
+            .iter()
+            .flat_map(|pos| {
+                pos.iter()
+                    .copied()
+                    .chain(std::iter::repeat_n(pad_index as u32, max - pos.len()))
             })
-            .collect::<candle_core::Result<_>>()?;
-        Ok((Tensor::stack(&padded, 0)?, lens))
+            .collect();
+        let index = Tensor::new(index.as_slice(), &self.device)?;
+        let embeds = table.index_select(&index, 0)?.reshape((rows.len(), max, hidden))?;
+        Ok((embeds, lens))
     }
 
     /// Logits `[B, T, vocab]` for token rows and optional pixel values, from an empty cache.
