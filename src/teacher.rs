@@ -44,10 +44,18 @@ pub fn default_world_dir() -> PathBuf {
 }
 
 /// The world the tiny teacher is trained and evaluated on: the default synthetic world
-/// (48 x 48 px, 3 x 3 grid, 20 000 / 1 000 / 2 000 samples).
+/// (48 x 48 px, 3 x 3 grid) with 100 000 training samples (1 000 val, 2 000 test). With the
+/// default 20 000, the GPU recipe (3000 steps of 256 = 38 epochs) fitted the training answers
+/// almost perfectly (token accuracy 99.7%) while val exact match was at 84%.
 pub fn teacher_world_config() -> WorldConfig {
-    WorldConfig::default()
+    WorldConfig {
+        train: TEACHER_TRAIN_SAMPLES,
+        ..WorldConfig::default()
+    }
 }
+
+/// Training samples in the tiny teacher's world.
+pub const TEACHER_TRAIN_SAMPLES: usize = 100_000;
 
 /// The sizes that shape a TinyLLaVA-like VLM; everything else (activations, norms, rotary,
 /// connector type, feature layer) is fixed to TinyLLaVA-Phi-2-SigLIP's choices.
@@ -88,7 +96,10 @@ impl TeacherDims {
             vision_intermediate: 384,
             image_size: 48,
             patch_size: 16,
-            select_strategy: "patch".into(),
+            // TinyLLaVA's SigLIP setting (`patch`) drops the first of 729 patches, which costs
+            // nothing there; here it would hide the grid's top-left cell (1 of 9 patches), and
+            // on the GPU sweep `cls_patch` learned faster (val 55% vs 48% after 2000 steps).
+            select_strategy: "cls_patch".into(),
         }
     }
 

@@ -76,9 +76,9 @@ struct Args {
     #[arg(long, default_value_os_t = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("runs/teacher"))]
     run_dir: PathBuf,
     /// Optimiser steps (the whole budget; the learning-rate schedule spans them).
-    #[arg(long, default_value_t = 6000)]
+    #[arg(long, default_value_t = 3000)]
     steps: usize,
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = 256)]
     batch: usize,
     /// Peak learning rate (linear warmup, then cosine decay to a tenth of it).
     #[arg(long, default_value_t = 1e-3)]

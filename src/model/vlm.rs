@@ -256,7 +256,9 @@ impl Vlm {
             })
             .collect();
         let index = Tensor::new(index.as_slice(), &self.device)?;
-        let embeds = table.index_select(&index, 0)?.reshape((rows.len(), max, hidden))?;
+        let embeds = table
+            .index_select(&index, 0)?
+            .reshape((rows.len(), max, hidden))?;
         Ok((embeds, lens))
     }
 

@@ -38,7 +38,7 @@ impl fmt::Display for Data {
 
 /// Where `dataset("synthetic")` puts the default world (the one the tiny teacher learns).
 pub fn default_world_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("runs/world")
+    crate::teacher::default_world_dir()
 }
 
 /// The options `dataset("synthetic", ...)` reads itself; every other key is a [`WorldConfig`]
@@ -50,8 +50,12 @@ fn synthetic(options: Map) -> RhaiResult<Data> {
     let o = Opts::open("dataset", options);
     let world_fields = o.rest(&SYNTHETIC_KEYS);
     let custom = !world_fields.is_empty();
-    let cfg: WorldConfig = rhai::serde::from_dynamic(&Dynamic::from_map(world_fields))
-        .map_err(|e| runtime_error(format!("dataset(\"synthetic\"): {e}")))?;
+    let cfg: WorldConfig = if custom {
+        rhai::serde::from_dynamic(&Dynamic::from_map(world_fields))
+            .map_err(|e| runtime_error(format!("dataset(\"synthetic\"): {e}")))?
+    } else {
+        crate::teacher::teacher_world_config()
+    };
     let dir = match (o.path("dir")?, custom) {
         (Some(d), _) => d,
         (None, false) => default_world_dir(),
