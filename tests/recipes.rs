@@ -308,6 +308,99 @@ fn placement_sweep_runs_every_distinct_placement() {
 }
 
 #[test]
+fn init_compare_distils_both_inits_and_reports_their_kl_curves() {
+    let fx = Fixture::new();
+    let out_dir = fx.dir.path().join("init");
+    let mut args = fx.args();
+    args.extend([
+        "--smoke".into(),
+        "--steps".into(),
+        "3".into(),
+        "--out".into(),
+        out_dir.display().to_string(),
+    ]);
+    let out = matrepl(&script_path("init_compare.rhai"), &args, fx.dir.path(), "");
+    assert_success(&out);
+    let summary = read_json(&out_dir.join("summary.json"));
+    let runs = summary["runs"].as_array().unwrap();
+    let inits: Vec<&str> = runs.iter().map(|r| r["init"].as_str().unwrap()).collect();
+    assert_eq!(inits, ["attention", "random"]);
+    for (r, init) in runs.iter().zip(inits) {
+        // The curve in the summary is the run's own `kl` metric, step by step.
+        let metrics = std::fs::read_to_string(
+            out_dir.join("runs").join(init).join("metrics.jsonl"),
+        )
+        .unwrap();
+        let logged: Vec<f64> = metrics
+            .lines()
+            .map(|l| serde_json::from_str::<Value>(l).unwrap())
+            .filter(|m| m["kind"] == "train")
+            .map(|m| m["kl"].as_f64().unwrap())
+            .collect();
+        let curve: Vec<f64> = r["kl"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_f64().unwrap())
+            .collect();
+        assert_eq!(curve, logged, "{init}");
+        assert_eq!(curve.len(), 3);
+    }
+    // Same seed and data: the two runs differ only by the mixers' initial weights.
+    assert_ne!(runs[0]["kl"][0], runs[1]["kl"][0]);
+    let stdout = text(&out.stdout);
+    assert!(stdout.contains("Attention vs random initialisation"), "{stdout}");
+}
+
+#[test]
+fn loss_ablation_runs_each_loss_with_only_its_terms() {
+    let fx = Fixture::new();
+    let out_dir = fx.dir.path().join("ablation");
+    let mut args = fx.args();
+    args.extend([
+        "--smoke".into(),
+        "--losses".into(),
+        "kl,kl_l2,reverse_kl".into(),
+        "--out".into(),
+        out_dir.display().to_string(),
+    ]);
+    let out = matrepl(&script_path("loss_ablation.rhai"), &args, fx.dir.path(), "");
+    assert_success(&out);
+    let summary = read_json(&out_dir.join("summary.json"));
+    let names: Vec<&str> = summary["runs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["loss"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["kl", "kl_l2", "reverse_kl"]);
+    // The logged total is the weighted sum of the terms the loss switches on, and only those.
+    for (name, on) in [
+        ("kl", vec!["kl"]),
+        ("kl_l2", vec!["kl", "hidden"]),
+        ("reverse_kl", vec!["reverse_kl"]),
+    ] {
+        let metrics =
+            std::fs::read_to_string(out_dir.join("runs").join(name).join("metrics.jsonl"))
+                .unwrap();
+        for m in metrics
+            .lines()
+            .map(|l| serde_json::from_str::<Value>(l).unwrap())
+            .filter(|m| m["kind"] == "train")
+        {
+            let sum: f64 = on.iter().map(|k| m[*k].as_f64().unwrap()).sum();
+            let loss = m["loss"].as_f64().unwrap();
+            assert!(
+                (loss - sum).abs() <= 1e-3 * loss.abs().max(1.0),
+                "{name}: loss {loss} but its terms {on:?} sum to {sum}"
+            );
+        }
+    }
+    let stdout = text(&out.stdout);
+    assert!(stdout.contains("Loss ablation"), "{stdout}");
+}
+
+#[test]
 fn chat_answers_each_stdin_line_as_the_library_does() {
     let fx = Fixture::new();
     let test = fx.split("test");
