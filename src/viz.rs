@@ -12,8 +12,8 @@
 //! can call it with what they have; [`attention_vs_ssm`] gathers the data for the first one from
 //! a teacher and a hybrid with the decoder's capture mechanism.
 //!
-//! Text is drawn with a TrueType font found at run time: `$MATVLM_FONT` if set, else a common
-//! sans-serif font of the system (DejaVu Sans, Liberation Sans, Noto Sans, Arial, ...).
+//! Text is drawn with DejaVu Sans embedded in the crate (a subset), or with the TrueType font that
+//! `$MATVLM_FONT` names.
 
 use std::ops::Range;
 use std::path::{Path, PathBuf};
@@ -41,83 +41,32 @@ pub const FONT_ENV: &str = "MATVLM_FONT";
 
 const FONT: &str = "sans-serif";
 
-const FONT_CANDIDATES: &[&str] = &[
-    "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
-    "/usr/share/fonts/TTF/DejaVuSans.ttf",
-    "/usr/share/fonts/dejavu/DejaVuSans.ttf",
-    "/usr/share/fonts/dejavu-sans-fonts/DejaVuSans.ttf",
-    "/usr/share/fonts/truetype/liberation/LiberationSans-Regular.ttf",
-    "/usr/share/fonts/liberation-sans/LiberationSans-Regular.ttf",
-    "/usr/share/fonts/truetype/noto/NotoSans-Regular.ttf",
-    "/usr/share/fonts/noto/NotoSans-Regular.ttf",
-    "/System/Library/Fonts/Supplemental/Arial.ttf",
-    "/Library/Fonts/Arial.ttf",
-    "C:\\Windows\\Fonts\\arial.ttf",
-];
-
-/// A sans-serif `.ttf` somewhere under `dir` (a few levels deep), regular weight preferred.
-fn find_font_under(dir: &Path, depth: usize) -> Option<PathBuf> {
-    let entries = std::fs::read_dir(dir).ok()?;
-    let mut subdirs = Vec::new();
-    for e in entries.flatten() {
-        let p = e.path();
-        if p.is_dir() {
-            subdirs.push(p);
-            continue;
-        }
-        let name = p.file_name()?.to_string_lossy().to_lowercase();
-        let plain = ![
-            "mono",
-            "bold",
-            "italic",
-            "oblique",
-            "light",
-            "condensed",
-            "serif",
-        ]
-        .iter()
-        .any(|w| name.replace("sans-serif", "sans").contains(w));
-        if name.ends_with(".ttf") && name.contains("sans") && plain {
-            return Some(p);
-        }
-    }
-    subdirs.sort();
-    if depth == 0 {
-        return None;
-    }
-    subdirs.iter().find_map(|d| find_font_under(d, depth - 1))
-}
+/// The font every figure is drawn with unless [`FONT_ENV`] names another: DejaVu Sans cut down to
+/// Latin, Greek, arrows and maths symbols (49 KB; licence in assets/fonts/), so that figures look
+/// the same on every machine and need no system font.
+const EMBEDDED_FONT: &[u8] = include_bytes!("../assets/fonts/DejaVuSans-subset.ttf");
 
 /// Register the font once per process; every later call returns the first outcome.
 fn ensure_font() -> Result<()> {
     static FONT_READY: OnceLock<std::result::Result<(), String>> = OnceLock::new();
     FONT_READY
         .get_or_init(|| {
-            let path = match std::env::var_os(FONT_ENV) {
-                Some(p) => PathBuf::from(p),
-                None => FONT_CANDIDATES
-                    .iter()
-                    .map(PathBuf::from)
-                    .find(|p| p.is_file())
-                    .or_else(|| {
-                        ["/usr/share/fonts", "/usr/local/share/fonts"]
-                            .iter()
-                            .find_map(|d| find_font_under(Path::new(d), 4))
-                    })
-                    .ok_or_else(|| {
-                        format!(
-                            "no sans-serif TrueType font found (looked in {} and \
-                             /usr/share/fonts); set {FONT_ENV} to a .ttf file",
-                            FONT_CANDIDATES[0]
-                        )
-                    })?,
+            let (bytes, what): (&'static [u8], String) = match std::env::var_os(FONT_ENV) {
+                Some(p) => {
+                    let path = PathBuf::from(p);
+                    let bytes = std::fs::read(&path).map_err(|e| {
+                        format!("cannot read the font {} ({FONT_ENV}): {e}", path.display())
+                    })?;
+                    // plotters keeps fonts for the life of the process; one leak per process.
+                    (
+                        Box::leak(bytes.into_boxed_slice()),
+                        path.display().to_string(),
+                    )
+                }
+                None => (EMBEDDED_FONT, "the embedded DejaVu Sans".into()),
             };
-            let bytes = std::fs::read(&path)
-                .map_err(|e| format!("cannot read the font {}: {e}", path.display()))?;
-            // plotters keeps fonts for the life of the process; one leak per process.
-            let bytes: &'static [u8] = Box::leak(bytes.into_boxed_slice());
             plotters::style::register_font(FONT, FontStyle::Normal, bytes)
-                .map_err(|_| format!("{} is not a TrueType/OpenType font", path.display()))?;
+                .map_err(|_| format!("{what} is not a TrueType/OpenType font"))?;
             Ok(())
         })
         .clone()
