@@ -20,7 +20,7 @@ use candle_core::cuda_backend::{CudaDType, WrapErr};
 use candle_core::op::BackpropOp;
 use candle_core::{
     bail, CpuStorage, CudaDevice, CudaStorage, CustomOp1, CustomOp2, CustomOp3, DType, InplaceOp1,
-    Layout, Shape, Storage, StorageRef, Tensor,
+    Layout, Shape, Storage, StorageRef, Tensor, WithDType,
 };
 
 const CONV_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/conv.ptx"));
@@ -170,7 +170,7 @@ struct ConvFwd {
 }
 
 impl ConvFwd {
-    fn launch<T: CudaDType + DeviceRepr>(
+    fn launch<T: CudaDType + DeviceRepr + WithDType>(
         &self,
         s: &CudaStorage,
         l: &Layout,
@@ -281,7 +281,7 @@ struct ConvStep {
 }
 
 impl ConvStep {
-    fn launch<T: CudaDType + DeviceRepr>(
+    fn launch<T: CudaDType + DeviceRepr + WithDType>(
         &self,
         state: &mut CudaStorage,
         sl: &Layout,
@@ -312,7 +312,7 @@ impl ConvStep {
             "matvlm_mamba2_conv",
             CONV_PTX,
         )?;
-        let sv = state.as_cuda_slice_mut::<f32>()?.slice_mut(o1..o2);
+        let mut sv = state.as_cuda_slice_mut::<f32>()?.slice_mut(o1..o2);
         let cfg = LaunchConfig::for_num_elems(
             u32::try_from(b * c).map_err(|_| cpu_only_error("conv step size"))?,
         );
@@ -327,7 +327,7 @@ impl ConvStep {
         a.arg(&sxb);
         a.arg(&wv);
         bv.push(&mut a);
-        a.arg(&sv);
+        a.arg(&mut sv);
         a.arg(&y);
         a.arg(&bi);
         a.arg(&ci);
@@ -398,7 +398,7 @@ struct Scan {
 
 impl Scan {
     #[allow(clippy::too_many_arguments)]
-    fn launch<T: CudaDType + DeviceRepr>(
+    fn launch<T: CudaDType + DeviceRepr + WithDType>(
         &self,
         xs: &CudaStorage,
         xl: &Layout,
@@ -612,7 +612,7 @@ struct StateUpdate {
 }
 
 impl StateUpdate {
-    fn launch<T: CudaDType + DeviceRepr>(
+    fn launch<T: CudaDType + DeviceRepr + WithDType>(
         &self,
         state: &mut CudaStorage,
         sl: &Layout,
@@ -647,7 +647,7 @@ impl StateUpdate {
             "matvlm_mamba2_ssd",
             SSD_PTX,
         )?;
-        let sv = state.as_cuda_slice_mut::<f32>()?.slice_mut(o1..o2);
+        let mut sv = state.as_cuda_slice_mut::<f32>()?.slice_mut(o1..o2);
         let rows = batch * h * p;
         let cfg = LaunchConfig {
             grid_dim: (grid(rows * 32, 256)?, 1, 1),
@@ -662,7 +662,7 @@ impl StateUpdate {
             i32_of(n, "N")?,
         );
         let mut args = func.builder();
-        args.arg(&sv);
+        args.arg(&mut sv);
         args.arg(&xv);
         args.arg(&dtv);
         args.arg(&av);
@@ -740,7 +740,7 @@ struct GatedNorm {
 }
 
 impl GatedNorm {
-    fn launch<T: CudaDType + DeviceRepr>(
+    fn launch<T: CudaDType + DeviceRepr + WithDType>(
         &self,
         ys: &CudaStorage,
         yl: &Layout,
