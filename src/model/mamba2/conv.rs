@@ -11,7 +11,7 @@ use super::compute_dtype;
 use crate::{Error, Result};
 
 /// Check `weight` is `[C, 1, K]` (torch's depthwise layout) and return `(C, K)`.
-fn weight_dims(weight: &Tensor) -> Result<(usize, usize)> {
+pub(super) fn weight_dims(weight: &Tensor) -> Result<(usize, usize)> {
     match weight.dims() {
         &[c, 1, k] if k > 0 => Ok((c, k)),
         other => Err(Error::Invalid(format!(
@@ -21,7 +21,7 @@ fn weight_dims(weight: &Tensor) -> Result<(usize, usize)> {
 }
 
 /// Check a conv state is `[B, C, K]`.
-fn check_state(state: &Tensor, batch: usize, channels: usize, k: usize) -> Result<()> {
+pub(super) fn check_state(state: &Tensor, batch: usize, channels: usize, k: usize) -> Result<()> {
     if state.dims() != [batch, channels, k] {
         return Err(Error::Invalid(format!(
             "conv state has shape {:?}, expected [{batch}, {channels}, {k}]",

@@ -11,7 +11,7 @@ use candle_nn::VarBuilder;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use super::{compute_dtype, conv, naive, norm, ssd, Mamba2Config};
+use super::{compute_dtype, fused, naive, ssd, Mamba2Config};
 use crate::model::layers::Linear;
 use crate::{Error, Result};
 
@@ -326,8 +326,8 @@ impl Mamba2 {
         self.check_input(x, "project")?;
         let (z, xbc, dt_raw) = self.split_zxbcdt(&self.in_proj.forward(x)?)?;
         let (xbc, conv_state) =
-            conv::causal_depthwise(&xbc, &self.conv_weight, self.conv_bias.as_ref(), conv_state)?;
-        let (xs, b, c) = self.split_xbc(&xbc.silu()?)?;
+            fused::conv_silu(&xbc, &self.conv_weight, self.conv_bias.as_ref(), conv_state)?;
+        let (xs, b, c) = self.split_xbc(&xbc)?;
         let dt = ssd::discretize_dt(&dt_raw, &self.dt_bias, self.cfg.dt_limit)?;
         Ok(Projection {
             z,
@@ -368,13 +368,14 @@ impl Mamba2 {
         let p = self.project(x, Some(&state_in.conv))?;
         let a = self.a()?;
         let (y, ssm) = match scan {
-            Scan::Chunked => ssd::chunked(
+            Scan::Chunked => fused::chunked_scan(
                 &p.x,
                 &p.dt,
                 &a,
                 &p.b,
                 &p.c,
                 Some(&self.d),
+                None,
                 self.cfg.chunk_size,
                 Some(&state_in.ssm),
             )?,
@@ -389,7 +390,7 @@ impl Mamba2 {
             )?,
         };
         let y = y.reshape((batch, len, self.cfg.d_inner))?;
-        let y = norm::gated_rms_norm(
+        let y = fused::gated_rms_norm(
             &y,
             &p.z,
             &self.norm_weight,
@@ -406,32 +407,38 @@ impl Mamba2 {
         ))
     }
 
-    /// Decode one token per sequence: `x` is `[B, d_model]`; `state` advances in place.
+    /// Decode one token per sequence: `x` is `[B, d_model]`; `state` advances in place. With
+    /// the CUDA kernels the state's buffers are updated in place, so a clone of the state taken
+    /// before (which shares them) advances too: snapshot with a copy, not a clone.
     pub fn step(&self, x: &Tensor, state: &mut Mamba2State) -> Result<Tensor> {
         self.check_input(x, "step")?;
         let (z, xbc, dt_raw) = self.split_zxbcdt(&self.in_proj.forward(x)?)?;
-        let (xbc, conv_state) = conv::step(
+        let xbc = fused::conv_silu_step(
             &xbc,
             &self.conv_weight,
             self.conv_bias.as_ref(),
-            &state.conv,
+            &mut state.conv,
         )?;
-        let (xs, b, c) = self.split_xbc(&xbc.silu()?)?;
+        let (xs, b, c) = self.split_xbc(&xbc)?;
         let dt = ssd::discretize_dt(&dt_raw, &self.dt_bias, self.cfg.dt_limit)?;
-        let (y, ssm) = ssd::step(&xs, &dt, &self.a()?, &b, &c, Some(&self.d), &state.ssm)?;
+        let y = fused::scan_step(
+            &xs,
+            &dt,
+            &self.a()?,
+            &b,
+            &c,
+            Some(&self.d),
+            None,
+            &mut state.ssm,
+        )?;
         let y = y.reshape((x.dim(0)?, self.cfg.d_inner))?;
-        let y = norm::gated_rms_norm(
+        let y = fused::gated_rms_norm(
             &y,
             &z,
             &self.norm_weight,
             self.cfg.norm_group(),
             self.cfg.norm_eps,
         )?;
-        let out = self.out_proj.forward(&y)?;
-        *state = Mamba2State {
-            conv: conv_state,
-            ssm,
-        };
-        Ok(out)
+        Ok(self.out_proj.forward(&y)?)
     }
 }

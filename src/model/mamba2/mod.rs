@@ -8,14 +8,19 @@
 //! * [`naive`]: the sequential recurrence, the reference the chunked scan is checked against;
 //! * [`norm`]: the gated, grouped RMSNorm;
 //! * [`mixer`]: [`Mamba2`] (parameters in the upstream checkpoint layout) and [`Mamba2State`];
-//! * [`implicit`]: the mixer's implicit attention matrix and its state norms over time.
+//! * [`implicit`]: the mixer's implicit attention matrix and its state norms over time;
+//! * [`fused`]: the dispatch between the CUDA kernels (`kernels`, `cuda` feature; sources in
+//!   `kernels/*.cu`) and the generic code above.
 //!
 //! Everything on the path has a candle backward (distillation trains the mixer); states and
 //! scan arithmetic are f32 for half-precision models.
 
 pub mod config;
 pub mod conv;
+pub mod fused;
 pub mod implicit;
+#[cfg(feature = "cuda")]
+pub mod kernels;
 pub mod mixer;
 pub mod naive;
 pub mod norm;

@@ -19,9 +19,30 @@ pub fn gated_rms_norm(
     group_size: usize,
     eps: f64,
 ) -> Result<Tensor> {
+    check(y, z, weight, group_size)?;
     let dims = y.dims().to_vec();
     let channels = *dims.last().unwrap_or(&0);
-    if z.dims() != dims.as_slice() {
+    let cd = compute_dtype(y.dtype());
+    let gated = (y.to_dtype(cd)? * z.to_dtype(cd)?.silu()?)?;
+
+    let mut grouped = dims.clone();
+    grouped.pop();
+    grouped.extend([channels / group_size, group_size]);
+    let gated = gated.reshape(grouped)?;
+    let inv_rms = (gated.sqr()?.mean_keepdim(D::Minus1)? + eps)?
+        .sqrt()?
+        .recip()?;
+    let normed = gated.broadcast_mul(&inv_rms)?.reshape(dims)?;
+    Ok(normed
+        .broadcast_mul(&weight.to_dtype(cd)?)?
+        .to_dtype(y.dtype())?)
+}
+
+/// The shape checks of [`gated_rms_norm`] (shared with the CUDA kernel's dispatch).
+pub(super) fn check(y: &Tensor, z: &Tensor, weight: &Tensor, group_size: usize) -> Result<()> {
+    let dims = y.dims();
+    let channels = *dims.last().unwrap_or(&0);
+    if z.dims() != dims {
         return Err(Error::Invalid(format!(
             "gated_rms_norm: gate z has shape {:?}, input has {dims:?}",
             z.dims()
@@ -38,18 +59,5 @@ pub fn gated_rms_norm(
             "gated_rms_norm: group size {group_size} does not divide {channels} channels"
         )));
     }
-    let cd = compute_dtype(y.dtype());
-    let gated = (y.to_dtype(cd)? * z.to_dtype(cd)?.silu()?)?;
-
-    let mut grouped = dims.clone();
-    grouped.pop();
-    grouped.extend([channels / group_size, group_size]);
-    let gated = gated.reshape(grouped)?;
-    let inv_rms = (gated.sqr()?.mean_keepdim(D::Minus1)? + eps)?
-        .sqrt()?
-        .recip()?;
-    let normed = gated.broadcast_mul(&inv_rms)?.reshape(dims)?;
-    Ok(normed
-        .broadcast_mul(&weight.to_dtype(cd)?)?
-        .to_dtype(y.dtype())?)
+    Ok(())
 }

@@ -19,13 +19,13 @@ use crate::{Error, Result};
 
 /// Sizes of one scan, read from the inputs and cross-checked.
 #[derive(Debug, Clone, Copy)]
-struct ScanDims {
-    batch: usize,
-    len: usize,
-    heads: usize,
-    head_dim: usize,
-    groups: usize,
-    d_state: usize,
+pub(super) struct ScanDims {
+    pub(super) batch: usize,
+    pub(super) len: usize,
+    pub(super) heads: usize,
+    pub(super) head_dim: usize,
+    pub(super) groups: usize,
+    pub(super) d_state: usize,
 }
 
 fn invalid<T>(msg: String) -> Result<T> {
@@ -34,7 +34,7 @@ fn invalid<T>(msg: String) -> Result<T> {
 
 /// Check the shapes of a scan: `x [B, L, H, P]`, `dt [B, L, H]`, `a [H]`, `b`/`c [B, L, G, N]`,
 /// `d [H]`, `state [B, H, P, N]`.
-fn scan_dims(
+pub(super) fn scan_dims(
     x: &Tensor,
     dt: &Tensor,
     a: &Tensor,

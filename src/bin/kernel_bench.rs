@@ -1,0 +1,244 @@
+//! Timings of the Mamba-2 CUDA kernels on the GPU (`cuda` feature), one JSON line per figure,
+//! at the shapes of issue 7 and of the peer benchmark (../shared/peer, section a/b): 32 heads
+//! x 80, d_state 80, 32 groups, chunk 256, bf16 activations, f32 dt/A/D/state.
+//!
+//! * `scan_fwd`: the SSD scan (three kernels), batch 1 and 8, L = 1024..8192, with the z gate
+//!   (`with_z`, the peer's "z" variant) and without; `impl` = `kernel`, and `generic` (the
+//!   candle path on the same GPU) for reference. Unlike the peer's, dt arrives discretised
+//!   (softplus(dt + dt_bias) is one elementwise op before the scan in the mixer).
+//! * `scan_fwd_bwd`: forward + backward. The kernels have no backward yet: under autograd the
+//!   generic path runs (see `fused`), so this times that path.
+//! * `state_update`: one decode step in place, batch 1, 8, 64, f32 state.
+//!
+//! Times: device synchronised around each repetition (wall clock), median of `--reps` after
+//! `--warmup`; decode runs `--inner` steps per repetition. GB/s counts the bytes each op must
+//! move at least (inputs read once, outputs written once; the state read and written).
+//!
+//! Run: `kernel_bench [--quick] [--reps N] [--warmup N] [--inner N]`.
+
+use std::time::Instant;
+
+use candle_core::{DType, Device, Tensor, Var};
+use matvlm::model::mamba2::fused;
+
+struct Opts {
+    reps: usize,
+    warmup: usize,
+    inner: usize,
+    quick: bool,
+}
+
+fn opts() -> Opts {
+    let args: Vec<String> = std::env::args().collect();
+    let num = |flag: &str, default: usize| {
+        args.iter()
+            .position(|a| a == flag)
+            .and_then(|i| args.get(i + 1))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(default)
+    };
+    Opts {
+        reps: num("--reps", 10),
+        warmup: num("--warmup", 3),
+        inner: num("--inner", 50),
+        quick: args.iter().any(|a| a == "--quick"),
+    }
+}
+
+/// Median milliseconds of `reps` synchronised runs of `f` (after `warmup` runs).
+fn time_ms(
+    dev: &Device,
+    o: &Opts,
+    mut f: impl FnMut() -> matvlm::Result<()>,
+) -> matvlm::Result<(f64, f64)> {
+    for _ in 0..o.warmup {
+        f()?;
+    }
+    dev.synchronize()?;
+    let mut ms = Vec::with_capacity(o.reps);
+    for _ in 0..o.reps.max(1) {
+        let t = Instant::now();
+        f()?;
+        dev.synchronize()?;
+        ms.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    ms.sort_by(f64::total_cmp);
+    Ok((ms[ms.len() / 2], ms[0]))
+}
+
+fn bytes(ts: &[&Tensor]) -> usize {
+    ts.iter()
+        .map(|t| t.elem_count() * t.dtype().size_in_bytes())
+        .sum()
+}
+
+const H: usize = 32;
+const P: usize = 80;
+const N: usize = 80;
+const G: usize = 32;
+const Q: usize = 256;
+
+fn emit(rec: String) {
+    println!("{rec}");
+}
+
+fn prefill(dev: &Device, o: &Opts) -> matvlm::Result<()> {
+    let dt_ = DType::BF16;
+    let lens: &[usize] = if o.quick {
+        &[2048]
+    } else {
+        &[1024, 2048, 4096, 8192]
+    };
+    for &batch in &[1usize, 8] {
+        for &len in lens {
+            let x = Tensor::randn(0f32, 1.0, (batch, len, H, P), dev)?.to_dtype(dt_)?;
+            let dt =
+                ((Tensor::randn(0f32, 0.5, (batch, len, H), dev)? - 3.0)?.exp()? + 1.0)?.log()?;
+            let a = (Tensor::rand(0f32, 1.0, H, dev)? * 16f64.ln())?
+                .exp()?
+                .neg()?;
+            let b = Tensor::randn(0f32, 1.0, (batch, len, G, N), dev)?.to_dtype(dt_)?;
+            let c = Tensor::randn(0f32, 1.0, (batch, len, G, N), dev)?.to_dtype(dt_)?;
+            let d = Tensor::randn(0f32, 1.0, H, dev)?;
+            let z = Tensor::randn(0f32, 1.0, (batch, len, H, P), dev)?.to_dtype(dt_)?;
+            for with_z in [true, false] {
+                for imp in ["kernel", "generic"] {
+                    fused::set_kernels(Some(imp == "kernel"));
+                    let zz = with_z.then_some(&z);
+                    let mut out = None;
+                    let r = time_ms(dev, o, || {
+                        out = Some(fused::chunked_scan(
+                            &x,
+                            &dt,
+                            &a,
+                            &b,
+                            &c,
+                            Some(&d),
+                            zz,
+                            Q,
+                            None,
+                        )?);
+                        Ok(())
+                    });
+                    let base = format!(
+                        r#""section":"a","name":"scan_fwd","impl":"{imp}","batch":{batch},"seqlen":{len},"nheads":{H},"headdim":{P},"dstate":{N},"ngroups":{G},"chunk":{Q},"dtype":"bf16","with_z":{with_z}"#
+                    );
+                    match (r, out) {
+                        (Ok((med, min)), Some((y, s))) => {
+                            let io = bytes(&[&x, &dt, &a, &b, &c, &d, &y, &s])
+                                + if with_z { bytes(&[&z]) } else { 0 };
+                            emit(format!(
+                                r#"{{{base},"ms_median":{med:.4},"ms_min":{min:.4},"bytes_io":{io},"gbps_io":{:.1}}}"#,
+                                io as f64 / (med * 1e-3) / 1e9
+                            ));
+                        }
+                        (Err(e), _) => emit(format!(r#"{{{base},"error":{:?}}}"#, e.to_string())),
+                        (Ok(_), None) => {}
+                    }
+                }
+            }
+            // Forward + backward (generic path under autograd), with the gate as the peer does.
+            fused::set_kernels(None);
+            let base = format!(
+                r#""section":"a","name":"scan_fwd_bwd","impl":"generic-autograd","batch":{batch},"seqlen":{len},"dtype":"bf16","with_z":true"#
+            );
+            let vars: matvlm::Result<Vec<Var>> = [&x, &dt, &a, &b, &c, &d, &z]
+                .iter()
+                .map(|t| Ok(Var::from_tensor(t)?))
+                .collect();
+            let r = vars.and_then(|v| {
+                let dout = Tensor::randn(0f32, 1.0, (batch, len, H, P), dev)?.to_dtype(dt_)?;
+                time_ms(dev, o, || {
+                    let (y, _) = fused::chunked_scan(
+                        v[0].as_tensor(),
+                        v[1].as_tensor(),
+                        v[2].as_tensor(),
+                        v[3].as_tensor(),
+                        v[4].as_tensor(),
+                        Some(v[5].as_tensor()),
+                        Some(v[6].as_tensor()),
+                        Q,
+                        None,
+                    )?;
+                    let loss = (y.to_dtype(DType::F32)? * dout.to_dtype(DType::F32)?)?.sum_all()?;
+                    let _grads = loss.backward()?;
+                    Ok(())
+                })
+            });
+            match r {
+                Ok((med, min)) => emit(format!(
+                    r#"{{{base},"ms_median":{med:.4},"ms_min":{min:.4}}}"#
+                )),
+                Err(e) => emit(format!(r#"{{{base},"error":{:?}}}"#, e.to_string())),
+            }
+        }
+    }
+    fused::set_kernels(None);
+    Ok(())
+}
+
+fn decode(dev: &Device, o: &Opts) -> matvlm::Result<()> {
+    let dt_ = DType::BF16;
+    for &batch in &[1usize, 8, 64] {
+        let x = Tensor::randn(0f32, 1.0, (batch, H, P), dev)?.to_dtype(dt_)?;
+        let dt = ((Tensor::randn(0f32, 0.5, (batch, H), dev)? - 3.0)?.exp()? + 1.0)?.log()?;
+        let a = (Tensor::rand(0f32, 1.0, H, dev)? * 16f64.ln())?
+            .exp()?
+            .neg()?;
+        let b = Tensor::randn(0f32, 1.0, (batch, G, N), dev)?.to_dtype(dt_)?;
+        let c = Tensor::randn(0f32, 1.0, (batch, G, N), dev)?.to_dtype(dt_)?;
+        let d = Tensor::randn(0f32, 1.0, H, dev)?;
+        let mut state = (Tensor::randn(0f32, 0.1, (batch, H, P, N), dev)? * 1.0)?;
+        for imp in ["kernel", "generic"] {
+            fused::set_kernels(Some(imp == "kernel"));
+            let inner = o.inner;
+            let mut y = None;
+            let r = time_ms(dev, o, || {
+                for _ in 0..inner {
+                    y = Some(fused::scan_step(
+                        &x,
+                        &dt,
+                        &a,
+                        &b,
+                        &c,
+                        Some(&d),
+                        None,
+                        &mut state,
+                    )?);
+                }
+                Ok(())
+            });
+            let base = format!(
+                r#""section":"b","name":"state_update","impl":"{imp}","batch":{batch},"nheads":{H},"headdim":{P},"dstate":{N},"ngroups":{G},"state_dtype":"fp32","io_dtype":"bf16""#
+            );
+            match (r, y) {
+                (Ok((med, min)), Some(y)) => {
+                    let (us, us_min) = (med * 1e3 / inner as f64, min * 1e3 / inner as f64);
+                    let sb = 2 * bytes(&[&state]);
+                    let io = sb + bytes(&[&x, &dt, &b, &c, &y]);
+                    emit(format!(
+                        r#"{{{base},"us_median":{us:.2},"us_min":{us_min:.2},"state_bytes_rw":{sb},"gbps_state":{:.1},"bytes_io":{io},"gbps_io":{:.1}}}"#,
+                        sb as f64 / (us * 1e-6) / 1e9,
+                        io as f64 / (us * 1e-6) / 1e9
+                    ));
+                }
+                (Err(e), _) => emit(format!(r#"{{{base},"error":{:?}}}"#, e.to_string())),
+                (Ok(_), None) => {}
+            }
+        }
+    }
+    fused::set_kernels(None);
+    Ok(())
+}
+
+fn main() -> matvlm::Result<()> {
+    let o = opts();
+    let dev = Device::new_cuda(0)?;
+    emit(format!(
+        r#"{{"section":"env","bench":"kernel_bench","reps":{},"warmup":{},"inner":{},"quick":{}}}"#,
+        o.reps, o.warmup, o.inner, o.quick
+    ));
+    prefill(&dev, &o)?;
+    decode(&dev, &o)?;
+    Ok(())
+}

@@ -1,0 +1,322 @@
+//! Parity of the Mamba-2 CUDA kernels with the generic candle path on the CPU (`cuda` feature).
+//!
+//! For each shape (the Phi-2 hybrid mixer's: 32 heads x 80, d_state 80, 32 groups, chunk 256;
+//! and odd ones: lengths not a multiple of the chunk, one group, groups = heads, batch > 1,
+//! small odd sizes) and each dtype (f32, bf16), the same inputs run through `fused::*` on the
+//! GPU (the kernels) and on the CPU (the generic code), and the whole mixer (prefill, then
+//! decode steps) likewise. Prints one JSON line per comparison, `max_abs` and `rel` =
+//! max |gpu - cpu| / max |cpu|, against the tolerance stated in [`tolerance`]; exits 1 if any
+//! comparison fails (or a kernel errors), 0 otherwise.
+//!
+//! Run on the GPU machine: `kernel_check` (no arguments; `--quick` for the small shapes only).
+
+use candle_core::{DType, Device, Tensor};
+use matvlm::model::mamba2::{fused, Mamba2, Mamba2Config};
+
+/// Tolerance on `rel` for an output of dtype `out` computed from inputs of dtype `input`.
+///
+/// f32: both sides compute in f32 and differ only in summation order (tree vs sequential
+/// cumsum, tiled vs BLAS dot products): 1e-4 of the output's range (observed CPU-vs-CPU
+/// reorderings are ~1e-6). bf16 outputs: one bf16 rounding is 2^-8 = 0.4% of a value; the two
+/// sides may round a value that sits near a boundary differently and, in the mixer, feed that
+/// into the next stage: 2e-2. f32 states from bf16 inputs: inputs are identical, so 1e-3 (the
+/// mixer's states take bf16-rounded conv outputs that may differ by one rounding: 2e-2 there).
+fn tolerance(input: DType, out: DType, stage: Stage) -> f64 {
+    match (input, out, stage) {
+        (DType::F32, _, _) => 1e-4,
+        (_, DType::F32, Stage::Kernel) => 1e-3,
+        _ => 2e-2,
+    }
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Stage {
+    /// One kernel on identical inputs.
+    Kernel,
+    /// The whole mixer (stages feed each other).
+    Mixer,
+}
+
+struct Case {
+    name: &'static str,
+    batch: usize,
+    len: usize,
+    heads: usize,
+    head_dim: usize,
+    d_state: usize,
+    groups: usize,
+    chunk: usize,
+}
+
+const fn case(
+    name: &'static str,
+    batch: usize,
+    len: usize,
+    heads: usize,
+    head_dim: usize,
+    d_state: usize,
+    groups: usize,
+    chunk: usize,
+) -> Case {
+    Case {
+        name,
+        batch,
+        len,
+        heads,
+        head_dim,
+        d_state,
+        groups,
+        chunk,
+    }
+}
+
+const CASES: &[Case] = &[
+    case("phi2 b1 L512", 1, 512, 32, 80, 80, 32, 256),
+    case("phi2 b2 L300 (tail chunk)", 2, 300, 32, 80, 80, 32, 256),
+    case("phi2 b1 L37 (< chunk)", 1, 37, 32, 80, 80, 32, 256),
+    case("phi2 ngroups=1 b2 L260", 2, 260, 32, 80, 80, 1, 256),
+    case("odd b3 L150 h6x24 n20 g2 q64", 3, 150, 6, 24, 20, 2, 64),
+    case("odd b2 L97 h4x33 n17 g4 q32", 2, 97, 4, 33, 17, 4, 32),
+    case("odd b1 L1 h4x16 n16 g1 q256", 1, 1, 4, 16, 16, 1, 256),
+];
+
+struct Report {
+    failures: usize,
+    total: usize,
+}
+
+impl Report {
+    fn compare(
+        &mut self,
+        case: &str,
+        dtype: DType,
+        what: &str,
+        gpu: &Tensor,
+        cpu: &Tensor,
+        stage: Stage,
+    ) {
+        self.total += 1;
+        let res = (|| -> candle_core::Result<(f64, f64)> {
+            let g = gpu.to_device(&Device::Cpu)?.to_dtype(DType::F64)?;
+            let c = cpu.to_dtype(DType::F64)?;
+            if g.dims() != c.dims() {
+                candle_core::bail!("shapes differ: gpu {:?} cpu {:?}", g.dims(), c.dims());
+            }
+            let abs = (g - &c)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f64>()?;
+            let scale = c.abs()?.flatten_all()?.max(0)?.to_scalar::<f64>()?;
+            Ok((abs, abs / scale.max(1e-30)))
+        })();
+        let tol = tolerance(dtype, cpu.dtype(), stage);
+        let (line, ok) = match res {
+            Ok((abs, rel)) => {
+                let ok = rel <= tol && rel.is_finite();
+                (
+                    format!(
+                        r#"{{"check":"{case}","dtype":"{dtype:?}","what":"{what}","max_abs":{abs:.3e},"rel":{rel:.3e},"tol":{tol:.0e},"pass":{ok}}}"#
+                    ),
+                    ok,
+                )
+            }
+            Err(e) => (
+                format!(
+                    r#"{{"check":"{case}","dtype":"{dtype:?}","what":"{what}","error":{:?},"pass":false}}"#,
+                    e.to_string()
+                ),
+                false,
+            ),
+        };
+        if !ok {
+            self.failures += 1;
+        }
+        println!("{line}");
+        eprintln!(
+            "{} {case} {dtype:?} {what}",
+            if ok { "PASS" } else { "FAIL" }
+        );
+    }
+
+    fn error(&mut self, case: &str, dtype: DType, what: &str, e: impl std::fmt::Display) {
+        self.total += 1;
+        self.failures += 1;
+        println!(
+            r#"{{"check":"{case}","dtype":"{dtype:?}","what":"{what}","error":{:?},"pass":false}}"#,
+            e.to_string()
+        );
+        eprintln!("FAIL {case} {dtype:?} {what}: {e}");
+    }
+}
+
+/// Inputs of one case, made on the CPU in f32 (then cast and copied to each side).
+struct Inputs {
+    x: Tensor,
+    dt: Tensor,
+    a: Tensor,
+    b: Tensor,
+    c: Tensor,
+    d: Tensor,
+    z: Tensor,
+    init: Tensor,
+}
+
+fn inputs(k: &Case) -> candle_core::Result<Inputs> {
+    let cpu = &Device::Cpu;
+    let (bb, l, h, p, n, g) = (k.batch, k.len, k.heads, k.head_dim, k.d_state, k.groups);
+    let softplus = |t: Tensor| -> candle_core::Result<Tensor> { (t.exp()? + 1.0)?.log() };
+    Ok(Inputs {
+        x: Tensor::randn(0f32, 1.0, (bb, l, h, p), cpu)?,
+        dt: softplus(((Tensor::randn(0f32, 1.0, (bb, l, h), cpu)? * 0.5)? - 3.0)?)?,
+        a: (Tensor::rand(0f32, 1.0, h, cpu)? * 16f64.ln())?
+            .exp()?
+            .neg()?,
+        b: Tensor::randn(0f32, 1.0, (bb, l, g, n), cpu)?,
+        c: Tensor::randn(0f32, 1.0, (bb, l, g, n), cpu)?,
+        d: Tensor::randn(0f32, 1.0, h, cpu)?,
+        z: Tensor::randn(0f32, 1.0, (bb, l, h, p), cpu)?,
+        init: (Tensor::randn(0f32, 1.0, (bb, h, p, n), cpu)? * 0.1)?,
+    })
+}
+
+fn check_case(k: &Case, dtype: DType, gpu: &Device, r: &mut Report) -> matvlm::Result<()> {
+    let i = inputs(k)?;
+    // Activations in the model dtype; dt, A, D and the state in f32, as the mixer has them.
+    let act = |t: &Tensor, dev: &Device| -> candle_core::Result<Tensor> {
+        t.to_dtype(dtype)?.to_device(dev)
+    };
+    let f32_on = |t: &Tensor, dev: &Device| t.to_device(dev);
+    let cpu = &Device::Cpu;
+    let name = k.name;
+
+    // SSD scan, with the gate and an initial state, and without either.
+    for (tag, gated) in [("ssd y (z, init)", true), ("ssd y (plain)", false)] {
+        let run = |dev: &Device| -> matvlm::Result<(Tensor, Tensor)> {
+            let z = act(&i.z, dev)?;
+            let init = f32_on(&i.init, dev)?;
+            fused::chunked_scan(
+                &act(&i.x, dev)?,
+                &f32_on(&i.dt, dev)?,
+                &f32_on(&i.a, dev)?,
+                &act(&i.b, dev)?,
+                &act(&i.c, dev)?,
+                Some(&f32_on(&i.d, dev)?),
+                gated.then_some(&z),
+                k.chunk,
+                gated.then_some(&init),
+            )
+        };
+        match (run(gpu), run(cpu)) {
+            (Ok((yg, sg)), Ok((yc, sc))) => {
+                r.compare(name, dtype, tag, &yg, &yc, Stage::Kernel);
+                r.compare(
+                    name,
+                    dtype,
+                    &format!("{tag} final state"),
+                    &sg,
+                    &sc,
+                    Stage::Kernel,
+                );
+            }
+            (Err(e), _) | (_, Err(e)) => r.error(name, dtype, tag, e),
+        }
+    }
+
+    // Decode step from the initial state, in place on the GPU, with the gate.
+    let step_x = |t: &Tensor| t.narrow(1, 0, 1).and_then(|t| t.squeeze(1));
+    let run_step = |dev: &Device| -> matvlm::Result<(Tensor, Tensor)> {
+        let mut state = f32_on(&i.init, dev)?.contiguous()?;
+        // A fresh buffer: the GPU updates it in place.
+        state = (state * 1.0)?;
+        let z = act(&step_x(&i.z)?, dev)?;
+        let y = fused::scan_step(
+            &act(&step_x(&i.x)?, dev)?,
+            &f32_on(&step_x(&i.dt)?, dev)?,
+            &f32_on(&i.a, dev)?,
+            &act(&step_x(&i.b)?, dev)?,
+            &act(&step_x(&i.c)?, dev)?,
+            Some(&f32_on(&i.d, dev)?),
+            Some(&z),
+            &mut state,
+        )?;
+        Ok((y, state))
+    };
+    match (run_step(gpu), run_step(cpu)) {
+        (Ok((yg, sg)), Ok((yc, sc))) => {
+            r.compare(name, dtype, "decode y", &yg, &yc, Stage::Kernel);
+            r.compare(name, dtype, "decode state", &sg, &sc, Stage::Kernel);
+        }
+        (Err(e), _) | (_, Err(e)) => r.error(name, dtype, "decode", e),
+    }
+
+    // The whole mixer: prefill (conv + scan + norm kernels), then three decode steps.
+    let d_model = 64;
+    let mut cfg = Mamba2Config::new(d_model, k.heads, k.head_dim, k.d_state, k.groups);
+    cfg.chunk_size = k.chunk;
+    let xin = Tensor::randn(0f32, 1.0, (k.batch, k.len, d_model), cpu)?;
+    let steps = Tensor::randn(0f32, 1.0, (3, k.batch, d_model), cpu)?;
+    let run_mixer = |dev: &Device| -> matvlm::Result<(Tensor, Tensor, Vec<Tensor>)> {
+        let m = Mamba2::random(&cfg, dtype, dev, 7)?;
+        let (y, mut state) = m.forward(&act(&xin, dev)?, None)?;
+        let mut outs = vec![];
+        for s in 0..3 {
+            outs.push(m.step(&act(&steps.get(s)?, dev)?, &mut state)?);
+        }
+        let flat = Tensor::cat(&[state.conv.flatten_all()?, state.ssm.flatten_all()?], 0)?;
+        Ok((y, flat, outs))
+    };
+    match (run_mixer(gpu), run_mixer(cpu)) {
+        (Ok((yg, sg, og)), Ok((yc, sc, oc))) => {
+            r.compare(name, dtype, "mixer prefill y", &yg, &yc, Stage::Mixer);
+            for (s, (g, c)) in og.iter().zip(&oc).enumerate() {
+                r.compare(
+                    name,
+                    dtype,
+                    &format!("mixer decode y{s}"),
+                    g,
+                    c,
+                    Stage::Mixer,
+                );
+            }
+            r.compare(name, dtype, "mixer final states", &sg, &sc, Stage::Mixer);
+        }
+        (Err(e), _) | (_, Err(e)) => r.error(name, dtype, "mixer", e),
+    }
+    Ok(())
+}
+
+fn main() -> std::process::ExitCode {
+    let quick = std::env::args().any(|a| a == "--quick");
+    let gpu = match Device::new_cuda(0) {
+        Ok(d) => d,
+        Err(e) => {
+            eprintln!("kernel_check: no CUDA device: {e}");
+            return std::process::ExitCode::from(2);
+        }
+    };
+    if !fused::kernels_enabled() {
+        eprintln!("kernel_check: kernels are switched off (MATVLM_MAMBA2_KERNELS=0)");
+        return std::process::ExitCode::from(2);
+    }
+    let mut r = Report {
+        failures: 0,
+        total: 0,
+    };
+    for k in CASES {
+        if quick && k.heads == 32 {
+            continue;
+        }
+        for dtype in [DType::F32, DType::BF16] {
+            if let Err(e) = check_case(k, dtype, &gpu, &mut r) {
+                r.error(k.name, dtype, "setup", e);
+            }
+        }
+    }
+    println!(
+        r#"{{"summary":"kernel_check","comparisons":{},"failures":{}}}"#,
+        r.total, r.failures
+    );
+    eprintln!("{} of {} comparisons failed", r.failures, r.total);
+    if r.failures == 0 {
+        std::process::ExitCode::SUCCESS
+    } else {
+        std::process::ExitCode::FAILURE
+    }
+}
