@@ -791,6 +791,37 @@ pub fn attention_vs_ssm_norms_figure(data: &AttentionVsSsm) -> Result<Figure> {
     )
 }
 
+/// Pearson correlation between the teacher's head-averaged attention and the hybrid's
+/// head-averaged |implicit attention| of `data`, over the causal (lower-triangle) entries: how
+/// much the two layers look at the same tokens (1 for maps equal up to scale and shift).
+pub fn mean_map_correlation(data: &AttentionVsSsm) -> Result<f64> {
+    let a = data.teacher_attention.mean(0)?;
+    let b = data.implicit_attention.abs()?.mean(0)?;
+    let t = a.dim(0)?;
+    let mask = Tensor::tril2(t, DType::F32, a.device())?
+        .flatten_all()?
+        .to_vec1::<f32>()?;
+    let (a, b) = (
+        a.flatten_all()?.to_vec1::<f32>()?,
+        b.flatten_all()?.to_vec1::<f32>()?,
+    );
+    let pairs: Vec<(f64, f64)> = mask
+        .iter()
+        .zip(a.iter().zip(&b))
+        .filter(|(m, _)| **m > 0.0)
+        .map(|(_, (x, y))| (*x as f64, *y as f64))
+        .collect();
+    let n = pairs.len() as f64;
+    let (mx, my) = (
+        pairs.iter().map(|p| p.0).sum::<f64>() / n,
+        pairs.iter().map(|p| p.1).sum::<f64>() / n,
+    );
+    let cov: f64 = pairs.iter().map(|(x, y)| (x - mx) * (y - my)).sum();
+    let vx: f64 = pairs.iter().map(|(x, _)| (x - mx).powi(2)).sum();
+    let vy: f64 = pairs.iter().map(|(_, y)| (y - my).powi(2)).sum();
+    Ok(cov / (vx * vy).sqrt().max(1e-30))
+}
+
 /// Write both figures of `data` as PNG and SVG into `dir`: `{stem}_maps.{png,svg}` and
 /// `{stem}_state_norms.{png,svg}`. Returns the paths written.
 pub fn save_attention_vs_ssm(
