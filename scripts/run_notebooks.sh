@@ -52,7 +52,7 @@ for nb in notebooks/*.ipynb; do
     fi
 done
 if [ ${#failed[@]} -gt 0 ]; then
-    echo "notebooks that failed: ${failed[*]} (executed copies with the errors in .nbout/)" >&2
+    echo "notebooks that failed: ${failed[*]} (the failing cell and its error are printed above)" >&2
     exit 1
 fi
 echo "all notebooks ran; executed copies in .nbout/"
