@@ -26,7 +26,7 @@ if ! command -v evcxr_jupyter >/dev/null; then
     echo "evcxr_jupyter not found: cargo install --locked evcxr_jupyter (about 11 min on 2 cores)"
     cargo install --locked evcxr_jupyter
 fi
-note "evcxr_jupyter ready: $(($(date +%s) - t0)) s ($(evcxr_jupyter --version 2>/dev/null || echo '?'))"
+note "evcxr_jupyter ready: $(($(date +%s) - t0)) s ($(command -v evcxr_jupyter))"
 
 t0=$(date +%s)
 if [ ! -x .nbenv/bin/jupyter-nbconvert ]; then
