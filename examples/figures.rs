@@ -15,7 +15,7 @@
 
 use std::path::{Path, PathBuf};
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device};
 use matvlm::model::hybrid::HybridSpec;
 use matvlm::model::vlm::Vlm;
 use matvlm::viz;
@@ -79,7 +79,7 @@ fn main() -> anyhow::Result<()> {
                 println!("{}", p.display());
             }
         }
-        bars.push((format!("layer {l}"), mean_map_correlation(&data)?));
+        bars.push((format!("layer {l}"), viz::mean_map_correlation(&data)?));
     }
     for ext in ["png", "svg"] {
         let p = out.join(format!("similarity_by_layer.{ext}"));
@@ -103,34 +103,4 @@ fn main() -> anyhow::Result<()> {
         }
     }
     Ok(())
-}
-
-/// Pearson correlation of the head-averaged teacher attention and head-averaged |implicit
-/// attention| over the causal (lower-triangle) entries.
-fn mean_map_correlation(data: &viz::AttentionVsSsm) -> anyhow::Result<f64> {
-    let a = data.teacher_attention.mean(0)?;
-    let b = data.implicit_attention.abs()?.mean(0)?;
-    let t = a.dim(0)?;
-    let mask = Tensor::tril2(t, DType::F32, a.device())?
-        .flatten_all()?
-        .to_vec1::<f32>()?;
-    let (a, b) = (
-        a.flatten_all()?.to_vec1::<f32>()?,
-        b.flatten_all()?.to_vec1::<f32>()?,
-    );
-    let pairs: Vec<(f64, f64)> = mask
-        .iter()
-        .zip(a.iter().zip(&b))
-        .filter(|(m, _)| **m > 0.0)
-        .map(|(_, (x, y))| (*x as f64, *y as f64))
-        .collect();
-    let n = pairs.len() as f64;
-    let (mx, my) = (
-        pairs.iter().map(|p| p.0).sum::<f64>() / n,
-        pairs.iter().map(|p| p.1).sum::<f64>() / n,
-    );
-    let cov: f64 = pairs.iter().map(|(x, y)| (x - mx) * (y - my)).sum();
-    let vx: f64 = pairs.iter().map(|(x, _)| (x - mx).powi(2)).sum();
-    let vy: f64 = pairs.iter().map(|(_, y)| (y - my).powi(2)).sum();
-    Ok(cov / (vx * vy).sqrt().max(1e-30))
 }

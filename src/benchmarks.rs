@@ -1170,6 +1170,30 @@ impl Comparison {
         self.set(model, benchmark, "normalized match", s.normalized_match);
     }
 
+    /// Add an [`crate::eval::EvalReport`]: accuracy overall and per question type.
+    pub fn add_eval(&mut self, model: &str, benchmark: &str, r: &crate::eval::EvalReport) {
+        self.set(model, benchmark, "accuracy", r.accuracy);
+        for (t, score) in &r.per_type {
+            self.set(model, benchmark, &format!("accuracy {t}"), score.accuracy);
+        }
+    }
+
+    /// Add an [`crate::eval::AgreementReport`]: top-1 agreement, and KL (lower is better).
+    pub fn add_agreement(
+        &mut self,
+        model: &str,
+        benchmark: &str,
+        r: &crate::eval::AgreementReport,
+    ) {
+        self.set(model, benchmark, "teacher agreement", r.agreement);
+        self.set_lower_better(model, benchmark, "KL to teacher", r.kl);
+    }
+
+    /// Add a [`crate::eval::SpeedReport`]: decode tokens per second.
+    pub fn add_speed(&mut self, model: &str, benchmark: &str, r: &crate::eval::SpeedReport) {
+        self.set(model, benchmark, "tokens/s", r.tokens_per_s);
+    }
+
     /// A markdown table: one row per (benchmark, metric), one column per model, the best value
     /// of each row in bold (when at least two models have one), `-` where not measured.
     pub fn to_markdown(&self) -> String {

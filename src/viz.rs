@@ -82,54 +82,124 @@ fn de<E: std::fmt::Display>(e: E) -> Error {
     Error::Other(format!("drawing a figure: {e}"))
 }
 
-/// A figure: a size in pixels and a way to draw itself on any plotters backend.
-trait Figure {
+/// Something drawable: a size in pixels and a way to draw itself on any plotters backend.
+trait Draw {
     fn size(&self) -> (u32, u32);
     fn draw<DB: DrawingBackend>(&self, root: &DrawingArea<DB, Shift>) -> Result<()>;
 }
 
-/// Draw `fig` into `path` (`.png` or `.svg`), written atomically.
-fn save<F: Figure>(fig: &F, path: &Path) -> Result<()> {
+/// `fig` as PNG bytes.
+fn render_png<F: Draw>(fig: &F) -> Result<Vec<u8>> {
     ensure_font()?;
     let (w, h) = fig.size();
-    let ext = path
-        .extension()
-        .map(|e| e.to_string_lossy().to_lowercase())
-        .unwrap_or_default();
-    let bytes = match ext.as_str() {
-        "png" => {
-            let mut buf = vec![255u8; (w * h * 3) as usize];
-            {
-                let root = BitMapBackend::with_buffer(&mut buf, (w, h)).into_drawing_area();
-                root.fill(&WHITE).map_err(de)?;
-                fig.draw(&root)?;
-                root.present().map_err(de)?;
+    let mut buf = vec![255u8; (w * h * 3) as usize];
+    {
+        let root = BitMapBackend::with_buffer(&mut buf, (w, h)).into_drawing_area();
+        root.fill(&WHITE).map_err(de)?;
+        fig.draw(&root)?;
+        root.present().map_err(de)?;
+    }
+    let img = image::RgbImage::from_raw(w, h, buf)
+        .ok_or_else(|| Error::Other("figure buffer has the wrong size".into()))?;
+    let mut out = std::io::Cursor::new(Vec::new());
+    img.write_to(&mut out, image::ImageFormat::Png)
+        .map_err(|e| Error::Other(format!("encoding a figure as PNG: {e}")))?;
+    Ok(out.into_inner())
+}
+
+/// `fig` as SVG text.
+fn render_svg<F: Draw>(fig: &F) -> Result<String> {
+    ensure_font()?;
+    let (w, h) = fig.size();
+    let mut text = String::new();
+    {
+        let root = SVGBackend::with_string(&mut text, (w, h)).into_drawing_area();
+        root.fill(&WHITE).map_err(de)?;
+        fig.draw(&root)?;
+        root.present().map_err(de)?;
+    }
+    Ok(text)
+}
+
+/// The kinds of figure this module draws.
+#[derive(Debug, Clone)]
+enum FigureKind {
+    Attention(AttentionFigure),
+    Lines(LineFigure),
+    Bars(BarFigure),
+}
+
+/// A figure held in memory, drawn when asked for: as PNG bytes ([`Figure::png`]), SVG text
+/// ([`Figure::svg`]), a file ([`Figure::save`]) or inline in a Jupyter notebook (evcxr calls
+/// `evcxr_display`, see [`crate::display`]). Every `plot_*` function of this module is its
+/// `*_figure` twin followed by [`Figure::save`].
+#[derive(Debug, Clone)]
+pub struct Figure {
+    kind: FigureKind,
+}
+
+impl Figure {
+    fn new(kind: FigureKind) -> Self {
+        Self { kind }
+    }
+
+    /// Width and height in pixels (of the PNG; the SVG has the same user units).
+    pub fn size(&self) -> (u32, u32) {
+        match &self.kind {
+            FigureKind::Attention(f) => f.size(),
+            FigureKind::Lines(f) => f.size(),
+            FigureKind::Bars(f) => f.size(),
+        }
+    }
+
+    /// The title drawn on top.
+    pub fn title(&self) -> &str {
+        match &self.kind {
+            FigureKind::Attention(f) => &f.title,
+            FigureKind::Lines(f) => &f.title,
+            FigureKind::Bars(f) => &f.title,
+        }
+    }
+
+    /// The figure as PNG bytes.
+    pub fn png(&self) -> Result<Vec<u8>> {
+        match &self.kind {
+            FigureKind::Attention(f) => render_png(f),
+            FigureKind::Lines(f) => render_png(f),
+            FigureKind::Bars(f) => render_png(f),
+        }
+    }
+
+    /// The figure as SVG text.
+    pub fn svg(&self) -> Result<String> {
+        match &self.kind {
+            FigureKind::Attention(f) => render_svg(f),
+            FigureKind::Lines(f) => render_svg(f),
+            FigureKind::Bars(f) => render_svg(f),
+        }
+    }
+
+    /// Write the figure to `path` as PNG or SVG, chosen by the extension (`.png`, `.svg`),
+    /// atomically.
+    pub fn save(&self, path: &Path) -> Result<()> {
+        let ext = path
+            .extension()
+            .map(|e| e.to_string_lossy().to_lowercase())
+            .unwrap_or_default();
+        let bytes = match ext.as_str() {
+            "png" => self
+                .png()
+                .map_err(|e| Error::Other(format!("{}: {e}", path.display())))?,
+            "svg" => self.svg()?.into_bytes(),
+            _ => {
+                return Err(Error::Invalid(format!(
+                    "{}: figures are written as .png or .svg",
+                    path.display()
+                )))
             }
-            let img = image::RgbImage::from_raw(w, h, buf)
-                .ok_or_else(|| Error::Other("figure buffer has the wrong size".into()))?;
-            let mut out = std::io::Cursor::new(Vec::new());
-            img.write_to(&mut out, image::ImageFormat::Png)
-                .map_err(|e| Error::Other(format!("encoding {}: {e}", path.display())))?;
-            out.into_inner()
-        }
-        "svg" => {
-            let mut text = String::new();
-            {
-                let root = SVGBackend::with_string(&mut text, (w, h)).into_drawing_area();
-                root.fill(&WHITE).map_err(de)?;
-                fig.draw(&root)?;
-                root.present().map_err(de)?;
-            }
-            text.into_bytes()
-        }
-        _ => {
-            return Err(Error::Invalid(format!(
-                "{}: figures are written as .png or .svg",
-                path.display()
-            )))
-        }
-    };
-    write_atomic(path, &bytes)
+        };
+        write_atomic(path, &bytes)
+    }
 }
 
 /// Ten well-separated line colours (matplotlib's tab10).
@@ -349,6 +419,7 @@ fn draw_colorbar<DB: DrawingBackend>(area: &DrawingArea<DB, Shift>, gamma: f64) 
 
 /// Two rows of attention maps for one input and one layer (or any two `[H, T, T]` stacks on
 /// the same tokens).
+#[derive(Debug, Clone)]
 struct AttentionFigure {
     title: String,
     rows: Vec<(String, Vec<Vec<Vec<f32>>>)>,
@@ -384,7 +455,7 @@ impl AttentionFigure {
     const BAR: u32 = 110;
 }
 
-impl Figure for AttentionFigure {
+impl Draw for AttentionFigure {
     fn size(&self) -> (u32, u32) {
         let (cols, rows) = self.grid();
         let tile = self.tile();
@@ -466,7 +537,8 @@ impl Figure for AttentionFigure {
 
 /// Teacher attention `[H, T, T]` above the hybrid's implicit attention `[H', T, T]` for one input
 /// and layer, head averages on the left and every head on the right, image token spans marked
-/// (`spans`, token positions). Each map is coloured by `|w|` relative to its own maximum.
+/// (`spans`, token positions), to `path`. Each map is coloured by `|w|` relative to its own
+/// maximum.
 pub fn plot_attention_maps(
     teacher: &Tensor,
     hybrid: &Tensor,
@@ -475,6 +547,17 @@ pub fn plot_attention_maps(
     style: &MapStyle,
     path: &Path,
 ) -> Result<()> {
+    attention_maps_figure(teacher, hybrid, spans, title, style)?.save(path)
+}
+
+/// The figure of [`plot_attention_maps`], in memory.
+pub fn attention_maps_figure(
+    teacher: &Tensor,
+    hybrid: &Tensor,
+    spans: &[Range<usize>],
+    title: &str,
+    style: &MapStyle,
+) -> Result<Figure> {
     let a = maps_with_mean(teacher, "teacher attention")?;
     let b = maps_with_mean(hybrid, "implicit attention")?;
     if a[0].len() != b[0].len() {
@@ -503,7 +586,7 @@ pub fn plot_attention_maps(
         spans: spans.to_vec(),
         style: style.clone(),
     };
-    save(&fig, path)
+    Ok(Figure::new(FigureKind::Attention(fig)))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -630,7 +713,12 @@ pub fn attention_vs_ssm_prompt(
 
 /// The attention maps of `data` ([`plot_attention_maps`]) to `path`.
 pub fn plot_attention_vs_ssm(data: &AttentionVsSsm, path: &Path) -> Result<()> {
-    plot_attention_maps(
+    attention_vs_ssm_figure(data)?.save(path)
+}
+
+/// The attention maps of `data` ([`attention_maps_figure`]), in memory.
+pub fn attention_vs_ssm_figure(data: &AttentionVsSsm) -> Result<Figure> {
+    attention_maps_figure(
         &data.teacher_attention,
         &data.implicit_attention,
         &data.image_spans,
@@ -640,8 +728,47 @@ pub fn plot_attention_vs_ssm(data: &AttentionVsSsm, path: &Path) -> Result<()> {
             data.teacher_attention.dim(1)?
         ),
         &MapStyle::default(),
-        path,
     )
+}
+
+/// The state norms of `data` ([`state_norms_figure`]), titled with its layer.
+pub fn attention_vs_ssm_norms_figure(data: &AttentionVsSsm) -> Result<Figure> {
+    state_norms_figure(
+        &data.state_norms,
+        &data.image_spans,
+        &format!("Layer {}: SSM state norm per head", data.layer),
+    )
+}
+
+/// Pearson correlation between the teacher's head-averaged attention and the hybrid's
+/// head-averaged |implicit attention| of `data`, over the causal (lower-triangle) entries: how
+/// much the two layers look at the same tokens (1 for maps equal up to scale and shift).
+pub fn mean_map_correlation(data: &AttentionVsSsm) -> Result<f64> {
+    let a = data.teacher_attention.mean(0)?;
+    let b = data.implicit_attention.abs()?.mean(0)?;
+    let t = a.dim(0)?;
+    let mask = Tensor::tril2(t, DType::F32, a.device())?
+        .flatten_all()?
+        .to_vec1::<f32>()?;
+    let (a, b) = (
+        a.flatten_all()?.to_vec1::<f32>()?,
+        b.flatten_all()?.to_vec1::<f32>()?,
+    );
+    let pairs: Vec<(f64, f64)> = mask
+        .iter()
+        .zip(a.iter().zip(&b))
+        .filter(|(m, _)| **m > 0.0)
+        .map(|(_, (x, y))| (*x as f64, *y as f64))
+        .collect();
+    let n = pairs.len() as f64;
+    let (mx, my) = (
+        pairs.iter().map(|p| p.0).sum::<f64>() / n,
+        pairs.iter().map(|p| p.1).sum::<f64>() / n,
+    );
+    let cov: f64 = pairs.iter().map(|(x, y)| (x - mx) * (y - my)).sum();
+    let vx: f64 = pairs.iter().map(|(x, _)| (x - mx).powi(2)).sum();
+    let vy: f64 = pairs.iter().map(|(_, y)| (y - my).powi(2)).sum();
+    Ok(cov / (vx * vy).sqrt().max(1e-30))
 }
 
 /// Write both figures of `data` as PNG and SVG into `dir`: `{stem}_maps.{png,svg}` and
@@ -651,17 +778,16 @@ pub fn save_attention_vs_ssm(
     dir: &Path,
     stem: &str,
 ) -> Result<Vec<PathBuf>> {
+    let (maps_fig, norms_fig) = (
+        attention_vs_ssm_figure(data)?,
+        attention_vs_ssm_norms_figure(data)?,
+    );
     let mut out = Vec::new();
     for ext in ["png", "svg"] {
         let maps = dir.join(format!("{stem}_maps.{ext}"));
-        plot_attention_vs_ssm(data, &maps)?;
+        maps_fig.save(&maps)?;
         let norms = dir.join(format!("{stem}_state_norms.{ext}"));
-        plot_state_norms(
-            &data.state_norms,
-            &data.image_spans,
-            &format!("Layer {}: SSM state norm per head", data.layer),
-            &norms,
-        )?;
+        norms_fig.save(&norms)?;
         out.extend([maps, norms]);
     }
     Ok(out)
@@ -679,6 +805,7 @@ pub struct Series {
 }
 
 /// A line chart.
+#[derive(Debug, Clone)]
 struct LineFigure {
     title: String,
     x_label: String,
@@ -766,7 +893,7 @@ impl LineFigure {
     }
 }
 
-impl Figure for LineFigure {
+impl Draw for LineFigure {
     fn size(&self) -> (u32, u32) {
         (1000, 620)
     }
@@ -881,19 +1008,27 @@ pub fn plot_lines(
     log_y: bool,
     path: &Path,
 ) -> Result<()> {
-    save(
-        &LineFigure {
-            title: title.to_string(),
-            x_label: x_label.to_string(),
-            y_label: y_label.to_string(),
-            series: series.to_vec(),
-            bands: Vec::new(),
-            log_y,
-            legend: true,
-            note: None,
-        },
-        path,
-    )
+    lines_figure(series, title, x_label, y_label, log_y)?.save(path)
+}
+
+/// The figure of [`plot_lines`], in memory.
+pub fn lines_figure(
+    series: &[Series],
+    title: &str,
+    x_label: &str,
+    y_label: &str,
+    log_y: bool,
+) -> Result<Figure> {
+    Ok(Figure::new(FigureKind::Lines(LineFigure {
+        title: title.to_string(),
+        x_label: x_label.to_string(),
+        y_label: y_label.to_string(),
+        series: series.to_vec(),
+        bands: Vec::new(),
+        log_y,
+        legend: true,
+        note: None,
+    })))
 }
 
 /// The Frobenius norm of each head's SSM state after every token (`norms`: `[heads, T]`, from
@@ -904,6 +1039,11 @@ pub fn plot_state_norms(
     title: &str,
     path: &Path,
 ) -> Result<()> {
+    state_norms_figure(norms, spans, title)?.save(path)
+}
+
+/// The figure of [`plot_state_norms`], in memory.
+pub fn state_norms_figure(norms: &Tensor, spans: &[Range<usize>], title: &str) -> Result<Figure> {
     let rows = match norms.rank() {
         1 => vec![norms.to_dtype(DType::F32)?.to_vec1::<f32>()?],
         2 => norms.to_dtype(DType::F32)?.to_vec2::<f32>()?,
@@ -935,30 +1075,27 @@ pub fn plot_state_norms(
             heads - 1
         )
     });
-    save(
-        &LineFigure {
-            title: title.to_string(),
-            x_label: "token position t".into(),
-            y_label: "||S_t|| (Frobenius, per head)".into(),
-            series,
-            bands: spans
-                .iter()
-                .enumerate()
-                .map(|(i, s)| {
-                    let label = if spans.len() == 1 {
-                        "image tokens".to_string()
-                    } else {
-                        format!("image {i} tokens")
-                    };
-                    (s.start as f64 - 0.5..s.end as f64 - 0.5, label)
-                })
-                .collect(),
-            log_y: false,
-            legend,
-            note,
-        },
-        path,
-    )
+    Ok(Figure::new(FigureKind::Lines(LineFigure {
+        title: title.to_string(),
+        x_label: "token position t".into(),
+        y_label: "||S_t|| (Frobenius, per head)".into(),
+        series,
+        bands: spans
+            .iter()
+            .enumerate()
+            .map(|(i, s)| {
+                let label = if spans.len() == 1 {
+                    "image tokens".to_string()
+                } else {
+                    format!("image {i} tokens")
+                };
+                (s.start as f64 - 0.5..s.end as f64 - 0.5, label)
+            })
+            .collect(),
+        log_y: false,
+        legend,
+        note,
+    })))
 }
 
 /// One metric of a run's `metrics.jsonl` as a curve over `step`: the records of kind `kind`
@@ -1006,6 +1143,11 @@ pub fn read_metric_series(path: &Path, kind: &str, key: &str, label: &str) -> Re
 /// metrics file) on one chart, legend `"{run}: {key}"` (just the run with one key, just the key
 /// with one run). Log y-axis when every value is positive and they span more than 20x.
 pub fn plot_runs(runs: &[(&str, &Path)], keys: &[&str], title: &str, path: &Path) -> Result<()> {
+    runs_figure(runs, keys, title)?.save(path)
+}
+
+/// The figure of [`plot_runs`], in memory.
+pub fn runs_figure(runs: &[(&str, &Path)], keys: &[&str], title: &str) -> Result<Figure> {
     let mut series = Vec::new();
     for (run, file) in runs {
         for key in keys {
@@ -1024,19 +1166,20 @@ pub fn plot_runs(runs: &[(&str, &Path)], keys: &[&str], title: &str, path: &Path
     let (lo, hi) = min_max(&ys);
     let log_y = lo > 0.0 && hi / lo > 20.0;
     let y_label = if keys.len() == 1 { keys[0] } else { "value" };
-    plot_lines(&series, title, "step", y_label, log_y, path)
+    lines_figure(&series, title, "step", y_label, log_y)
 }
 
 // ---------------------------------------------------------------------------------------------
 // Bars
 
+#[derive(Debug, Clone)]
 struct BarFigure {
     title: String,
     y_label: String,
     bars: Vec<(String, f64)>,
 }
 
-impl Figure for BarFigure {
+impl Draw for BarFigure {
     fn size(&self) -> (u32, u32) {
         ((160 + 90 * self.bars.len() as u32).clamp(600, 1800), 600)
     }
@@ -1112,18 +1255,20 @@ fn format_bar_value(v: f64) -> String {
 /// One bar per `(label, value)`, in order, each with its value written above it (sweeps:
 /// ratio -> accuracy, loss -> agreement, ...).
 pub fn plot_bars(bars: &[(String, f64)], title: &str, y_label: &str, path: &Path) -> Result<()> {
+    bars_figure(bars, title, y_label)?.save(path)
+}
+
+/// The figure of [`plot_bars`], in memory.
+pub fn bars_figure(bars: &[(String, f64)], title: &str, y_label: &str) -> Result<Figure> {
     if bars.is_empty() {
         return Err(Error::Invalid(format!("{title}: no bars to plot")));
     }
     if let Some((l, _)) = bars.iter().find(|b| !b.1.is_finite()) {
         return Err(Error::Invalid(format!("{title}: bar `{l}` is not finite")));
     }
-    save(
-        &BarFigure {
-            title: title.to_string(),
-            y_label: y_label.to_string(),
-            bars: bars.to_vec(),
-        },
-        path,
-    )
+    Ok(Figure::new(FigureKind::Bars(BarFigure {
+        title: title.to_string(),
+        y_label: y_label.to_string(),
+        bars: bars.to_vec(),
+    })))
 }

@@ -7,7 +7,8 @@
 //! * [`engine`] builds an engine for a [`Session`] (device, dtype, cancel flag).
 //! * One plugin module per area of the library: [`model`] (load, inspect, run, save models),
 //!   [`tensor`] (the `Tensor` type), [`data`] (data sets), [`train`] (distillation, training,
-//!   evaluation and the `Run` type), [`io`] (files, stdin, number formatting).
+//!   evaluation and the `Run` type), [`io`] (files, stdin, number formatting), [`viz`] (figures
+//!   to PNG/SVG files, model comparisons).
 //!   Adding a binding is one documented `pub fn` in the right module; its `///` comment is what
 //!   the REPL's `:help` shows.
 //! * [`run_file`], [`parse_script_args`], [`parse_device`], [`parse_dtype`]: what `matrepl` needs
@@ -21,6 +22,7 @@ pub mod io;
 pub mod model;
 pub mod tensor;
 pub mod train;
+pub mod viz;
 
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -88,6 +90,7 @@ pub fn engine(session: &Session) -> Engine {
     engine.register_global_module(rhai::exported_module!(data::api).into());
     engine.register_global_module(rhai::exported_module!(io::api).into());
     engine.register_global_module(rhai::exported_module!(train::api).into());
+    engine.register_global_module(rhai::exported_module!(viz::api).into());
     let cancel = session.cancel.clone();
     engine.on_progress(move |_| {
         cancel
