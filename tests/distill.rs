@@ -12,6 +12,7 @@ use std::collections::{BTreeMap, HashMap};
 use candle_core::{DType, Device, Tensor};
 use common::*;
 use matvlm::distill::{distill_loss, DistillBatch, DistillLoss, HiddenLoss, Positions};
+use matvlm::model::decoder::Capture;
 use matvlm::model::hybrid::HybridSpec;
 use matvlm::model::vlm::Vlm;
 use matvlm::train::{AdamW, AdamWConfig, ParamSet, Selection};
@@ -728,4 +729,70 @@ fn probe_at(ds: &Dataset, vlm: &Vlm, i: usize) -> SupervisedBatch {
         &Device::Cpu,
     )
     .unwrap()
+}
+
+#[test]
+fn answer_perplexity_of_a_uniform_model_is_the_vocabulary_and_batching_changes_nothing() {
+    use matvlm::eval::{answer_perplexity, EvalOptions};
+    let world = tempfile::tempdir().unwrap();
+    let tok = small_world(world.path());
+    let model = reduced_teacher(&tok, 3);
+    let val = split(world.path(), "val", &tok, model.config.image_tokens());
+    let opts = EvalOptions {
+        batch_size: 4,
+        limit: Some(6),
+        ..EvalOptions::default()
+    };
+
+    // Zero lm_head: every logit is 0, so every token has probability 1 / vocab.
+    let uniform: HashMap<String, Tensor> = model
+        .named_tensors()
+        .into_iter()
+        .map(|(name, t)| {
+            let t = if name.contains("lm_head") {
+                t.zeros_like().unwrap()
+            } else {
+                t
+            };
+            (name, t)
+        })
+        .collect();
+    let uniform = model.rebuilt(uniform).unwrap();
+    let vocab = model.config.text_config.vocab_size as f64;
+    let r = answer_perplexity(&uniform, &val, &opts).unwrap();
+    assert!(
+        (r.perplexity - vocab).abs() <= 1e-4 * vocab,
+        "uniform model: perplexity {} for a vocabulary of {vocab}",
+        r.perplexity
+    );
+
+    // The batched value against one sample at a time with a plain f64 log-softmax.
+    let (mut total, mut count) = (0.0f64, 0usize);
+    for i in 0..6 {
+        let b = probe_at(&val, &model, i);
+        let (logits, _) = model
+            .forward(&b.rows, b.pixel_values.as_ref(), &Capture::none())
+            .unwrap();
+        let logits: Vec<Vec<f32>> = logits.squeeze(0).unwrap().to_vec2().unwrap();
+        let labels = &b.labels[0];
+        for t in 1..labels.len() {
+            if labels[t] == IGNORE_INDEX {
+                continue;
+            }
+            let row: Vec<f64> = logits[t - 1].iter().map(|&x| x as f64).collect();
+            let max = row.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+            let lse = max + row.iter().map(|x| (x - max).exp()).sum::<f64>().ln();
+            total += lse - row[labels[t] as usize];
+            count += 1;
+        }
+    }
+    let r = answer_perplexity(&model, &val, &opts).unwrap();
+    assert_eq!(r.tokens, count);
+    let expected = (total / count as f64).exp();
+    assert!(
+        (r.perplexity - expected).abs() <= 1e-4 * expected,
+        "batched {} vs one at a time {expected}",
+        r.perplexity
+    );
+    assert!(r.perplexity > 1.0 && r.perplexity < vocab * 10.0);
 }

@@ -327,10 +327,8 @@ fn init_compare_distils_both_inits_and_reports_their_kl_curves() {
     assert_eq!(inits, ["attention", "random"]);
     for (r, init) in runs.iter().zip(inits) {
         // The curve in the summary is the run's own `kl` metric, step by step.
-        let metrics = std::fs::read_to_string(
-            out_dir.join("runs").join(init).join("metrics.jsonl"),
-        )
-        .unwrap();
+        let metrics =
+            std::fs::read_to_string(out_dir.join("runs").join(init).join("metrics.jsonl")).unwrap();
         let logged: Vec<f64> = metrics
             .lines()
             .map(|l| serde_json::from_str::<Value>(l).unwrap())
@@ -349,7 +347,10 @@ fn init_compare_distils_both_inits_and_reports_their_kl_curves() {
     // Same seed and data: the two runs differ only by the mixers' initial weights.
     assert_ne!(runs[0]["kl"][0], runs[1]["kl"][0]);
     let stdout = text(&out.stdout);
-    assert!(stdout.contains("Attention vs random initialisation"), "{stdout}");
+    assert!(
+        stdout.contains("Attention vs random initialisation"),
+        "{stdout}"
+    );
 }
 
 #[test]
@@ -381,8 +382,7 @@ fn loss_ablation_runs_each_loss_with_only_its_terms() {
         ("reverse_kl", vec!["reverse_kl"]),
     ] {
         let metrics =
-            std::fs::read_to_string(out_dir.join("runs").join(name).join("metrics.jsonl"))
-                .unwrap();
+            std::fs::read_to_string(out_dir.join("runs").join(name).join("metrics.jsonl")).unwrap();
         for m in metrics
             .lines()
             .map(|l| serde_json::from_str::<Value>(l).unwrap())
