@@ -245,7 +245,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use matvlm::data::{generate_world, Dataset, ImageCheck, LoadOptions, OnBadRecord, WorldConfig};
+use matvlm::data::Dataset;
 use matvlm::eval::{agreement, AgreementOptions};
 use matvlm::teacher::{init_tensors_with_std, vlm_from_tensors, TeacherDims};
 use matvlm::tokenize::{PromptTokenizer, IGNORE_INDEX};
@@ -255,28 +255,11 @@ use matvlm::train::{LrSchedule, ProgressMode, RunDir, StopReason, Trainer};
 
 /// A small generated world: train and val splits, the world's own tokenizer.
 fn small_world(dir: &Path) -> PromptTokenizer {
-    let cfg = WorldConfig {
-        seed: 11,
-        train: 96,
-        val: 16,
-        test: 8,
-        vocab_size: 400,
-        ..WorldConfig::default()
-    };
-    generate_world(&cfg, dir).unwrap();
-    PromptTokenizer::from_file(&dir.join("tokenizer.json")).unwrap()
+    common::small_world(dir, 11, (96, 16, 8))
 }
 
 fn split(dir: &Path, name: &str, tok: &PromptTokenizer, image_tokens: usize) -> Arc<Dataset> {
-    let opts = LoadOptions {
-        max_len: 256,
-        on_bad: OnBadRecord::Fail,
-        image_check: ImageCheck::Decode,
-        image_tokens,
-        cache_images: true,
-    };
-    let path = dir.join(format!("{name}.json"));
-    Arc::new(Dataset::load_with(&path, dir, tok, &opts).unwrap().0)
+    load_split(dir, name, tok, image_tokens)
 }
 
 /// A reduced teacher of 4 decoder layers (so ratio 0.5 swaps layers 0 and 2), randomly

@@ -307,6 +307,16 @@ fn placement_sweep_runs_every_distinct_placement() {
     assert!(stdout.contains("placement sweep at ratio 0.25"), "{stdout}");
 }
 
+/// The `kind: "train"` lines of a run directory's metrics.jsonl, in order.
+fn train_metrics(run_dir: &Path) -> Vec<Value> {
+    std::fs::read_to_string(run_dir.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .filter(|m| m["kind"] == "train")
+        .collect()
+}
+
 #[test]
 fn init_compare_distils_both_inits_and_reports_their_kl_curves() {
     let fx = Fixture::new();
@@ -327,12 +337,8 @@ fn init_compare_distils_both_inits_and_reports_their_kl_curves() {
     assert_eq!(inits, ["attention", "random"]);
     for (r, init) in runs.iter().zip(inits) {
         // The curve in the summary is the run's own `kl` metric, step by step.
-        let metrics =
-            std::fs::read_to_string(out_dir.join("runs").join(init).join("metrics.jsonl")).unwrap();
-        let logged: Vec<f64> = metrics
-            .lines()
-            .map(|l| serde_json::from_str::<Value>(l).unwrap())
-            .filter(|m| m["kind"] == "train")
+        let logged: Vec<f64> = train_metrics(&out_dir.join("runs").join(init))
+            .iter()
             .map(|m| m["kl"].as_f64().unwrap())
             .collect();
         let curve: Vec<f64> = r["kl"]
@@ -381,13 +387,7 @@ fn loss_ablation_runs_each_loss_with_only_its_terms() {
         ("kl_l2", vec!["kl", "hidden"]),
         ("reverse_kl", vec!["reverse_kl"]),
     ] {
-        let metrics =
-            std::fs::read_to_string(out_dir.join("runs").join(name).join("metrics.jsonl")).unwrap();
-        for m in metrics
-            .lines()
-            .map(|l| serde_json::from_str::<Value>(l).unwrap())
-            .filter(|m| m["kind"] == "train")
-        {
+        for m in train_metrics(&out_dir.join("runs").join(name)) {
             let sum: f64 = on.iter().map(|k| m[*k].as_f64().unwrap()).sum();
             let loss = m["loss"].as_f64().unwrap();
             assert!(

@@ -3,14 +3,15 @@
 //! every parameter, the loss falling over a few steps, evaluation reports, and the save/load
 //! round trip of a teacher-shaped VLM.
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
-use matvlm::data::{
-    generate_world, Dataset, ImageCheck, LoadOptions, Loader, OnBadRecord, WorldConfig,
-};
+use common::load_split;
+use matvlm::data::{Dataset, Loader};
 use matvlm::eval::{evaluate, EvalMode, EvalOptions, EvalReport, ImageInput};
 use matvlm::generate::GenerateOptions;
 use matvlm::model::decoder::Capture;
@@ -24,28 +25,11 @@ use matvlm::train::{LrSchedule, ParamSet, ProgressMode, RunDir, Selection, Train
 
 /// A small world: a few hundred training samples, the default layout (48 px, 3 x 3 grid).
 fn small_world(dir: &Path) -> PromptTokenizer {
-    let cfg = WorldConfig {
-        seed: 7,
-        train: 256,
-        val: 24,
-        test: 36,
-        vocab_size: 400,
-        ..WorldConfig::default()
-    };
-    generate_world(&cfg, dir).unwrap();
-    PromptTokenizer::from_file(&dir.join("tokenizer.json")).unwrap()
+    common::small_world(dir, 7, (256, 24, 36))
 }
 
 fn load(dir: &Path, split: &str, tok: &PromptTokenizer, image_tokens: usize) -> Arc<Dataset> {
-    let opts = LoadOptions {
-        max_len: 256,
-        on_bad: OnBadRecord::Fail,
-        image_check: ImageCheck::Decode,
-        image_tokens,
-        cache_images: true,
-    };
-    let (ds, _) = Dataset::load_with(&dir.join(format!("{split}.json")), dir, tok, &opts).unwrap();
-    Arc::new(ds)
+    load_split(dir, split, tok, image_tokens)
 }
 
 /// A reduced teacher over Vars, its parameter set and its config.

@@ -61,3 +61,44 @@ pub fn scratch_copy(area: &str) -> tempfile::TempDir {
     }
     dir
 }
+
+/// Generate a small synthetic world into `dir` (default layout: 48 px, 3 x 3 grid) with the given
+/// seed and split sizes; returns the world's own tokenizer.
+pub fn small_world(
+    dir: &Path,
+    seed: u64,
+    (train, val, test): (usize, usize, usize),
+) -> matvlm::tokenize::PromptTokenizer {
+    let cfg = matvlm::data::WorldConfig {
+        seed,
+        train,
+        val,
+        test,
+        vocab_size: 400,
+        ..matvlm::data::WorldConfig::default()
+    };
+    matvlm::data::generate_world(&cfg, dir).unwrap();
+    matvlm::tokenize::PromptTokenizer::from_file(&dir.join("tokenizer.json")).unwrap()
+}
+
+/// One split of a world made by [`small_world`], images decoded and cached.
+pub fn load_split(
+    dir: &Path,
+    split: &str,
+    tok: &matvlm::tokenize::PromptTokenizer,
+    image_tokens: usize,
+) -> std::sync::Arc<matvlm::data::Dataset> {
+    let opts = matvlm::data::LoadOptions {
+        max_len: 256,
+        on_bad: matvlm::data::OnBadRecord::Fail,
+        image_check: matvlm::data::ImageCheck::Decode,
+        image_tokens,
+        cache_images: true,
+    };
+    let path = dir.join(format!("{split}.json"));
+    std::sync::Arc::new(
+        matvlm::data::Dataset::load_with(&path, dir, tok, &opts)
+            .unwrap()
+            .0,
+    )
+}
