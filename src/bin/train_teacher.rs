@@ -2,7 +2,7 @@
 //! TinyLLaVA layout with its evaluation.
 //!
 //! ```text
-//! cargo run --release --bin train_teacher -- --out assets/tiny-teacher
+//! cargo run --release --features cuda --bin train_teacher -- --device cuda --out assets/tiny-teacher
 //! ```
 //!
 //! Generates the world into `runs/world` when missing, trains with checkpoints in `runs/teacher`
@@ -76,14 +76,14 @@ struct Args {
     #[arg(long, default_value_os_t = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("runs/teacher"))]
     run_dir: PathBuf,
     /// Optimiser steps (the whole budget; the learning-rate schedule spans them).
-    #[arg(long, default_value_t = 3000)]
+    #[arg(long, default_value_t = 9000)]
     steps: usize,
     #[arg(long, default_value_t = 256)]
     batch: usize,
     /// Peak learning rate (linear warmup, then cosine decay to a tenth of it).
-    #[arg(long, default_value_t = 1e-3)]
+    #[arg(long, default_value_t = 1.5e-3)]
     lr: f64,
-    #[arg(long, default_value_t = 200)]
+    #[arg(long, default_value_t = 300)]
     warmup: usize,
     #[arg(long, default_value_t = 0.05)]
     weight_decay: f64,
@@ -91,7 +91,7 @@ struct Args {
     #[arg(long, default_value_t = 1.0)]
     clip: f64,
     /// Evaluate on val (teacher forced) every this many steps.
-    #[arg(long, default_value_t = 500)]
+    #[arg(long, default_value_t = 1000)]
     eval_every: usize,
     #[arg(long, default_value_t = 500)]
     save_every: usize,
@@ -285,7 +285,16 @@ fn main() -> anyhow::Result<()> {
         cast_tf.summary()
     );
     let limit = args.generate_limit.or(args.test_limit);
-    let (real, blank) = generated(&shipped, &test, limit)?;
+    let (real, blank) = match limit {
+        Some(0) => {
+            eprintln!("generation skipped (--generate-limit 0): complete it with --eval-only");
+            (None, None)
+        }
+        _ => {
+            let (real, blank) = generated(&shipped, &test, limit)?;
+            (Some(real), Some(blank))
+        }
+    };
 
     write_eval(
         &args.out,
@@ -299,8 +308,8 @@ fn main() -> anyhow::Result<()> {
             process_s: started.elapsed().as_secs_f64(),
             resumed: summary.resumed_from.is_some(),
             dtype,
-            test: &real,
-            blank: &blank,
+            test: real.as_ref(),
+            blank: blank.as_ref(),
             f32_tf: &f32_tf,
             cast_tf: &cast_tf,
             world: &world_cfg,
@@ -334,7 +343,8 @@ fn generated(
 }
 
 /// `--eval-only`: evaluate the saved checkpoint on the whole test split and put the results in
-/// its eval.json (training facts already there are kept).
+/// its eval.json (training facts already there are kept; when `--run-dir` holds the run that made
+/// the checkpoint, its configuration, step count and training seconds are recorded too).
 fn eval_only(args: &Args, test: &Dataset, device: &Device) -> anyhow::Result<()> {
     let dir = args.out.to_str().context("non-UTF-8 output path")?;
     let vlm = Vlm::load(dir, DType::F32, device)?;
@@ -355,10 +365,39 @@ fn eval_only(args: &Args, test: &Dataset, device: &Device) -> anyhow::Result<()>
     value["test_blank_image_generate"] = serde_json::to_value(&blank)?;
     value["test_teacher_forced_saved"] = serde_json::to_value(&cast_tf)?;
     value["eval_command"] = json!(std::env::args().collect::<Vec<_>>().join(" "));
+    if let Some(facts) = run_facts(&args.run_dir)? {
+        for (key, v) in facts {
+            value[key] = v;
+        }
+    }
     let text = serde_json::to_string_pretty(&value)?;
     matvlm::checkpoint::write_atomic(&path, format!("{text}\n").as_bytes())?;
     eprintln!("updated {}", path.display());
     Ok(())
+}
+
+/// The training configuration, last step and seconds of steps of the run in `run_dir`, when there
+/// is one there (`None` when the folder holds no run).
+fn run_facts(run_dir: &Path) -> anyhow::Result<Option<Vec<(&'static str, serde_json::Value)>>> {
+    if !run_dir.join("config.json").is_file() {
+        return Ok(None);
+    }
+    let run = RunDir::open(run_dir)?;
+    let config = run
+        .read_config()?
+        .with_context(|| format!("{} has no config.json", run_dir.display()))?;
+    let last_step = run
+        .read_metrics()?
+        .iter()
+        .filter(|m| m["kind"] == "train")
+        .filter_map(|m| m["step"].as_u64())
+        .max()
+        .unwrap_or(0);
+    Ok(Some(vec![
+        ("train_config", config["train"].clone()),
+        ("steps", json!(last_step)),
+        ("train_step_seconds", json!(training_seconds(run_dir)?)),
+    ]))
 }
 
 /// Seconds spent in optimiser steps over the whole run (resumed parts included), from the run's
@@ -383,8 +422,9 @@ struct EvalFile<'a> {
     process_s: f64,
     resumed: bool,
     dtype: DType,
-    test: &'a EvalReport,
-    blank: &'a EvalReport,
+    /// `None` when generation was skipped (`--generate-limit 0`).
+    test: Option<&'a EvalReport>,
+    blank: Option<&'a EvalReport>,
     f32_tf: &'a EvalReport,
     cast_tf: &'a EvalReport,
     world: &'a matvlm::data::WorldConfig,

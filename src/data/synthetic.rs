@@ -1003,8 +1003,13 @@ fn remove_old_images(images_dir: &Path) -> Result<()> {
 }
 
 /// Make sure `dir` holds the world of `cfg`: generate it when it is missing, incomplete, or was
-/// made from a different config.
+/// made from a different config. Processes sharing `dir` (parallel tests, a REPL beside a run)
+/// take turns through a lock file there, so one generates and the others find it done.
 pub fn ensure_world(dir: &Path, cfg: &WorldConfig) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    let lock_path = dir.join(".generating.lock");
+    let lock = std::fs::File::create(&lock_path).map_err(|e| Error::io(&lock_path, e))?;
+    lock.lock().map_err(|e| Error::io(&lock_path, e))?;
     let complete = ["train.json", "val.json", "test.json", "tokenizer.json"]
         .iter()
         .all(|f| dir.join(f).is_file());

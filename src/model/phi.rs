@@ -155,7 +155,8 @@ impl PhiAttention {
         // Scores and softmax in f32 (as HF does for half precision), then back.
         let dtype = x.dtype();
         let scale = 1.0 / (self.head_dim as f64).sqrt();
-        let scores = (upcast(&q)?.matmul(&upcast(&k)?.t()?)? * scale)?;
+        // The rotary output of a single decoded token can carry strides CUDA's matmul rejects.
+        let scores = (upcast(&q)?.contiguous()?.matmul(&upcast(&k)?.t()?)? * scale)?;
         let total = offset + t;
         let scores = if t > 1 {
             scores.broadcast_add(&causal_mask(t, total, offset, x.device())?)?

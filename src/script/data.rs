@@ -43,7 +43,7 @@ pub fn default_world_dir() -> PathBuf {
 
 /// The options `dataset("synthetic", ...)` reads itself; every other key is a [`WorldConfig`]
 /// field.
-const SYNTHETIC_KEYS: [&str; 3] = ["dir", "split", "max_len"];
+const SYNTHETIC_KEYS: [&str; 4] = ["dir", "split", "max_len", "tokenizer"];
 
 fn synthetic(options: Map) -> RhaiResult<Data> {
     // WorldConfig rejects the keys that are neither ours nor its fields (deny_unknown_fields).
@@ -74,7 +74,12 @@ fn synthetic(options: Map) -> RhaiResult<Data> {
         )));
     }
     crate::data::ensure_world(&dir, &cfg).or_rhai()?;
-    let tokenizer = PromptTokenizer::from_file(&dir.join("tokenizer.json")).or_rhai()?;
+    // A model's tokenizer wins over the world's own: a world's BPE depends on its samples, so a
+    // smaller world made from the same config numbers its tokens differently from the teacher's.
+    let tokenizer = match tokenizer_option(&o)? {
+        Some(t) => t,
+        None => PromptTokenizer::from_file(&dir.join("tokenizer.json")).or_rhai()?,
+    };
     let opts = LoadOptions {
         max_len: o
             .count("max_len")?
@@ -92,6 +97,21 @@ fn synthetic(options: Map) -> RhaiResult<Data> {
     })
 }
 
+/// The `tokenizer` option: a Model's tokenizer, or a tokenizer.json path.
+fn tokenizer_option(o: &Opts<'_>) -> RhaiResult<Option<PromptTokenizer>> {
+    let Some(v) = o.value("tokenizer") else {
+        return Ok(None);
+    };
+    let tokenizer = match v.read_lock::<Model>() {
+        Some(m) => m.vlm.tokenizer().or_rhai()?.clone(),
+        None => PromptTokenizer::from_file(&PathBuf::from(
+            o.string("tokenizer")?.unwrap_or_default(),
+        ))
+        .or_rhai()?,
+    };
+    Ok(Some(tokenizer))
+}
+
 fn llava(path: &str, options: Map) -> RhaiResult<Data> {
     let o = Opts::new(
         "dataset",
@@ -103,21 +123,11 @@ fn llava(path: &str, options: Map) -> RhaiResult<Data> {
         Some(p) => p,
         None => json.parent().map(Path::to_path_buf).unwrap_or_default(),
     };
-    let tokenizer = match o.value("tokenizer") {
-        None => {
-            return Err(runtime_error(
-                "dataset: option `tokenizer` is required (a Model, or a tokenizer.json path)"
-                    .into(),
-            ))
-        }
-        Some(v) => match v.read_lock::<Model>() {
-            Some(m) => m.vlm.tokenizer().or_rhai()?.clone(),
-            None => PromptTokenizer::from_file(&PathBuf::from(
-                o.string("tokenizer")?.unwrap_or_default(),
-            ))
-            .or_rhai()?,
-        },
-    };
+    let tokenizer = tokenizer_option(&o)?.ok_or_else(|| {
+        runtime_error(
+            "dataset: option `tokenizer` is required (a Model, or a tokenizer.json path)".into(),
+        )
+    })?;
     let on_bad = match o.string("on_bad")?.as_deref() {
         None | Some("skip") => OnBadRecord::Skip,
         Some("fail") => OnBadRecord::Fail,
@@ -154,10 +164,12 @@ pub mod api {
         dataset_with(ctx, source, Map::new())
     }
 
-    /// `dataset("synthetic", #{ dir, split: "train" | "val" | "test", max_len, ...world })`: a
-    /// split of a synthetic world, generated into `dir` when missing or different (any field of
-    /// the world config may be given: seed, train, val, test, image_size, grid, ...; a
-    /// non-default world needs its own `dir`).
+    /// `dataset("synthetic", #{ dir, split: "train" | "val" | "test", max_len, tokenizer,
+    /// ...world })`: a split of a synthetic world, generated into `dir` when missing or different
+    /// (any field of the world config may be given: seed, train, val, test, image_size, grid, ...;
+    /// a non-default world needs its own `dir`). Tokenised with `tokenizer` (a model or a
+    /// tokenizer.json path) when given, else with the world's own tokenizer: pass the model you
+    /// will train or evaluate, since a world's BPE numbering depends on its samples.
     /// `dataset("file.json", #{ tokenizer: model_or_path, images: dir, max_len: 3072,
     /// on_bad: "skip" | "fail" })`: LLaVA / ShareGPT4V records, images relative to `images`
     /// (default: the JSON's folder).
