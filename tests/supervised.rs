@@ -329,3 +329,33 @@ fn a_teacher_saves_and_loads_in_the_tinyllava_layout() {
         0.0
     );
 }
+
+/// The committed tiny teacher answers questions about scenes it never saw: a fresh world from
+/// the teacher's config with another seed, tokenised with the teacher's own tokenizer (a small
+/// world's BPE numbers its tokens differently from the 100 000-sample world the teacher learnt),
+/// teacher forced; and with blank images it falls to about the question-only level.
+#[test]
+fn the_committed_teacher_knows_its_world() {
+    let teacher_dir = matvlm::teacher::default_teacher_path();
+    let teacher = Vlm::load(teacher_dir.to_str().unwrap(), DType::F32, &Device::Cpu).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = matvlm::data::WorldConfig {
+        seed: 7,
+        train: 8,
+        val: 8,
+        test: 300,
+        ..matvlm::teacher::teacher_world_config()
+    };
+    matvlm::data::generate_world(&cfg, dir.path()).unwrap();
+    let tok = teacher.tokenizer().unwrap();
+    let test = load_split(dir.path(), "test", tok, teacher.config.image_tokens());
+    let opts = |image| EvalOptions {
+        mode: EvalMode::TeacherForced,
+        image,
+        ..EvalOptions::default()
+    };
+    let real = evaluate(&teacher, &test, &opts(ImageInput::Real)).unwrap();
+    assert!(real.accuracy >= 0.95, "{}", real.summary());
+    let blank = evaluate(&teacher, &test, &opts(ImageInput::Blank)).unwrap();
+    assert!(blank.accuracy <= 0.35, "{}", blank.summary());
+}
