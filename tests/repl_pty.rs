@@ -44,7 +44,11 @@ fn completion_multi_line_caret_and_ctrl_c_on_a_terminal() {
     p.send("\t").unwrap();
     p.flush().unwrap();
     p.exp_string("load_model").unwrap();
-    entry(&mut p, &format!("({teacher:?}); m.layers().len() * 1001"), "4004");
+    entry(
+        &mut p,
+        &format!("({teacher:?}); m.layers().len() * 1001"),
+        "4004",
+    );
 
     // A function definition over three lines: the open brace keeps the entry going.
     p.send_line("fn twice(x) {").unwrap();

@@ -104,10 +104,10 @@ fn tokenizer_option(o: &Opts<'_>) -> RhaiResult<Option<PromptTokenizer>> {
     };
     let tokenizer = match v.read_lock::<Model>() {
         Some(m) => m.vlm.tokenizer().or_rhai()?.clone(),
-        None => PromptTokenizer::from_file(&PathBuf::from(
-            o.string("tokenizer")?.unwrap_or_default(),
-        ))
-        .or_rhai()?,
+        None => {
+            PromptTokenizer::from_file(&PathBuf::from(o.string("tokenizer")?.unwrap_or_default()))
+                .or_rhai()?
+        }
     };
     Ok(Some(tokenizer))
 }
