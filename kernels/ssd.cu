@@ -134,13 +134,27 @@ extern "C" __global__ void mamba2_ssd_state_passing(float* __restrict__ states,
     const int e = blockIdx.x * NTHREADS + threadIdx.x, bh = blockIdx.y;
     if (e >= PN) return;
     float s = initial ? initial[(long)bh * PN + e] : 0.0f;
-    for (int c = 0; c < nc; ++c) {
-        const int q_len = min(Q, L - c * Q);
-        const float decay = decay_exp(cum[((long)bh * nc + c) * Q + q_len - 1]);
-        float* slot = states + ((long)bh * nc + c) * PN + e;
-        const float own = *slot;
-        *slot = s;  // the state before chunk c
-        s = decay * s + own;
+    // Four chunks at a time, their loads issued before any store: the recurrence is serial, the
+    // memory latency need not be.
+    for (int c0 = 0; c0 < nc; c0 += 4) {
+        float own[4], decay[4];
+#pragma unroll
+        for (int k = 0; k < 4; ++k) {
+            const int c = c0 + k;
+            if (c < nc) {
+                const int q_len = min(Q, L - c * Q);
+                decay[k] = decay_exp(cum[((long)bh * nc + c) * Q + q_len - 1]);
+                own[k] = states[((long)bh * nc + c) * PN + e];
+            }
+        }
+#pragma unroll
+        for (int k = 0; k < 4; ++k) {
+            const int c = c0 + k;
+            if (c < nc) {
+                states[((long)bh * nc + c) * PN + e] = s;  // the state before chunk c
+                s = decay[k] * s + own[k];
+            }
+        }
     }
     final_state[(long)bh * PN + e] = s;
 }
@@ -301,6 +315,69 @@ __device__ __forceinline__ void state_update(float* __restrict__ state, const T*
     }
 }
 
+// Decode for d_state % 4 == 0, d_state <= 128 and head_dim % 8 == 0 (every Mamba-2 config):
+// the same update, one warp per SU_ROWS state rows of one head, each active lane (N / 4 of them)
+// moving 16 bytes of a row. The state is the only large operand (B * H * P * N f32, read and
+// written once), so the kernel is a copy: a warp first issues every load it needs (its rows of
+// the state, then the head's scalars, its 4 entries of B and C, the rows' x and z), and only
+// then computes and stores, so enough bytes are in flight to approach the copy bandwidth.
+#define SU_ROWS 8
+template <typename T>
+__device__ __forceinline__ void state_update_v4(float* __restrict__ state, const T* __restrict__ x,
+                                                const float* __restrict__ dt,
+                                                const float* __restrict__ A,
+                                                const T* __restrict__ Bm, const T* __restrict__ Cm,
+                                                const float* __restrict__ D,
+                                                const T* __restrict__ z, T* __restrict__ y,
+                                                int Bsz, int H, int G, int P, int N) {
+    const long warp = ((long)blockIdx.x * blockDim.x + threadIdx.x) / 32;
+    const int lane = threadIdx.x % 32;
+    const long rows = (long)Bsz * H * P, row0 = warp * SU_ROWS;
+    if (row0 >= rows) return;  // uniform over the warp
+    const bool active = lane < N / 4;
+    float4 sv[SU_ROWS];
+#pragma unroll
+    for (int r = 0; r < SU_ROWS; ++r)
+        if (active) sv[r] = __ldcs(reinterpret_cast<const float4*>(state + (row0 + r) * N) + lane);
+    // P % SU_ROWS == 0 (the caller checks): the warp's rows share one (batch, head).
+    const int b = (int)(row0 / ((long)H * P)), h = (int)((row0 / P) % H), g = h / (H / G);
+    const float dtv = dt[(long)b * H + h], a = A[h], d = D ? D[h] : 0.0f;
+    const long bc = ((long)b * G + g) * N + 4 * (active ? lane : 0);
+    float bv[4], cv[4], xv[SU_ROWS], zv[SU_ROWS];
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+        bv[k] = to_f32(Bm[bc + k]);
+        cv[k] = to_f32(Cm[bc + k]);
+    }
+#pragma unroll
+    for (int r = 0; r < SU_ROWS; ++r) {
+        xv[r] = to_f32(x[row0 + r]);
+        zv[r] = z ? to_f32(z[row0 + r]) : 0.0f;
+    }
+    const float decay = decay_exp(dtv * a);
+#pragma unroll
+    for (int r = 0; r < SU_ROWS; ++r) {
+        const long row = row0 + r;
+        const float coef = dtv * xv[r];
+        float acc = 0.0f;
+        if (active) {
+            float4 v = sv[r];
+            v.x = v.x * decay + coef * bv[0];
+            v.y = v.y * decay + coef * bv[1];
+            v.z = v.z * decay + coef * bv[2];
+            v.w = v.w * decay + coef * bv[3];
+            __stcs(reinterpret_cast<float4*>(state + row * N) + lane, v);
+            acc = v.x * cv[0] + v.y * cv[1] + v.z * cv[2] + v.w * cv[3];
+        }
+        acc = warp_sum(acc);
+        if (lane == 0) {
+            float o = acc + d * xv[r];
+            if (z) o *= silu_f32(zv[r]);
+            y[row] = from_f32<T>(o);
+        }
+    }
+}
+
 #define SSD_ENTRY(T, S)                                                                            \
     extern "C" __global__ void __launch_bounds__(NTHREADS)                                         \
         mamba2_ssd_chunk_state_##S(const T* x, const float* dt, const float* A, const T* Bm,        \
@@ -318,5 +395,12 @@ __device__ __forceinline__ void state_update(float* __restrict__ state, const T*
         float* state, const T* x, const float* dt, const float* A, const T* Bm, const T* Cm,        \
         const float* D, const T* z, T* y, int Bsz, int H, int G, int P, int N) {                    \
         state_update<T>(state, x, dt, A, Bm, Cm, D, z, y, Bsz, H, G, P, N);                         \
+    }                                                                                               \
+    extern "C" __global__ void mamba2_ssd_state_update_v4_##S(                                      \
+        float* __restrict__ state, const T* __restrict__ x, const float* __restrict__ dt,           \
+        const float* __restrict__ A, const T* __restrict__ Bm, const T* __restrict__ Cm,            \
+        const float* __restrict__ D, const T* __restrict__ z, T* __restrict__ y, int Bsz, int H,    \
+        int G, int P, int N) {                                                                      \
+        state_update_v4<T>(state, x, dt, A, Bm, Cm, D, z, y, Bsz, H, G, P, N);                      \
     }
 FOR_EACH_DTYPE(SSD_ENTRY)

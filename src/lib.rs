@@ -8,6 +8,7 @@ pub mod benchmarks;
 pub mod checkpoint;
 pub mod config;
 pub mod data;
+pub mod device;
 pub mod display;
 pub mod distill;
 pub mod error;

@@ -79,7 +79,7 @@ ours, peer = load(sys.argv[1]), load(sys.argv[2])
 BW = 4.3e3  # GB/s the machine copies at (device-run notes)
 print(f"{'what':<34} {'ours ms':>9} {'triton ms':>10} {'ratio':>7} {'our GB/s':>9}")
 for r in ours:
-    if r.get("impl") != "kernel" and r.get("name") != "scan_fwd_bwd":
+    if r.get("impl") != "kernel":
         continue
     if r.get("name") in ("scan_fwd", "scan_fwd_bwd"):
         key = lambda p: (p.get("section") == "a" and p.get("name") == r["name"] and p.get("batch") == r["batch"]

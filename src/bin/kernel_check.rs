@@ -2,7 +2,7 @@
 //!
 //! For each shape (the Phi-2 hybrid mixer's: 32 heads x 80, d_state 80, 32 groups, chunk 256;
 //! and odd ones: lengths not a multiple of the chunk, one group, groups = heads, batch > 1,
-//! small odd sizes) and each dtype (f32, bf16), the same inputs run through `fused::*` on the
+//! small odd sizes, and shapes for the tensor-core passes) and each dtype (f32, f16, bf16), the same inputs run through `fused::*` on the
 //! GPU (the kernels) and on the CPU (the generic code), and the whole mixer (prefill, then
 //! decode steps) likewise. Prints one JSON line per comparison, `max_abs` and `rel` =
 //! max |gpu - cpu| / max |cpu|, against the tolerance stated in [`tolerance`]; exits 1 if any
@@ -19,12 +19,22 @@ use matvlm::model::mamba2::{fused, Mamba2, Mamba2Config};
 /// cumsum, tiled vs BLAS dot products): 1e-4 of the output's range (observed CPU-vs-CPU
 /// reorderings are ~1e-6). bf16 outputs: one bf16 rounding is 2^-8 = 0.4% of a value; the two
 /// sides may round a value that sits near a boundary differently and, in the mixer, feed that
-/// into the next stage: 2e-2. f32 states from bf16 inputs: inputs are identical, so 1e-3 (the
-/// mixer's states take bf16-rounded conv outputs that may differ by one rounding: 2e-2 there).
+/// into the next stage: 2e-2. f32 states from 16-bit inputs: the tensor-core passes round each
+/// weighted input dt_j exp(cum_last - cum_j) x_j to the input dtype before the product, as
+/// upstream's Triton kernels do (one rounding, 2^-8 in bf16, per term of a sum of up to a chunk
+/// of terms: ~2.5e-3 seen): 1e-2 (the mixer's states: 2e-2, as its outputs).
+///
+/// Gradients of the scan (`Stage::Grad`): f32 runs the generic path on both sides (no f32
+/// backward kernel), through a chain of reductions in different orders: 1e-3. f16/bf16 run the
+/// backward kernels, which round each operand of a tensor-core product (scores, their
+/// gradients, weighted inputs) to the input dtype once, as upstream's Triton backward does, and
+/// sum up to a chunk of such terms (dA and dD sum over every position): 3e-2.
 fn tolerance(input: DType, out: DType, stage: Stage) -> f64 {
     match (input, out, stage) {
+        (DType::F32, _, Stage::Grad) => 1e-3,
+        (_, _, Stage::Grad) => 3e-2,
         (DType::F32, _, _) => 1e-4,
-        (_, DType::F32, Stage::Kernel) => 1e-3,
+        (_, DType::F32, Stage::Kernel) => 1e-2,
         _ => 2e-2,
     }
 }
@@ -35,6 +45,8 @@ enum Stage {
     Kernel,
     /// The whole mixer (stages feed each other).
     Mixer,
+    /// Gradients of the scan's inputs (backward kernels on the GPU, generic autograd on the CPU).
+    Grad,
 }
 
 struct Case {
@@ -78,6 +90,10 @@ const CASES: &[Case] = &[
     case("odd b3 L150 h6x24 n20 g2 q64", 3, 150, 6, 24, 20, 2, 64),
     case("odd b2 L97 h4x33 n17 g4 q32", 2, 97, 4, 33, 17, 4, 32),
     case("odd b1 L1 h4x16 n16 g1 q256", 1, 1, 4, 16, 16, 1, 256),
+    // Shapes the tensor-core passes take in f16/bf16 (head_dim, d_state multiples of 16): head
+    // dim != d_state, several row tiles and source tiles with a tail, the largest tile sizes.
+    case("tc b2 L200 h4x32 n48 g2 q128", 2, 200, 4, 32, 48, 2, 128),
+    case("tc b1 L70 h2x128 n128 g1 q64", 1, 70, 2, 128, 128, 1, 64),
 ];
 
 struct Report {
@@ -219,6 +235,62 @@ fn check_case(k: &Case, dtype: DType, gpu: &Device, r: &mut Report) -> matvlm::R
         }
     }
 
+    // Gradients of every input of the gated scan, through loss = sum(y * w).
+    let names = ["x", "dt", "A", "B", "C", "D", "z"];
+    let w = Tensor::randn(0f32, 1.0, i.x.dims(), cpu)?;
+    let run_grad = |dev: &Device| -> matvlm::Result<Vec<Tensor>> {
+        let vars = [
+            act(&i.x, dev)?,
+            f32_on(&i.dt, dev)?,
+            f32_on(&i.a, dev)?,
+            act(&i.b, dev)?,
+            act(&i.c, dev)?,
+            f32_on(&i.d, dev)?,
+            act(&i.z, dev)?,
+        ]
+        .into_iter()
+        .map(|t| candle_core::Var::from_tensor(&t))
+        .collect::<candle_core::Result<Vec<_>>>()?;
+        let t: Vec<&Tensor> = vars.iter().map(|v| v.as_tensor()).collect();
+        let (y, _) = fused::chunked_scan(
+            t[0],
+            t[1],
+            t[2],
+            t[3],
+            t[4],
+            Some(t[5]),
+            Some(t[6]),
+            k.chunk,
+            None,
+        )?;
+        let loss = (y.to_dtype(DType::F32)? * w.to_device(dev)?)?.sum_all()?;
+        let grads = loss.backward()?;
+        t.iter()
+            .zip(names)
+            .map(|(v, name)| {
+                grads
+                    .get(v)
+                    .cloned()
+                    .ok_or_else(|| matvlm::Error::Invalid(format!("no gradient for {name}")))
+            })
+            .collect()
+    };
+    match (run_grad(gpu), run_grad(cpu)) {
+        (Ok(gg), Ok(gc)) => {
+            for ((g, c), input) in gg.iter().zip(&gc).zip(names) {
+                r.compare(
+                    name,
+                    dtype,
+                    &format!("ssd grad d{input}"),
+                    g,
+                    c,
+                    Stage::Grad,
+                );
+            }
+        }
+        (Err(e), _) | (_, Err(e)) => r.error(name, dtype, "ssd grad", e),
+    }
+
     // Decode step from the initial state, in place on the GPU, with the gate.
     let step_x = |t: &Tensor| t.narrow(1, 0, 1).and_then(|t| t.squeeze(1));
     let run_step = |dev: &Device| -> matvlm::Result<(Tensor, Tensor)> {
@@ -284,7 +356,7 @@ fn check_case(k: &Case, dtype: DType, gpu: &Device, r: &mut Report) -> matvlm::R
 
 fn main() -> std::process::ExitCode {
     let quick = std::env::args().any(|a| a == "--quick");
-    let gpu = match Device::new_cuda(0) {
+    let gpu = match matvlm::device::cuda(0) {
         Ok(d) => d,
         Err(e) => {
             eprintln!("kernel_check: no CUDA device: {e}");
@@ -303,7 +375,7 @@ fn main() -> std::process::ExitCode {
         if quick && k.heads == 32 {
             continue;
         }
-        for dtype in [DType::F32, DType::BF16] {
+        for dtype in [DType::F32, DType::F16, DType::BF16] {
             if let Err(e) = check_case(k, dtype, &gpu, &mut r) {
                 r.error(k.name, dtype, "setup", e);
             }

@@ -223,7 +223,7 @@ pub fn parse_device(s: &str) -> Result<Device> {
             "device `{s}`: this build has no CUDA support; rebuild with `--features cuda`"
         )));
     }
-    Ok(Device::new_cuda(ordinal)?)
+    crate::device::cuda(ordinal)
 }
 
 /// `f32`, `bf16` or `f16`.

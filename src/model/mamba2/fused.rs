@@ -5,10 +5,12 @@
 //! dtype is f32, f16 or bf16, the sizes fit the kernels, kernels are not switched off
 //! ([`set_kernels`], or `MATVLM_MAMBA2_KERNELS=0`), and no input tracks gradients.
 //!
-//! Backward: the kernels have none in this first landing. Under autograd (any input tracks an
-//! op, as in distillation where the mixer's parameters are `Var`s) the generic path runs
-//! instead, forward and backward, through candle's differentiable ops on the same device: the
-//! recompute-through-candle route issue 7 allows for training. Inference uses the kernels.
+//! Backward: under autograd (any input tracks an op, as in distillation where the mixer's
+//! parameters are `Var`s) the SSD scan runs as one differentiable op with backward kernels
+//! (kernels/ssd_bwd.cu) when its activations are f16/bf16 with head_dim and d_state multiples
+//! of 16; otherwise (f32, odd sizes) the generic path runs, forward and backward, through
+//! candle's differentiable ops on the same device. The conv and the gated norm always take the
+//! generic path under autograd (they are cheap beside the scan).
 //!
 //! Without the feature, or on the CPU, every function here is the generic code (plus the SiLU
 //! or gate the kernels fuse), so the CPU tests exercise this dispatch too.
@@ -158,6 +160,10 @@ pub fn chunked_scan(
     initial: Option<&Tensor>,
 ) -> Result<(Tensor, Tensor)> {
     #[cfg(feature = "cuda")]
+    if let Some(out) = train_scan(x, dt, a, b, c, d, z, chunk_size, initial)? {
+        return Ok(out);
+    }
+    #[cfg(feature = "cuda")]
     if use_kernels(&[Some(x), Some(dt), Some(a), Some(b), Some(c), d, z, initial]) {
         let dims = ssd::scan_dims(x, dt, a, b, c, d, initial)?;
         let same_dtype = b.dtype() == x.dtype()
@@ -190,6 +196,80 @@ pub fn chunked_scan(
     }
     let (y, s) = ssd::chunked(x, dt, a, b, c, d, chunk_size, initial)?;
     Ok((gate(&y, z)?, s))
+}
+
+/// The chunked scan under autograd on CUDA, when the backward kernels take it: some input
+/// tracks gradients, all are on CUDA, the activations are f16/bf16 with head_dim and d_state
+/// multiples of 16 (<= 128), and the initial state (if any) needs no gradient. x, B and C are
+/// packed into one tensor (the kernels' layout; the mixer's conv output has it), dt, A and D
+/// into another (candle's custom ops take three differentiable inputs: those two and the gate).
+/// `None` when the generic path must run.
+#[cfg(feature = "cuda")]
+#[allow(clippy::too_many_arguments)]
+fn train_scan(
+    x: &Tensor,
+    dt: &Tensor,
+    a: &Tensor,
+    b: &Tensor,
+    c: &Tensor,
+    d: Option<&Tensor>,
+    z: Option<&Tensor>,
+    chunk_size: usize,
+    initial: Option<&Tensor>,
+) -> Result<Option<(Tensor, Tensor)>> {
+    let all = [Some(x), Some(dt), Some(a), Some(b), Some(c), d, z, initial];
+    let tracked = all.iter().flatten().any(|t| t.track_op());
+    if !tracked
+        || !kernels_enabled()
+        || !all.iter().flatten().all(|t| t.device().is_cuda())
+        || initial.is_some_and(|t| t.track_op())
+        || chunk_size == 0
+    {
+        return Ok(None);
+    }
+    let dims = ssd::scan_dims(x, dt, a, b, c, d, initial)?;
+    let same_dtype = b.dtype() == x.dtype()
+        && c.dtype() == x.dtype()
+        && z.is_none_or(|z| z.dtype() == x.dtype() && z.dims() == x.dims());
+    if dims.len == 0
+        || !same_dtype
+        || !super::kernels::ssd_train_supported(x.dtype(), dims.head_dim, dims.d_state)
+    {
+        return Ok(None);
+    }
+    let (bsz, len, h, p) = x.dims4()?;
+    let (g, n) = (b.dim(2)?, b.dim(3)?);
+    let xbc = Tensor::cat(
+        &[
+            &x.reshape((bsz, len, h * p))?,
+            &b.reshape((bsz, len, g * n))?,
+            &c.reshape((bsz, len, g * n))?,
+        ],
+        2,
+    )?;
+    let d = match d {
+        Some(d) => d.to_dtype(DType::F32)?,
+        None => Tensor::zeros(h, DType::F32, x.device())?,
+    };
+    let dtad = Tensor::cat(
+        &[
+            &dt.to_dtype(DType::F32)?.flatten_all()?,
+            &a.to_dtype(DType::F32)?,
+            &d,
+        ],
+        0,
+    )?;
+    let z = z.map(|z| z.contiguous()).transpose()?;
+    let init = initial.map(f32c).transpose()?;
+    let (y, s) = super::kernels::ssd_chunked_train(
+        &xbc,
+        z.as_ref(),
+        &dtad,
+        (h, p, g, n),
+        chunk_size,
+        init.as_ref(),
+    )?;
+    Ok(Some((y, s)))
 }
 
 /// One decoding step ([`ssd::step`]) with an optional gate `z [B, H, P]`; `state` advances (in

@@ -1,0 +1,701 @@
+// Backward of the chunked SSD scan (forward: ssd_tc.cu, algebra in ssd.cu) on tensor cores,
+// for the shapes the tensor-core forward takes (f16/bf16, head_dim and d_state multiples of 16
+// up to 128). Per (batch b, head h, chunk c), with i a target and j a source step of the chunk,
+// cum the chunk-local cumsum of dt A, cl = cum at the chunk's last step, S the state before the
+// chunk (the forward's `states`), g = dy and Xd_j = dt_j x_j:
+//   y_i  = exp(cum_i) S C_i + sum_{j<=i} M_ij Xd_j + D x_i,  M_ij = (C_i . B_j) exp(cum_i - cum_j)
+//   S'   = exp(cl) S + sum_j exp(cl - cum_j) Xd_j B_j^T       (the state after the chunk)
+// Gradients (dOwn = gradient of S', zero after the last chunk; dM_ij = g_i . Xd_j):
+//   dS     = sum_i exp(cum_i) g_i C_i^T + exp(cl) dOwn                       (passes 1, 2)
+//   dXd_j  = sum_{i>=j} M_ij g_i + exp(cl - cum_j) dOwn B_j                   (pass 3a)
+//   dx_j   = dt_j dXd_j + D g_j,   ddt_j = x_j . dXd_j + A ddA_j
+//   dB_j   = sum_{i>=j} dM_ij exp(cum_i - cum_j) C_i + exp(cl - cum_j) dOwn^T Xd_j   (pass 3a)
+//   dC_i   = sum_{j<=i} dM_ij exp(cum_i - cum_j) B_j + exp(cum_i) S^T g_i            (pass 3b)
+//   dcum_i = sum_{j<=i} T_ij - sum_{k>=i} T_ki + U_i - V_i, plus, at the last step, sum_j V_j + W
+//            with T_ij = M_ij dM_ij, U_i = exp(cum_i) g_i . (S C_i),
+//            V_j = exp(cl - cum_j) Xd_j . (dOwn B_j), W = exp(cl) <S, dOwn>
+//   ddA_k  = sum_{i>=k} dcum_i (pass 4),  dA_h = sum_k dt_k ddA_k,  dD_h = sum_i g_i . x_i
+// Layouts as the forward: x, B, C rows ldx / ldbc apart (column blocks of a packed xBC), dy
+// [B, L, H, P] contiguous, dt [B, L, H] f32, states [B*H, nc, P, N] f32. dx is written with row
+// stride ld_dx, dB / dC with ld_dbc (into the packed gradient of xBC); with fewer groups than
+// heads several heads add into one group's dB / dC, so they go to f32 scratch by atomicAdd and a
+// cast pass writes them.
+#include "tc.cuh"
+
+// ---------------------------------------------------------------------------------------------
+// 1. dS^in_c = sum_i exp(cum_i) g_i C_i^T per chunk. Grid (nc, B*H), 256 threads; shared memory
+//    as the forward chunk state.
+template <typename T, int F>
+__device__ __forceinline__ void bwd_dstates(const T* __restrict__ dy, const float* __restrict__ cum,
+                                            const T* __restrict__ Cm, long ldbc,
+                                            float* __restrict__ ds, int L, int H, int G, int P,
+                                            int N, int Q, int nc) {
+    extern __shared__ __align__(128) unsigned char smem_raw[];
+    const int Qp = (Q + 31) & ~31;
+    float* s_w = reinterpret_cast<float*>(smem_raw) + Qp;  // same layout as chunk_state_tc
+    T* s_u = reinterpret_cast<T*>(s_w + Qp);
+    T* s_v = s_u + TC_J * (P + TC_PAD);
+    const int c = blockIdx.x, bh = blockIdx.y, b = bh / H, h = bh % H, g = h / (H / G);
+    const int t0 = c * Q, q_len = min(Q, L - t0);
+    const float* cum_c = cum + ((long)bh * nc + c) * Q;
+    for (int i = threadIdx.x; i < q_len; i += blockDim.x) s_w[i] = decay_exp(cum_c[i]);
+    weighted_outer_tc<T, F>(dy + ((long)b * L + t0) * H * P + (long)h * P, (long)H * P, s_w,
+                            Cm + ((long)b * L + t0) * ldbc + (long)g * N, ldbc, q_len, P, N, s_u,
+                            s_v, ds + ((long)bh * nc + c) * P * N);
+}
+
+// ---------------------------------------------------------------------------------------------
+// 2. The state recurrence backwards: ds holds dS^in_c and becomes dOwn_c (the gradient of the
+//    state after chunk c); W_c is added to dcl[c]; the initial state's gradient is written when
+//    asked for. Grid (ceil(P N / 256), B*H), 256 threads.
+extern "C" __global__ void __launch_bounds__(256)
+    mamba2_ssd_bwd_state_passing(float* __restrict__ ds, const float* __restrict__ states,
+                                 const float* __restrict__ cum, float* __restrict__ dcl,
+                                 float* __restrict__ dinit, int nc, int Q, int L, int PN) {
+    const int e = blockIdx.x * blockDim.x + threadIdx.x, bh = blockIdx.y;
+    const bool ok = e < PN;
+    float after = 0.0f;  // gradient of the state after the chunk being visited
+    // Four chunks at a time, their loads issued before any store (as the forward's passing).
+    for (int c0 = nc - 1; c0 >= 0; c0 -= 4) {
+        float din[4], st[4], decay[4];
+#pragma unroll
+        for (int k = 0; k < 4; ++k) {
+            const int c = c0 - k;
+            if (c >= 0) {
+                const int q_len = min(Q, L - c * Q);
+                decay[k] = decay_exp(cum[((long)bh * nc + c) * Q + q_len - 1]);
+                const long at = ((long)bh * nc + c) * PN + e;
+                din[k] = ok ? ds[at] : 0.0f;
+                st[k] = ok ? states[at] : 0.0f;
+            }
+        }
+#pragma unroll
+        for (int k = 0; k < 4; ++k) {
+            const int c = c0 - k;
+            if (c < 0) break;  // uniform over the block
+            if (ok) ds[((long)bh * nc + c) * PN + e] = after;
+            float w = decay[k] * st[k] * after;
+            after = din[k] + decay[k] * after;
+            w = warp_sum(w);
+            if ((threadIdx.x & 31) == 0 && w != 0.0f) atomicAdd(dcl + (long)bh * nc + c, w);
+        }
+    }
+    if (ok && dinit) dinit[(long)bh * PN + e] = after;
+}
+
+// Shared memory of passes 3a and 3b (floats first, then 16-bit tiles), ld* in elements:
+//   s_cumj, s_dtj, s_cumi [64] f32; s_f [64][fld] f32 (a 16-row strip per warp)
+//   s_b [64][ldn] (B_j, 3a: this block's rows), s_xd [64][ldpx] (Xd_j)
+//   s_ci [64][ldn], s_gi [64][ldpx] (C_i, g_i; 3b: this block's rows), aliased at the start of
+//   3a by s_own [P][ldn] (dOwn) and of 3b... (3b stages S in the region of s_b / s_xd)
+//   s_p1, s_p2 [64][ldq] (per-warp 16-row strips of scores in T)
+struct BwdSmem {
+    int ldn, ldpx, ldq, fld;
+};
+__device__ __forceinline__ BwdSmem bwd_smem(int P, int N) {
+    BwdSmem m;
+    m.ldn = N + TC_PAD;
+    m.ldpx = P + TC_PAD;
+    m.ldq = TC_J + TC_PAD;
+    m.fld = max(max(P, N), TC_J) + 4;
+    return m;
+}
+
+// Lane l of a warp owns row l / 2 of its 16-row strip, columns [h * cols/2, (h+1) * cols/2),
+// h = l % 2, in the element-wise passes over a strip.
+#define ROW_OF(lane) ((lane) >> 1)
+#define HALF_OF(lane) ((lane)&1)
+
+// Rows of a strip (f32, row stride fld) scaled by per-row factors; returns the lane's partial
+// dot of the scaled row with `other` (16-bit rows, stride ldo) over its half of `cols` columns.
+template <typename T>
+__device__ __forceinline__ float scale_rows_dot(float* f_w, int fld, int cols, float scale,
+                                                const T* other, int ldo, int lane) {
+    const int r = ROW_OF(lane), half = cols / 2, c0 = HALF_OF(lane) * half;
+    float dot = 0.0f;
+    for (int k = 0; k < half; ++k) {
+        const float v = f_w[r * fld + c0 + k] * scale;
+        f_w[r * fld + c0 + k] = v;
+        dot += v * to_f32(other[r * ldo + c0 + k]);
+    }
+    return dot;
+}
+
+// x_j dt_j rounded to T, 64 rows from row j0 of xh (row stride ldx) into s (row stride lds).
+template <typename T>
+__device__ __forceinline__ void load_xd(T* s, int lds, const T* xh, long ldx, const float* dt_row,
+                                        int H, int j0, int valid, int P, int tid) {
+    const int pv = P / 8;
+    for (int e = tid; e < TC_J * pv; e += blockDim.x) {
+        const int jj = e / pv, p = (e % pv) * 8;
+        float f[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+        if (jj < valid) {
+            unpack8<T>(*reinterpret_cast<const uint4*>(xh + (long)(j0 + jj) * ldx + p), f);
+            const float d = dt_row[(long)(j0 + jj) * H];
+#pragma unroll
+            for (int k = 0; k < 8; ++k) f[k] *= d;
+        }
+        *reinterpret_cast<uint4*>(s + jj * lds + p) = pack8<T>(f);
+    }
+}
+
+// f32 [P][N] (global) to T [P][ldn] (shared), 4 at a time.
+template <typename T>
+__device__ __forceinline__ void load_state(T* s, int ldn, const float* src, int P, int N, int tid) {
+    for (int e = tid; e < P * N / 4; e += blockDim.x) {
+        const float4 v = reinterpret_cast<const float4*>(src)[e];
+        T* dst = s + ((4 * e) / N) * ldn + (4 * e) % N;
+        dst[0] = from_f32<T>(v.x);
+        dst[1] = from_f32<T>(v.y);
+        dst[2] = from_f32<T>(v.z);
+        dst[3] = from_f32<T>(v.w);
+    }
+}
+
+// A strip's row (f32, this lane's half of `cols`) written to global as T (dst_t, plain stores)
+// or added to f32 scratch (dst_f, atomics: several heads share a group).
+template <typename T>
+__device__ __forceinline__ void write_row(const float* f_row, int cols, int lane, T* dst_t,
+                                          float* dst_f) {
+    const int half = cols / 2, c0 = HALF_OF(lane) * half;
+    if (dst_f) {
+        for (int k = 0; k < half; ++k) atomicAdd(dst_f + c0 + k, f_row[c0 + k]);
+    } else {
+        for (int k = 0; k < half; k += 8)
+            *reinterpret_cast<uint4*>(dst_t + c0 + k) = pack8<T>(f_row + c0 + k);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// 3a. Per (batch, head, chunk, 64 source rows j): dx, dB, the x . dXd part of ddt, and the
+//     source side of dcum (-sum_i T_ij - V_j, with sum_j V_j added to dcl). Grid
+//     (nc * row_tiles, B*H), 128 threads (warp w owns rows 16w..16w+15).
+template <typename T, int F>
+__device__ __forceinline__ void bwd_dx_db(
+    const T* __restrict__ x, long ldx, const float* __restrict__ dt, const float* __restrict__ cum,
+    const T* __restrict__ Bm, const T* __restrict__ Cm, long ldbc, const T* __restrict__ dy,
+    const float* __restrict__ down, const float* __restrict__ D, T* __restrict__ dx, long ld_dx,
+    T* __restrict__ db_t, float* __restrict__ db_f, long ld_dbc, float* __restrict__ ddt,
+    float* __restrict__ dcum_src, float* __restrict__ dcl, int L, int H, int G, int P, int N,
+    int Q, int nc, int row_tiles) {
+    extern __shared__ __align__(128) unsigned char smem_raw[];
+    const BwdSmem m = bwd_smem(P, N);
+    float* s_cumj = reinterpret_cast<float*>(smem_raw);
+    float* s_dtj = s_cumj + TC_J;
+    float* s_cumi = s_dtj + TC_J;
+    float* s_f = s_cumi + TC_J;
+    T* s_b = reinterpret_cast<T*>(s_f + TC_ROWS * m.fld);
+    T* s_xd = s_b + TC_J * m.ldn;
+    T* s_ci = s_xd + TC_J * m.ldpx;
+    T* s_gi = s_ci + TC_J * m.ldn;
+    T* s_own = s_ci;  // [P][ldn], before the loop over targets
+    T* s_p1 = s_gi + TC_J * m.ldpx;
+    T* s_p2 = s_p1 + TC_ROWS * m.ldq;
+
+    const int c = blockIdx.x / row_tiles, jt = blockIdx.x % row_tiles;
+    const int bh = blockIdx.y, b = bh / H, h = bh % H, g = h / (H / G);
+    const int t0 = c * Q, q_len = min(Q, L - t0), j0 = jt * TC_J, tid = threadIdx.x;
+    if (j0 >= q_len) return;  // uniform over the block
+    const int warp = tid / 32, lane = tid % 32, r = ROW_OF(lane), fp = P / 16, fn = N / 16;
+    const int vj = min(TC_J, q_len - j0);
+    const float* cum_c = cum + ((long)bh * nc + c) * Q;
+    const float cl = cum_c[q_len - 1];
+    const T* xh = x + ((long)b * L + t0) * ldx + (long)h * P;
+    const T* bg = Bm + ((long)b * L + t0) * ldbc + (long)g * N;
+    const T* cg = Cm + ((long)b * L + t0) * ldbc + (long)g * N;
+    const T* gy = dy + ((long)b * L + t0) * H * P + (long)h * P;
+    const float* dt_h = dt + ((long)b * L + t0) * H + h;
+    float* f_w = s_f + warp * 16 * m.fld;
+    T* p1_w = s_p1 + warp * 16 * m.ldq;
+    T* p2_w = s_p2 + warp * 16 * m.ldq;
+    const T* b_w = s_b + warp * 16 * m.ldn;
+    const T* xd_w = s_xd + warp * 16 * m.ldpx;
+
+    copy_tile(s_b, m.ldn, bg + (long)j0 * ldbc, ldbc, TC_J, vj, N, tid, blockDim.x);
+    load_xd(s_xd, m.ldpx, xh, ldx, dt_h, H, j0, vj, P, tid);
+    if (tid < TC_J) {
+        s_cumj[tid] = tid < vj ? cum_c[j0 + tid] : 0.0f;
+        s_dtj[tid] = tid < vj ? dt_h[(long)(j0 + tid) * H] : 0.0f;
+    }
+    load_state(s_own, m.ldn, down + ((long)bh * nc + c) * P * N, P, N, tid);
+    __syncthreads();
+
+    // Through the state after the chunk: dXd = w_j B_j dOwn^T, dB = w_j Xd_j dOwn, w_j =
+    // exp(cl - cum_j); V_j = Xd_j . dXd_j.
+    Acc ax[F], ab[F];
+#pragma unroll
+    for (int i = 0; i < F; ++i) {
+        wmma::fill_fragment(ax[i], 0.0f);
+        wmma::fill_fragment(ab[i], 0.0f);
+    }
+    for (int k = 0; k < N; k += 16) {
+        wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa;
+        wmma::load_matrix_sync(fa, b_w + k, m.ldn);
+#pragma unroll
+        for (int i = 0; i < F; ++i)
+            if (i < fp) {
+                wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> fb;
+                wmma::load_matrix_sync(fb, s_own + i * 16 * m.ldn + k, m.ldn);
+                wmma::mma_sync(ax[i], fa, fb, ax[i]);
+            }
+    }
+    for (int k = 0; k < P; k += 16) {
+        wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa;
+        wmma::load_matrix_sync(fa, xd_w + k, m.ldpx);
+#pragma unroll
+        for (int i = 0; i < F; ++i)
+            if (i < fn) {
+                wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> fb;
+                wmma::load_matrix_sync(fb, s_own + k * m.ldn + i * 16, m.ldn);
+                wmma::mma_sync(ab[i], fa, fb, ab[i]);
+            }
+    }
+    const int jrow = warp * 16 + r;  // this lane's row in the block
+    const float wj = jrow < vj ? decay_exp(cl - s_cumj[jrow]) : 0.0f;
+#pragma unroll
+    for (int i = 0; i < F; ++i)
+        if (i < fp) wmma::store_matrix_sync(f_w + i * 16, ax[i], m.fld, wmma::mem_row_major);
+    __syncwarp();
+    float vdot = scale_rows_dot(f_w, m.fld, P, wj, xd_w, m.ldpx, lane);
+    vdot += __shfl_xor_sync(0xffffffffu, vdot, 1);
+    __syncwarp();
+#pragma unroll
+    for (int i = 0; i < F; ++i)
+        if (i < fp) wmma::load_matrix_sync(ax[i], f_w + i * 16, m.fld, wmma::mem_row_major);
+    __syncwarp();
+#pragma unroll
+    for (int i = 0; i < F; ++i)
+        if (i < fn) wmma::store_matrix_sync(f_w + i * 16, ab[i], m.fld, wmma::mem_row_major);
+    __syncwarp();
+    scale_rows_dot(f_w, m.fld, N, wj, b_w, m.ldn, lane);
+    __syncwarp();
+#pragma unroll
+    for (int i = 0; i < F; ++i)
+        if (i < fn) wmma::load_matrix_sync(ab[i], f_w + i * 16, m.fld, wmma::mem_row_major);
+    {
+        const float vsum = warp_sum(HALF_OF(lane) == 0 ? vdot : 0.0f);
+        if (lane == 0 && vsum != 0.0f) atomicAdd(dcl + (long)bh * nc + c, vsum);
+    }
+
+    // Targets i >= j, tile by tile from this block's own.
+    float tsum = 0.0f;  // sum_i T_ij over this lane's half of the targets
+    for (int i0 = j0; i0 < q_len; i0 += TC_J) {
+        __syncthreads();  // s_own / the previous tile is consumed
+        const int vi = min(TC_J, q_len - i0);
+        copy_tile(s_ci, m.ldn, cg + (long)i0 * ldbc, ldbc, TC_J, vi, N, tid, blockDim.x);
+        copy_tile(s_gi, m.ldpx, gy + (long)i0 * H * P, (long)H * P, TC_J, vi, P, tid, blockDim.x);
+        if (tid < TC_J) s_cumi[tid] = tid < vi ? cum_c[i0 + tid] : 0.0f;
+        __syncthreads();
+
+        // M^T strip: (B_j . C_i) exp(cum_i - cum_j), causal.
+        Acc sc[TC_J / 16];
+#pragma unroll
+        for (int f = 0; f < TC_J / 16; ++f) wmma::fill_fragment(sc[f], 0.0f);
+        for (int k = 0; k < N; k += 16) {
+            wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa;
+            wmma::load_matrix_sync(fa, b_w + k, m.ldn);
+#pragma unroll
+            for (int f = 0; f < TC_J / 16; ++f) {
+                wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> fb;
+                wmma::load_matrix_sync(fb, s_ci + f * 16 * m.ldn + k, m.ldn);
+                wmma::mma_sync(sc[f], fa, fb, sc[f]);
+            }
+        }
+#pragma unroll
+        for (int f = 0; f < TC_J / 16; ++f)
+            wmma::store_matrix_sync(f_w + f * 16, sc[f], m.fld, wmma::mem_row_major);
+        __syncwarp();
+        const int c0 = HALF_OF(lane) * (TC_J / 2), j = j0 + jrow;
+        float mv[TC_J / 2];
+#pragma unroll
+        for (int k = 0; k < TC_J / 2; ++k) {
+            const int ii = c0 + k, i = i0 + ii;
+            const float e = (j <= i && ii < vi) ? decay_exp(s_cumi[ii] - s_cumj[jrow]) : 0.0f;
+            mv[k] = f_w[r * m.fld + ii] * e;
+            p1_w[r * m.ldq + ii] = from_f32<T>(mv[k]);
+        }
+        __syncwarp();
+
+        // dM^T strip: Xd_j . g_i.
+#pragma unroll
+        for (int f = 0; f < TC_J / 16; ++f) wmma::fill_fragment(sc[f], 0.0f);
+        for (int k = 0; k < P; k += 16) {
+            wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa;
+            wmma::load_matrix_sync(fa, xd_w + k, m.ldpx);
+#pragma unroll
+            for (int f = 0; f < TC_J / 16; ++f) {
+                wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> fb;
+                wmma::load_matrix_sync(fb, s_gi + f * 16 * m.ldpx + k, m.ldpx);
+                wmma::mma_sync(sc[f], fa, fb, sc[f]);
+            }
+        }
+#pragma unroll
+        for (int f = 0; f < TC_J / 16; ++f)
+            wmma::store_matrix_sync(f_w + f * 16, sc[f], m.fld, wmma::mem_row_major);
+        __syncwarp();
+#pragma unroll
+        for (int k = 0; k < TC_J / 2; ++k) {
+            const int ii = c0 + k, i = i0 + ii;
+            const float e = (j <= i && ii < vi) ? decay_exp(s_cumi[ii] - s_cumj[jrow]) : 0.0f;
+            const float d = f_w[r * m.fld + ii];
+            tsum += mv[k] * d;
+            p2_w[r * m.ldq + ii] = from_f32<T>(d * e);
+        }
+        __syncwarp();
+
+        // dXd += M^T g_i, dB += (dM o E)^T C_i.
+#pragma unroll
+        for (int kk = 0; kk < TC_J; kk += 16) {
+            wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> f1, f2;
+            wmma::load_matrix_sync(f1, p1_w + kk, m.ldq);
+            wmma::load_matrix_sync(f2, p2_w + kk, m.ldq);
+#pragma unroll
+            for (int i = 0; i < F; ++i) {
+                if (i < fp) {
+                    wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> fb;
+                    wmma::load_matrix_sync(fb, s_gi + kk * m.ldpx + i * 16, m.ldpx);
+                    wmma::mma_sync(ax[i], f1, fb, ax[i]);
+                }
+                if (i < fn) {
+                    wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> fb;
+                    wmma::load_matrix_sync(fb, s_ci + kk * m.ldn + i * 16, m.ldn);
+                    wmma::mma_sync(ab[i], f2, fb, ab[i]);
+                }
+            }
+        }
+    }
+    tsum += __shfl_xor_sync(0xffffffffu, tsum, 1);
+
+    // dx = dt dXd + D g, ddt part x . dXd, dcum source side.
+    __syncwarp();
+#pragma unroll
+    for (int i = 0; i < F; ++i)
+        if (i < fp) wmma::store_matrix_sync(f_w + i * 16, ax[i], m.fld, wmma::mem_row_major);
+    __syncwarp();
+    const int j = j0 + jrow;
+    const bool jok = jrow < vj;
+    float xdot = 0.0f;
+    if (jok) {
+        const float dtj = s_dtj[jrow], d = D ? D[h] : 0.0f;
+        const int half = P / 2, p0 = HALF_OF(lane) * half;
+        for (int k = 0; k < half; k += 8) {
+            float xv[8], gv[8], o[8];
+            unpack8<T>(*reinterpret_cast<const uint4*>(xh + (long)j * ldx + p0 + k), xv);
+            unpack8<T>(*reinterpret_cast<const uint4*>(gy + (long)j * H * P + p0 + k), gv);
+#pragma unroll
+            for (int q = 0; q < 8; ++q) {
+                const float dxd = f_w[r * m.fld + p0 + k + q];
+                xdot += xv[q] * dxd;
+                o[q] = dtj * dxd + d * gv[q];
+            }
+            *reinterpret_cast<uint4*>(dx + ((long)b * L + t0 + j) * ld_dx + (long)h * P + p0 + k) =
+                pack8<T>(o);
+        }
+    }
+    xdot += __shfl_xor_sync(0xffffffffu, xdot, 1);
+    if (jok && HALF_OF(lane) == 0) {
+        ddt[((long)b * L + t0 + j) * H + h] = xdot;
+        dcum_src[((long)bh * nc + c) * Q + j] = -tsum - vdot;
+    }
+    __syncwarp();
+#pragma unroll
+    for (int i = 0; i < F; ++i)
+        if (i < fn) wmma::store_matrix_sync(f_w + i * 16, ab[i], m.fld, wmma::mem_row_major);
+    __syncwarp();
+    if (jok) {
+        const long row = ((long)b * L + t0 + j);
+        write_row<T>(f_w + r * m.fld, N, lane, db_t ? db_t + row * ld_dbc + (long)g * N : nullptr,
+                     db_f ? db_f + (row * G + g) * N : nullptr);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// 3b. Per (batch, head, chunk, 64 target rows i): dC, the target side of dcum (sum_j T_ij +
+//     U_i), and dD. Grid (nc * row_tiles, B*H), 128 threads.
+template <typename T, int F>
+__device__ __forceinline__ void bwd_dc(
+    const T* __restrict__ x, long ldx, const float* __restrict__ dt, const float* __restrict__ cum,
+    const T* __restrict__ Bm, const T* __restrict__ Cm, long ldbc, const T* __restrict__ dy,
+    const float* __restrict__ states, T* __restrict__ dc_t, float* __restrict__ dc_f, long ld_dbc,
+    float* __restrict__ dcum_dst, float* __restrict__ dd, int L, int H, int G, int P, int N,
+    int Q, int nc, int row_tiles) {
+    extern __shared__ __align__(128) unsigned char smem_raw[];
+    const BwdSmem m = bwd_smem(P, N);
+    float* s_cumj = reinterpret_cast<float*>(smem_raw);
+    float* s_dtj = s_cumj + TC_J;
+    float* s_cumi = s_dtj + TC_J;
+    float* s_f = s_cumi + TC_J;
+    T* s_b = reinterpret_cast<T*>(s_f + TC_ROWS * m.fld);
+    T* s_xd = s_b + TC_J * m.ldn;
+    T* s_s = s_b;  // [P][ldn], S before the loop over sources (fits in s_b + s_xd)
+    T* s_ci = s_xd + TC_J * m.ldpx;
+    T* s_gi = s_ci + TC_J * m.ldn;
+    T* s_p2 = s_gi + TC_J * m.ldpx + TC_ROWS * m.ldq;  // (s_p1 is unused here)
+
+    const int c = blockIdx.x / row_tiles, it = blockIdx.x % row_tiles;
+    const int bh = blockIdx.y, b = bh / H, h = bh % H, g = h / (H / G);
+    const int t0 = c * Q, q_len = min(Q, L - t0), i0 = it * TC_ROWS, tid = threadIdx.x;
+    if (i0 >= q_len) return;  // uniform over the block
+    const int warp = tid / 32, lane = tid % 32, r = ROW_OF(lane), fn = N / 16;
+    const int vi = min(TC_ROWS, q_len - i0);
+    const float* cum_c = cum + ((long)bh * nc + c) * Q;
+    const T* xh = x + ((long)b * L + t0) * ldx + (long)h * P;
+    const T* bg = Bm + ((long)b * L + t0) * ldbc + (long)g * N;
+    const T* cg = Cm + ((long)b * L + t0) * ldbc + (long)g * N;
+    const T* gy = dy + ((long)b * L + t0) * H * P + (long)h * P;
+    const float* dt_h = dt + ((long)b * L + t0) * H + h;
+    float* f_w = s_f + warp * 16 * m.fld;
+    T* p2_w = s_p2 + warp * 16 * m.ldq;
+    const T* c_w = s_ci + warp * 16 * m.ldn;
+    const T* g_w = s_gi + warp * 16 * m.ldpx;
+
+    copy_tile(s_ci, m.ldn, cg + (long)i0 * ldbc, ldbc, TC_ROWS, vi, N, tid, blockDim.x);
+    copy_tile(s_gi, m.ldpx, gy + (long)i0 * H * P, (long)H * P, TC_ROWS, vi, P, tid, blockDim.x);
+    if (tid < TC_ROWS) s_cumi[tid] = tid < vi ? cum_c[i0 + tid] : 0.0f;
+    load_state(s_s, m.ldn, states + ((long)bh * nc + c) * P * N, P, N, tid);
+    __syncthreads();
+
+    // Through the state before the chunk: dC = exp(cum_i) g_i S, U_i = C_i . dC_i.
+    Acc ac[F];
+#pragma unroll
+    for (int i = 0; i < F; ++i) wmma::fill_fragment(ac[i], 0.0f);
+    for (int k = 0; k < P; k += 16) {
+        wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa;
+        wmma::load_matrix_sync(fa, g_w + k, m.ldpx);
+#pragma unroll
+        for (int i = 0; i < F; ++i)
+            if (i < fn) {
+                wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> fb;
+                wmma::load_matrix_sync(fb, s_s + k * m.ldn + i * 16, m.ldn);
+                wmma::mma_sync(ac[i], fa, fb, ac[i]);
+            }
+    }
+    const int irow = warp * 16 + r;
+    const bool iok = irow < vi;
+    const float wi = iok ? decay_exp(s_cumi[irow]) : 0.0f;
+#pragma unroll
+    for (int i = 0; i < F; ++i)
+        if (i < fn) wmma::store_matrix_sync(f_w + i * 16, ac[i], m.fld, wmma::mem_row_major);
+    __syncwarp();
+    float udot = scale_rows_dot(f_w, m.fld, N, wi, c_w, m.ldn, lane);
+    udot += __shfl_xor_sync(0xffffffffu, udot, 1);
+    __syncwarp();
+#pragma unroll
+    for (int i = 0; i < F; ++i)
+        if (i < fn) wmma::load_matrix_sync(ac[i], f_w + i * 16, m.fld, wmma::mem_row_major);
+
+    // dD: sum over this lane's half row of g_i . x_i.
+    {
+        float gx = 0.0f;
+        if (iok) {
+            const int half = P / 2, p0 = HALF_OF(lane) * half;
+            for (int k = 0; k < half; k += 8) {
+                float xv[8], gv[8];
+                unpack8<T>(*reinterpret_cast<const uint4*>(xh + (long)(i0 + irow) * ldx + p0 + k),
+                           xv);
+                unpack8<T>(*reinterpret_cast<const uint4*>(g_w + r * m.ldpx + p0 + k), gv);
+#pragma unroll
+                for (int q = 0; q < 8; ++q) gx += xv[q] * gv[q];
+            }
+        }
+        gx = warp_sum(gx);
+        if (lane == 0 && dd && gx != 0.0f) atomicAdd(dd + h, gx);
+    }
+
+    float tsum = 0.0f;  // sum_j T_ij over this lane's half of the sources
+    const int j_end = min(q_len, i0 + TC_ROWS);
+    for (int j0 = 0; j0 < j_end; j0 += TC_J) {
+        __syncthreads();  // s_s / the previous tile is consumed
+        const int vj = min(TC_J, q_len - j0);
+        copy_tile(s_b, m.ldn, bg + (long)j0 * ldbc, ldbc, TC_J, vj, N, tid, blockDim.x);
+        load_xd(s_xd, m.ldpx, xh, ldx, dt_h, H, j0, vj, P, tid);
+        if (tid < TC_J) s_cumj[tid] = tid < vj ? cum_c[j0 + tid] : 0.0f;
+        __syncthreads();
+
+        // M strip: (C_i . B_j) exp(cum_i - cum_j), causal.
+        Acc sc[TC_J / 16];
+#pragma unroll
+        for (int f = 0; f < TC_J / 16; ++f) wmma::fill_fragment(sc[f], 0.0f);
+        for (int k = 0; k < N; k += 16) {
+            wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa;
+            wmma::load_matrix_sync(fa, c_w + k, m.ldn);
+#pragma unroll
+            for (int f = 0; f < TC_J / 16; ++f) {
+                wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> fb;
+                wmma::load_matrix_sync(fb, s_b + f * 16 * m.ldn + k, m.ldn);
+                wmma::mma_sync(sc[f], fa, fb, sc[f]);
+            }
+        }
+#pragma unroll
+        for (int f = 0; f < TC_J / 16; ++f)
+            wmma::store_matrix_sync(f_w + f * 16, sc[f], m.fld, wmma::mem_row_major);
+        __syncwarp();
+        const int c0 = HALF_OF(lane) * (TC_J / 2), i = i0 + irow;
+        float mv[TC_J / 2];
+#pragma unroll
+        for (int k = 0; k < TC_J / 2; ++k) {
+            const int jj = c0 + k, j = j0 + jj;
+            const float e = (j <= i && iok && jj < vj) ? decay_exp(s_cumi[irow] - s_cumj[jj]) : 0.0f;
+            mv[k] = f_w[r * m.fld + jj] * e;
+        }
+        __syncwarp();
+
+        // dM strip: g_i . Xd_j.
+#pragma unroll
+        for (int f = 0; f < TC_J / 16; ++f) wmma::fill_fragment(sc[f], 0.0f);
+        for (int k = 0; k < P; k += 16) {
+            wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa;
+            wmma::load_matrix_sync(fa, g_w + k, m.ldpx);
+#pragma unroll
+            for (int f = 0; f < TC_J / 16; ++f) {
+                wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> fb;
+                wmma::load_matrix_sync(fb, s_xd + f * 16 * m.ldpx + k, m.ldpx);
+                wmma::mma_sync(sc[f], fa, fb, sc[f]);
+            }
+        }
+#pragma unroll
+        for (int f = 0; f < TC_J / 16; ++f)
+            wmma::store_matrix_sync(f_w + f * 16, sc[f], m.fld, wmma::mem_row_major);
+        __syncwarp();
+#pragma unroll
+        for (int k = 0; k < TC_J / 2; ++k) {
+            const int jj = c0 + k, j = j0 + jj;
+            const float e = (j <= i && iok && jj < vj) ? decay_exp(s_cumi[irow] - s_cumj[jj]) : 0.0f;
+            const float d = f_w[r * m.fld + jj];
+            tsum += mv[k] * d;
+            p2_w[r * m.ldq + jj] = from_f32<T>(d * e);
+        }
+        __syncwarp();
+
+        // dC += (dM o E) B_j.
+#pragma unroll
+        for (int kk = 0; kk < TC_J; kk += 16) {
+            wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa;
+            wmma::load_matrix_sync(fa, p2_w + kk, m.ldq);
+#pragma unroll
+            for (int q = 0; q < F; ++q)
+                if (q < fn) {
+                    wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> fb;
+                    wmma::load_matrix_sync(fb, s_b + kk * m.ldn + q * 16, m.ldn);
+                    wmma::mma_sync(ac[q], fa, fb, ac[q]);
+                }
+        }
+    }
+    tsum += __shfl_xor_sync(0xffffffffu, tsum, 1);
+
+    __syncwarp();
+#pragma unroll
+    for (int q = 0; q < F; ++q)
+        if (q < fn) wmma::store_matrix_sync(f_w + q * 16, ac[q], m.fld, wmma::mem_row_major);
+    __syncwarp();
+    if (iok) {
+        const long row = (long)b * L + t0 + i0 + irow;
+        write_row<T>(f_w + r * m.fld, N, lane, dc_t ? dc_t + row * ld_dbc + (long)g * N : nullptr,
+                     dc_f ? dc_f + (row * G + g) * N : nullptr);
+        if (HALF_OF(lane) == 0) dcum_dst[((long)bh * nc + c) * Q + i0 + irow] = tsum + udot;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// 4. dcum -> ddA by a reverse cumsum per chunk; ddt += A ddA, dA += sum dt ddA. Grid (nc, B*H),
+//    one warp.
+extern "C" __global__ void mamba2_ssd_bwd_dcum(const float* __restrict__ dcum_src,
+                                               const float* __restrict__ dcum_dst,
+                                               const float* __restrict__ dcl,
+                                               const float* __restrict__ dt,
+                                               const float* __restrict__ A,
+                                               float* __restrict__ ddt, float* __restrict__ da,
+                                               int L, int H, int Q, int nc) {
+    const int c = blockIdx.x, bh = blockIdx.y, b = bh / H, h = bh % H, lane = threadIdx.x;
+    const int t0 = c * Q, q_len = min(Q, L - t0);
+    const long base_c = ((long)bh * nc + c) * Q;
+    const float a = A[h], last = dcl[(long)bh * nc + c];
+    float carry = 0.0f, dapart = 0.0f;
+    for (int base = ((q_len - 1) / 32) * 32; base >= 0; base -= 32) {
+        const int i = base + lane;
+        float v = 0.0f;
+        if (i < q_len) v = dcum_src[base_c + i] + dcum_dst[base_c + i] + (i == q_len - 1 ? last : 0.0f);
+#pragma unroll
+        for (int off = 1; off < 32; off <<= 1) {  // inclusive suffix sum over the 32 lanes
+            const float n = __shfl_down_sync(0xffffffffu, v, off);
+            if (lane + off < 32) v += n;
+        }
+        v += carry;
+        carry = __shfl_sync(0xffffffffu, v, 0);
+        if (i < q_len) {
+            const long at = ((long)b * L + t0 + i) * H + h;
+            ddt[at] += a * v;
+            dapart += dt[at] * v;
+        }
+    }
+    dapart = warp_sum(dapart);
+    if (lane == 0 && dapart != 0.0f) atomicAdd(da + h, dapart);
+}
+
+#define SSD_BWD_ENTRY(T, S, F)                                                                     \
+    extern "C" __global__ void __launch_bounds__(256) mamba2_ssd_bwd_dstates_##S##_f##F(           \
+        const T* __restrict__ dy, const float* __restrict__ cum, const T* __restrict__ Cm,          \
+        long ldbc, float* __restrict__ ds, int L, int H, int G, int P, int N, int Q, int nc) {      \
+        bwd_dstates<T, F>(dy, cum, Cm, ldbc, ds, L, H, G, P, N, Q, nc);                             \
+    }                                                                                               \
+    extern "C" __global__ void __launch_bounds__(128) mamba2_ssd_bwd_dx_db_##S##_f##F(             \
+        const T* __restrict__ x, long ldx, const float* __restrict__ dt,                            \
+        const float* __restrict__ cum, const T* __restrict__ Bm, const T* __restrict__ Cm,          \
+        long ldbc, const T* __restrict__ dy, const float* __restrict__ down,                        \
+        const float* __restrict__ D, T* __restrict__ dx, long ld_dx, T* __restrict__ db_t,          \
+        float* __restrict__ db_f, long ld_dbc, float* __restrict__ ddt,                             \
+        float* __restrict__ dcum_src, float* __restrict__ dcl, int L, int H, int G, int P, int N,   \
+        int Q, int nc, int row_tiles) {                                                             \
+        bwd_dx_db<T, F>(x, ldx, dt, cum, Bm, Cm, ldbc, dy, down, D, dx, ld_dx, db_t, db_f, ld_dbc,  \
+                        ddt, dcum_src, dcl, L, H, G, P, N, Q, nc, row_tiles);                       \
+    }                                                                                               \
+    extern "C" __global__ void __launch_bounds__(128) mamba2_ssd_bwd_dc_##S##_f##F(                \
+        const T* __restrict__ x, long ldx, const float* __restrict__ dt,                            \
+        const float* __restrict__ cum, const T* __restrict__ Bm, const T* __restrict__ Cm,          \
+        long ldbc, const T* __restrict__ dy, const float* __restrict__ states,                      \
+        T* __restrict__ dc_t, float* __restrict__ dc_f, long ld_dbc, float* __restrict__ dcum_dst,  \
+        float* __restrict__ dd, int L, int H, int G, int P, int N, int Q, int nc, int row_tiles) {  \
+        bwd_dc<T, F>(x, ldx, dt, cum, Bm, Cm, ldbc, dy, states, dc_t, dc_f, ld_dbc, dcum_dst, dd,   \
+                     L, H, G, P, N, Q, nc, row_tiles);                                              \
+    }
+// F: the most accumulator fragments a warp holds (max(P, N) / 16 in 3a / 3b, P N / 256 / 8 in
+// pass 1), in {2, 4, 5, 8}; the Rust side picks the smallest that fits.
+#define SSD_BWD_ENTRIES(T, S) \
+    SSD_BWD_ENTRY(T, S, 2) SSD_BWD_ENTRY(T, S, 4) SSD_BWD_ENTRY(T, S, 5) SSD_BWD_ENTRY(T, S, 8)
+SSD_BWD_ENTRIES(__half, f16)
+SSD_BWD_ENTRIES(__nv_bfloat16, bf16)
+
+// The gate's backward, y = ypre * silu(z): dypre = dy silu(z), dz = dy ypre silu'(z); 8
+// elements a thread (n % 8 == 0).
+#define SSD_GATE_ENTRY(T, S)                                                                       \
+    extern "C" __global__ void mamba2_ssd_bwd_gate_##S(                                            \
+        const T* __restrict__ dy, const T* __restrict__ z, const T* __restrict__ ypre,              \
+        T* __restrict__ dypre, T* __restrict__ dz, long n) {                                        \
+        const long e = ((long)blockIdx.x * blockDim.x + threadIdx.x) * 8;                           \
+        if (e >= n) return;                                                                         \
+        float g[8], zv[8], yv[8], o1[8], o2[8];                                                     \
+        unpack8<T>(*reinterpret_cast<const uint4*>(dy + e), g);                                     \
+        unpack8<T>(*reinterpret_cast<const uint4*>(z + e), zv);                                     \
+        unpack8<T>(*reinterpret_cast<const uint4*>(ypre + e), yv);                                  \
+        _Pragma("unroll") for (int k = 0; k < 8; ++k) {                                            \
+            const float s = 1.0f / (1.0f + expf(-zv[k]));                                           \
+            o1[k] = g[k] * zv[k] * s;                                                               \
+            o2[k] = g[k] * yv[k] * s * (1.0f + zv[k] * (1.0f - s));                                 \
+        }                                                                                           \
+        *reinterpret_cast<uint4*>(dypre + e) = pack8<T>(o1);                                        \
+        *reinterpret_cast<uint4*>(dz + e) = pack8<T>(o2);                                           \
+    }
+SSD_GATE_ENTRY(__half, f16)
+SSD_GATE_ENTRY(__nv_bfloat16, bf16)
+
+// f32 scratch [rows][cols] (the group-summed dB or dC) to T rows `ld` apart.
+#define SSD_CAST_ENTRY(T, S)                                                                       \
+    extern "C" __global__ void mamba2_ssd_bwd_cast_##S(const float* __restrict__ src,              \
+                                                       T* __restrict__ dst, long ld, int rows,      \
+                                                       int cols) {                                  \
+        const long e = (long)blockIdx.x * blockDim.x + threadIdx.x;                                 \
+        if (e >= (long)rows * cols) return;                                                         \
+        dst[(e / cols) * ld + e % cols] = from_f32<T>(src[e]);                                      \
+    }
+SSD_CAST_ENTRY(__half, f16)
+SSD_CAST_ENTRY(__nv_bfloat16, bf16)

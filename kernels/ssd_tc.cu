@@ -1,0 +1,266 @@
+// Tensor-core versions of the two heavy passes of the SSD scan (ssd.cu has the algebra and the
+// layouts): chunk_state and chunk_scan as WMMA 16x16x16 matrix products with f16/bf16 operands
+// and f32 accumulators. The cumsum, the state passing and every state stay f32, as in ssd.cu.
+//
+// Why a second file rather than replacing the SIMT passes: tensor cores take f16/bf16 operands
+// only (tf32 would break the f32 path's 1e-4 parity), and WMMA wants head_dim and d_state in
+// multiples of 16. f32 inputs and odd shapes keep the SIMT kernels; the Rust side picks
+// (`ssd_tc_supported` in src/model/mamba2/kernels.rs).
+//
+// What is rounded to the input dtype before a product, as in upstream's Triton kernels:
+// dt_j exp(cum_last - cum_j) x_j (chunk_state), the state before the chunk, and the masked,
+// decayed, dt-scaled scores (chunk_scan). Every sum is f32.
+//
+// Layout requirements (checked by the caller): P, N multiples of 16 and <= 128; x, B, C rows and
+// the base pointers 16-byte aligned (their element offsets multiples of 8), so tiles are copied
+// to shared memory 8 elements at a time.
+#include "tc.cuh"
+
+// ---------------------------------------------------------------------------------------------
+// 1. chunk cumsum + per-chunk states: states[c] = sum_j w_j x_j B_j^T, w_j = dt_j
+//    exp(cum_last - cum_j). Grid (nc, B*H), 256 threads. Dynamic shared memory:
+//    tc_chunk_state_smem in kernels.rs. x rows (per time step) are ldx elements apart, B rows
+//    ldbc (x, B, C may be column blocks of one packed xBC tensor).
+template <typename T, int F>
+__device__ __forceinline__ void chunk_state_tc(const T* __restrict__ x, long ldx,
+                                               const float* __restrict__ dt,
+                                               const float* __restrict__ A,
+                                               const T* __restrict__ Bm, long ldbc,
+                                               float* __restrict__ cum_out,
+                                               float* __restrict__ states, int L, int H, int G,
+                                               int P, int N, int Q, int nc) {
+    extern __shared__ __align__(128) unsigned char smem_raw[];
+    const int Qp = (Q + 31) & ~31;
+    float* s_cum = reinterpret_cast<float*>(smem_raw);
+    float* s_w = s_cum + Qp;
+    T* s_x = reinterpret_cast<T*>(s_w + Qp);  // [TC_J][P + TC_PAD]
+    T* s_b = s_x + TC_J * (P + TC_PAD);       // [TC_J][N + TC_PAD]
+    const int c = blockIdx.x, bh = blockIdx.y, b = bh / H, h = bh % H, g = h / (H / G);
+    const int t0 = c * Q, q_len = min(Q, L - t0), tid = threadIdx.x;
+    const int warp = tid / 32, lane = tid % 32;
+
+    if (warp == 0) {  // inclusive scan of dt * A, 32 steps at a time with a running carry
+        const float a = A[h];
+        float carry = 0.0f;
+        for (int base = 0; base < q_len; base += 32) {
+            const int i = base + lane;
+            const float d = i < q_len ? dt[((long)b * L + t0 + i) * H + h] : 0.0f;
+            float v = d * a;
+#pragma unroll
+            for (int off = 1; off < 32; off <<= 1) {
+                const float n = __shfl_up_sync(0xffffffffu, v, off);
+                if (lane >= off) v += n;
+            }
+            v += carry;
+            if (i < q_len) {
+                s_cum[i] = v;
+                s_w[i] = d;
+            }
+            carry = __shfl_sync(0xffffffffu, v, 31);
+        }
+    }
+    __syncthreads();
+    float* cum_c = cum_out + ((long)bh * nc + c) * Q;
+    const float cum_last = s_cum[q_len - 1];
+    __syncthreads();  // every thread has read cum_last before s_w changes below
+    for (int i = tid; i < q_len; i += blockDim.x) {
+        cum_c[i] = s_cum[i];
+        s_w[i] *= decay_exp(cum_last - s_cum[i]);
+    }
+    // (weighted_outer_tc syncs before it reads s_w.)
+    weighted_outer_tc<T, F>(x + ((long)b * L + t0) * ldx + (long)h * P, ldx, s_w,
+                      Bm + ((long)b * L + t0) * ldbc + (long)g * N, ldbc, q_len, P, N, s_x, s_b,
+                      states + ((long)bh * nc + c) * P * N);
+}
+
+// ---------------------------------------------------------------------------------------------
+// 3. chunk scan: per (batch, head, chunk, 64 rows), warp w owning rows 16w..16w+15:
+//      Y = diag(exp(cum_i)) C S_start^T + (mask o exp(cum_i - cum_j) o dt_j o C B^T) X,
+//    then D skip and gate in f32 (the pre-gate output also to `ypre` when given: the backward
+//    of the gate needs it). Grid (nc * row_tiles, B*H), 128 threads. Dynamic shared
+//    memory: tc_chunk_scan_smem in kernels.rs.
+template <typename T, int F>
+__device__ __forceinline__ void chunk_scan_tc(const T* __restrict__ x, long ldx,
+                                              const float* __restrict__ dt,
+                                              const float* __restrict__ cum,
+                                              const T* __restrict__ Bm, const T* __restrict__ Cm,
+                                              long ldbc,
+                                              const float* __restrict__ starts,
+                                              const float* __restrict__ D,
+                                              const T* __restrict__ z, T* __restrict__ y,
+                                              T* __restrict__ ypre, int L,
+                                              int H, int G, int P, int N, int Q, int nc,
+                                              int row_tiles) {
+    extern __shared__ __align__(128) unsigned char smem_raw[];
+    const int ldc = N + TC_PAD, ldxs = P + TC_PAD, ldp = TC_J + TC_PAD;
+    const int fld = max(P, TC_J) + 4;  // f32 row stride of the per-warp staging strips
+    float* s_cumr = reinterpret_cast<float*>(smem_raw);  // [64]
+    float* s_cumj = s_cumr + TC_ROWS;                     // [64]
+    float* s_dtj = s_cumj + TC_J;                         // [64]
+    float* s_f = s_dtj + TC_J;                            // [64][fld]: per-warp f32 staging
+    T* s_c = reinterpret_cast<T*>(s_f + TC_ROWS * fld);   // [64][ldc]: C rows of this block
+    T* s_k = s_c + TC_ROWS * ldc;  // [max(P, 64)][ldc]: S_start (then B tiles), read col major
+    T* s_x = s_k + max(P, TC_J) * ldc;  // [64][ldx]: x tile
+    T* s_p = s_x + TC_J * ldxs;         // [64][ldp]: per-warp scores in T
+
+    const int c = blockIdx.x / row_tiles, rt = blockIdx.x % row_tiles;
+    const int bh = blockIdx.y, b = bh / H, h = bh % H, g = h / (H / G);
+    const int t0 = c * Q, q_len = min(Q, L - t0), i0 = rt * TC_ROWS, tid = threadIdx.x;
+    if (i0 >= q_len) return;  // uniform over the block
+    const int warp = tid / 32, lane = tid % 32, fp = P / 16;
+    const float* cum_c = cum + ((long)bh * nc + c) * Q;
+    float* f_w = s_f + warp * 16 * fld;
+    T* p_w = s_p + warp * 16 * ldp;
+    const T* c_w = s_c + warp * 16 * ldc;
+
+    const T* cg = Cm + ((long)b * L + t0) * ldbc + (long)g * N;
+    const T* bg = Bm + ((long)b * L + t0) * ldbc + (long)g * N;
+    const T* xh = x + ((long)b * L + t0) * ldx + (long)h * P;
+    copy_tile(s_c, ldc, cg + (long)i0 * ldbc, ldbc, TC_ROWS, q_len - i0, N, tid, blockDim.x);
+    if (tid < TC_ROWS) s_cumr[tid] = i0 + tid < q_len ? cum_c[i0 + tid] : 0.0f;
+    const float* S = starts + ((long)bh * nc + c) * P * N;
+    for (int e = tid; e < P * N / 4; e += blockDim.x) {  // N % 16 == 0: rows hold whole float4s
+        const float4 v = reinterpret_cast<const float4*>(S)[e];
+        T* dst = s_k + ((4 * e) / N) * ldc + (4 * e) % N;
+        dst[0] = from_f32<T>(v.x);
+        dst[1] = from_f32<T>(v.y);
+        dst[2] = from_f32<T>(v.z);
+        dst[3] = from_f32<T>(v.w);
+    }
+    __syncthreads();
+
+    // From the state before the chunk: C S^T, then each row scaled by exp(cum_i) in f32.
+    Acc acc[F];
+#pragma unroll
+    for (int i = 0; i < F; ++i) wmma::fill_fragment(acc[i], 0.0f);
+    for (int k = 0; k < N; k += 16) {
+        wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa;
+        wmma::load_matrix_sync(fa, c_w + k, ldc);
+#pragma unroll
+        for (int i = 0; i < F; ++i) {
+            if (i < fp) {
+                wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> fb;
+                wmma::load_matrix_sync(fb, s_k + i * 16 * ldc + k, ldc);
+                wmma::mma_sync(acc[i], fa, fb, acc[i]);
+            }
+        }
+    }
+#pragma unroll
+    for (int i = 0; i < F; ++i)
+        if (i < fp) wmma::store_matrix_sync(f_w + i * 16, acc[i], fld, wmma::mem_row_major);
+    __syncwarp();
+    for (int e = lane; e < 16 * P; e += 32) {
+        const int r = e / P, p = e % P;
+        f_w[r * fld + p] *= decay_exp(s_cumr[warp * 16 + r]);
+    }
+    __syncwarp();
+#pragma unroll
+    for (int i = 0; i < F; ++i)
+        if (i < fp) wmma::load_matrix_sync(acc[i], f_w + i * 16, fld, wmma::mem_row_major);
+
+    // Inside the chunk, causal: source tiles up to this block's last row.
+    const int j_end = min(q_len, i0 + TC_ROWS);
+    for (int j0 = 0; j0 < j_end; j0 += TC_J) {
+        __syncthreads();  // s_k / s_x of the previous tile are consumed
+        const int valid = min(TC_J, q_len - j0);
+        copy_tile(s_k, ldc, bg + (long)j0 * ldbc, ldbc, TC_J, valid, N, tid, blockDim.x);
+        copy_tile(s_x, ldxs, xh + (long)j0 * ldx, ldx, TC_J, valid, P, tid, blockDim.x);
+        if (tid < TC_J) {
+            const bool ok = tid < valid;
+            s_cumj[tid] = ok ? cum_c[j0 + tid] : 0.0f;
+            s_dtj[tid] = ok ? dt[((long)b * L + t0 + j0 + tid) * H + h] : 0.0f;
+        }
+        __syncthreads();
+
+        // Scores of this warp's 16 rows against the tile's 64 sources: C B^T.
+        Acc sc[TC_J / 16];
+#pragma unroll
+        for (int jf = 0; jf < TC_J / 16; ++jf) wmma::fill_fragment(sc[jf], 0.0f);
+        for (int k = 0; k < N; k += 16) {
+            wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa;
+            wmma::load_matrix_sync(fa, c_w + k, ldc);
+#pragma unroll
+            for (int jf = 0; jf < TC_J / 16; ++jf) {
+                wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> fb;
+                wmma::load_matrix_sync(fb, s_k + jf * 16 * ldc + k, ldc);
+                wmma::mma_sync(sc[jf], fa, fb, sc[jf]);
+            }
+        }
+#pragma unroll
+        for (int jf = 0; jf < TC_J / 16; ++jf)
+            wmma::store_matrix_sync(f_w + jf * 16, sc[jf], fld, wmma::mem_row_major);
+        __syncwarp();
+        // Causal mask, decay and dt in f32, rounded to T once.
+        for (int e = lane; e < 16 * TC_J; e += 32) {
+            const int r = e / TC_J, jj = e % TC_J;
+            const int i = i0 + warp * 16 + r, j = j0 + jj;
+            float v = 0.0f;
+            if (j <= i && i < q_len && jj < valid)
+                v = f_w[r * fld + jj] * decay_exp(s_cumr[warp * 16 + r] - s_cumj[jj]) * s_dtj[jj];
+            p_w[r * ldp + jj] = from_f32<T>(v);
+        }
+        __syncwarp();
+#pragma unroll
+        for (int kk = 0; kk < TC_J; kk += 16) {
+            wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa;
+            wmma::load_matrix_sync(fa, p_w + kk, ldp);
+#pragma unroll
+            for (int i = 0; i < F; ++i) {
+                if (i < fp) {
+                    wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> fb;
+                    wmma::load_matrix_sync(fb, s_x + kk * ldxs + i * 16, ldxs);
+                    wmma::mma_sync(acc[i], fa, fb, acc[i]);
+                }
+            }
+        }
+    }
+
+    // D skip and gate in f32, then one rounding to T.
+#pragma unroll
+    for (int i = 0; i < F; ++i)
+        if (i < fp) wmma::store_matrix_sync(f_w + i * 16, acc[i], fld, wmma::mem_row_major);
+    __syncwarp();
+    const float d = D ? D[h] : 0.0f;
+    const int pv = P / 8;
+    for (int e = lane; e < 16 * pv; e += 32) {  // 8 outputs a lane: 16-byte loads and stores
+        const int r = e / pv, p = (e % pv) * 8, i = i0 + warp * 16 + r;
+        if (i < q_len) {
+            const long at = ((long)b * L + t0 + i) * H * P + (long)h * P + p;  // y, z: [B, L, H, P]
+            float xv[8], zv[8], o[8];
+            unpack8<T>(*reinterpret_cast<const uint4*>(xh + (long)i * ldx + p), xv);
+            if (z) unpack8<T>(*reinterpret_cast<const uint4*>(z + at), zv);
+#pragma unroll
+            for (int k = 0; k < 8; ++k) o[k] = f_w[r * fld + p + k] + d * xv[k];
+            if (ypre) *reinterpret_cast<uint4*>(ypre + at) = pack8<T>(o);  // for the backward
+            if (z) {
+#pragma unroll
+                for (int k = 0; k < 8; ++k) o[k] *= silu_f32(zv[k]);
+            }
+            *reinterpret_cast<uint4*>(y + at) = pack8<T>(o);
+        }
+    }
+}
+
+#define SSD_TC_ENTRY(T, S, F)                                                                      \
+    extern "C" __global__ void __launch_bounds__(256) mamba2_ssd_tc_chunk_state_##S##_f##F(        \
+        const T* __restrict__ x, long ldx, const float* __restrict__ dt,                            \
+        const float* __restrict__ A, const T* __restrict__ Bm, long ldbc,                           \
+        float* __restrict__ cum_out, float* __restrict__ states, int L, int H, int G, int P, int N, \
+        int Q, int nc) {                                                                            \
+        chunk_state_tc<T, F>(x, ldx, dt, A, Bm, ldbc, cum_out, states, L, H, G, P, N, Q, nc);       \
+    }                                                                                               \
+    extern "C" __global__ void __launch_bounds__(128) mamba2_ssd_tc_chunk_scan_##S##_f##F(         \
+        const T* __restrict__ x, long ldx, const float* __restrict__ dt,                            \
+        const float* __restrict__ cum, const T* __restrict__ Bm, const T* __restrict__ Cm,          \
+        long ldbc, const float* __restrict__ starts, const float* __restrict__ D,                   \
+        const T* __restrict__ z, T* __restrict__ y, T* __restrict__ ypre, int L, int H, int G,      \
+        int P, int N, int Q, int nc, int row_tiles) {                                               \
+        chunk_scan_tc<T, F>(x, ldx, dt, cum, Bm, Cm, ldbc, starts, D, z, y, ypre, L, H, G, P, N, Q, \
+                            nc, row_tiles);                                                         \
+    }
+// F (fragments a warp holds, see tc.cuh) in {2, 4, 5, 8}; the Rust side picks the smallest that
+// fits (`tc_frags`).
+#define SSD_TC_ENTRIES(T, S) \
+    SSD_TC_ENTRY(T, S, 2) SSD_TC_ENTRY(T, S, 4) SSD_TC_ENTRY(T, S, 5) SSD_TC_ENTRY(T, S, 8)
+SSD_TC_ENTRIES(__half, f16)
+SSD_TC_ENTRIES(__nv_bfloat16, bf16)
