@@ -88,7 +88,7 @@ extern "C" __global__ void __launch_bounds__(256)
 //   s_b [64][ldn] (B_j, 3a: this block's rows), s_xd [64][ldpx] (Xd_j)
 //   s_ci [64][ldn], s_gi [64][ldpx] (C_i, g_i; 3b: this block's rows), aliased at the start of
 //   3a by s_own [P][ldn] (dOwn) and of 3b... (3b stages S in the region of s_b / s_xd)
-//   s_p1, s_p2 [64][ldq] (per-warp 16-row strips of scores in T)
+//   s_p [64][ldq] (per-warp 16-row strips of scores in T)
 struct BwdSmem {
     int ldn, ldpx, ldq, fld;
 };
@@ -189,8 +189,7 @@ __device__ __forceinline__ void bwd_dx_db(
     T* s_ci = s_xd + TC_J * m.ldpx;
     T* s_gi = s_ci + TC_J * m.ldn;
     T* s_own = s_ci;  // [P][ldn], before the loop over targets
-    T* s_p1 = s_gi + TC_J * m.ldpx;
-    T* s_p2 = s_p1 + TC_ROWS * m.ldq;
+    T* s_p = s_gi + TC_J * m.ldpx;
 
     const int c = blockIdx.x / row_tiles, jt = blockIdx.x % row_tiles;
     const int bh = blockIdx.y, b = bh / H, h = bh % H, g = h / (H / G);
@@ -206,8 +205,7 @@ __device__ __forceinline__ void bwd_dx_db(
     const T* gy = dy + ((long)b * L + t0) * H * P + (long)h * P;
     const float* dt_h = dt + ((long)b * L + t0) * H + h;
     float* f_w = s_f + warp * 16 * m.fld;
-    T* p1_w = s_p1 + warp * 16 * m.ldq;
-    T* p2_w = s_p2 + warp * 16 * m.ldq;
+    T* p_w = s_p + warp * 16 * m.ldq;
     const T* b_w = s_b + warp * 16 * m.ldn;
     const T* xd_w = s_xd + warp * 16 * m.ldpx;
 
@@ -306,15 +304,27 @@ __device__ __forceinline__ void bwd_dx_db(
             wmma::store_matrix_sync(f_w + f * 16, sc[f], m.fld, wmma::mem_row_major);
         __syncwarp();
         const int c0 = HALF_OF(lane) * (TC_J / 2), j = j0 + jrow;
-        float mv[TC_J / 2];
+        const float cj = s_cumj[jrow];
 #pragma unroll
         for (int k = 0; k < TC_J / 2; ++k) {
             const int ii = c0 + k, i = i0 + ii;
-            const float e = (j <= i && ii < vi) ? decay_exp(s_cumi[ii] - s_cumj[jrow]) : 0.0f;
-            mv[k] = f_w[r * m.fld + ii] * e;
-            p1_w[r * m.ldq + ii] = from_f32<T>(mv[k]);
+            const float e = (j <= i && ii < vi) ? decay_exp_fast(s_cumi[ii] - cj) : 0.0f;
+            p_w[r * m.ldq + ii] = from_f32<T>(f_w[r * m.fld + ii] * e);
         }
         __syncwarp();
+        // dXd += M^T g_i.
+#pragma unroll
+        for (int kk = 0; kk < TC_J; kk += 16) {
+            wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa;
+            wmma::load_matrix_sync(fa, p_w + kk, m.ldq);
+#pragma unroll
+            for (int i = 0; i < F; ++i)
+                if (i < fp) {
+                    wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> fb;
+                    wmma::load_matrix_sync(fb, s_gi + kk * m.ldpx + i * 16, m.ldpx);
+                    wmma::mma_sync(ax[i], fa, fb, ax[i]);
+                }
+        }
 
         // dM^T strip: Xd_j . g_i.
 #pragma unroll
@@ -332,37 +342,31 @@ __device__ __forceinline__ void bwd_dx_db(
 #pragma unroll
         for (int f = 0; f < TC_J / 16; ++f)
             wmma::store_matrix_sync(f_w + f * 16, sc[f], m.fld, wmma::mem_row_major);
-        __syncwarp();
+        __syncwarp();  // (also: the M^T product above has read p_w)
+        // T_ij from M^T as rounded above; p_w becomes (dM o E)^T in place, element by element.
 #pragma unroll
         for (int k = 0; k < TC_J / 2; ++k) {
             const int ii = c0 + k, i = i0 + ii;
-            const float e = (j <= i && ii < vi) ? decay_exp(s_cumi[ii] - s_cumj[jrow]) : 0.0f;
+            const float e = (j <= i && ii < vi) ? decay_exp_fast(s_cumi[ii] - cj) : 0.0f;
             const float d = f_w[r * m.fld + ii];
-            tsum += mv[k] * d;
-            p2_w[r * m.ldq + ii] = from_f32<T>(d * e);
+            tsum += to_f32(p_w[r * m.ldq + ii]) * d;
+            p_w[r * m.ldq + ii] = from_f32<T>(d * e);
         }
         __syncwarp();
-
-        // dXd += M^T g_i, dB += (dM o E)^T C_i.
+        // dB += (dM o E)^T C_i.
 #pragma unroll
         for (int kk = 0; kk < TC_J; kk += 16) {
-            wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> f1, f2;
-            wmma::load_matrix_sync(f1, p1_w + kk, m.ldq);
-            wmma::load_matrix_sync(f2, p2_w + kk, m.ldq);
+            wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa;
+            wmma::load_matrix_sync(fa, p_w + kk, m.ldq);
 #pragma unroll
-            for (int i = 0; i < F; ++i) {
-                if (i < fp) {
-                    wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> fb;
-                    wmma::load_matrix_sync(fb, s_gi + kk * m.ldpx + i * 16, m.ldpx);
-                    wmma::mma_sync(ax[i], f1, fb, ax[i]);
-                }
+            for (int i = 0; i < F; ++i)
                 if (i < fn) {
                     wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> fb;
                     wmma::load_matrix_sync(fb, s_ci + kk * m.ldn + i * 16, m.ldn);
-                    wmma::mma_sync(ab[i], f2, fb, ab[i]);
+                    wmma::mma_sync(ab[i], fa, fb, ab[i]);
                 }
-            }
         }
+        __syncwarp();  // p_w is read before the next tile writes it
     }
     tsum += __shfl_xor_sync(0xffffffffu, tsum, 1);
 
@@ -430,7 +434,7 @@ __device__ __forceinline__ void bwd_dc(
     T* s_s = s_b;  // [P][ldn], S before the loop over sources (fits in s_b + s_xd)
     T* s_ci = s_xd + TC_J * m.ldpx;
     T* s_gi = s_ci + TC_J * m.ldn;
-    T* s_p2 = s_gi + TC_J * m.ldpx + TC_ROWS * m.ldq;  // (s_p1 is unused here)
+    T* s_p2 = s_gi + TC_J * m.ldpx;
 
     const int c = blockIdx.x / row_tiles, it = blockIdx.x % row_tiles;
     const int bh = blockIdx.y, b = bh / H, h = bh % H, g = h / (H / G);
@@ -531,12 +535,12 @@ __device__ __forceinline__ void bwd_dc(
             wmma::store_matrix_sync(f_w + f * 16, sc[f], m.fld, wmma::mem_row_major);
         __syncwarp();
         const int c0 = HALF_OF(lane) * (TC_J / 2), i = i0 + irow;
-        float mv[TC_J / 2];
+        const float ci = s_cumi[irow];
 #pragma unroll
         for (int k = 0; k < TC_J / 2; ++k) {
             const int jj = c0 + k, j = j0 + jj;
-            const float e = (j <= i && iok && jj < vj) ? decay_exp(s_cumi[irow] - s_cumj[jj]) : 0.0f;
-            mv[k] = f_w[r * m.fld + jj] * e;
+            const float e = (j <= i && iok && jj < vj) ? decay_exp_fast(ci - s_cumj[jj]) : 0.0f;
+            p2_w[r * m.ldq + jj] = from_f32<T>(f_w[r * m.fld + jj] * e);  // M, for T_ij below
         }
         __syncwarp();
 
@@ -560,9 +564,9 @@ __device__ __forceinline__ void bwd_dc(
 #pragma unroll
         for (int k = 0; k < TC_J / 2; ++k) {
             const int jj = c0 + k, j = j0 + jj;
-            const float e = (j <= i && iok && jj < vj) ? decay_exp(s_cumi[irow] - s_cumj[jj]) : 0.0f;
+            const float e = (j <= i && iok && jj < vj) ? decay_exp_fast(ci - s_cumj[jj]) : 0.0f;
             const float d = f_w[r * m.fld + jj];
-            tsum += mv[k] * d;
+            tsum += to_f32(p2_w[r * m.ldq + jj]) * d;
             p2_w[r * m.ldq + jj] = from_f32<T>(d * e);
         }
         __syncwarp();
@@ -638,7 +642,7 @@ extern "C" __global__ void mamba2_ssd_bwd_dcum(const float* __restrict__ dcum_sr
         long ldbc, float* __restrict__ ds, int L, int H, int G, int P, int N, int Q, int nc) {      \
         bwd_dstates<T, F>(dy, cum, Cm, ldbc, ds, L, H, G, P, N, Q, nc);                             \
     }                                                                                               \
-    extern "C" __global__ void __launch_bounds__(128) mamba2_ssd_bwd_dx_db_##S##_f##F(             \
+    extern "C" __global__ void __launch_bounds__(128, 3) mamba2_ssd_bwd_dx_db_##S##_f##F(          \
         const T* __restrict__ x, long ldx, const float* __restrict__ dt,                            \
         const float* __restrict__ cum, const T* __restrict__ Bm, const T* __restrict__ Cm,          \
         long ldbc, const T* __restrict__ dy, const float* __restrict__ down,                        \
@@ -649,7 +653,7 @@ extern "C" __global__ void mamba2_ssd_bwd_dcum(const float* __restrict__ dcum_sr
         bwd_dx_db<T, F>(x, ldx, dt, cum, Bm, Cm, ldbc, dy, down, D, dx, ld_dx, db_t, db_f, ld_dbc,  \
                         ddt, dcum_src, dcl, L, H, G, P, N, Q, nc, row_tiles);                       \
     }                                                                                               \
-    extern "C" __global__ void __launch_bounds__(128) mamba2_ssd_bwd_dc_##S##_f##F(                \
+    extern "C" __global__ void __launch_bounds__(128, 3) mamba2_ssd_bwd_dc_##S##_f##F(             \
         const T* __restrict__ x, long ldx, const float* __restrict__ dt,                            \
         const float* __restrict__ cum, const T* __restrict__ Bm, const T* __restrict__ Cm,          \
         long ldbc, const T* __restrict__ dy, const float* __restrict__ states,                      \

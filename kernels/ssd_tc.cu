@@ -92,16 +92,19 @@ __device__ __forceinline__ void chunk_scan_tc(const T* __restrict__ x, long ldx,
                                               int H, int G, int P, int N, int Q, int nc,
                                               int row_tiles) {
     extern __shared__ __align__(128) unsigned char smem_raw[];
-    const int ldc = N + TC_PAD, ldxs = P + TC_PAD, ldp = TC_J + TC_PAD;
-    const int fld = max(P, TC_J) + 4;  // f32 row stride of the per-warp staging strips
+    // Shared memory is what bounds the blocks an SM runs (4 at P = N = 80, under 56 KiB): the
+    // score strips are f32 only TC_J wide and turn to T in place; the P-wide f32 staging of the
+    // accumulators (state term, epilogue) reuses the region of s_k and s_x when they are free.
+    const int ldc = N + TC_PAD, ldxs = P + TC_PAD, fs = TC_J + 4, fld = P + 4;
+    const int ldp = 2 * fs;  // T elements per row of a score strip converted in place
     float* s_cumr = reinterpret_cast<float*>(smem_raw);  // [64]
     float* s_cumj = s_cumr + TC_ROWS;                     // [64]
     float* s_dtj = s_cumj + TC_J;                         // [64]
-    float* s_f = s_dtj + TC_J;                            // [64][fld]: per-warp f32 staging
-    T* s_c = reinterpret_cast<T*>(s_f + TC_ROWS * fld);   // [64][ldc]: C rows of this block
+    float* s_f = s_dtj + TC_J;                            // [64][fs]: per-warp score strips
+    T* s_c = reinterpret_cast<T*>(s_f + TC_ROWS * fs);    // [64][ldc]: C rows of this block
     T* s_k = s_c + TC_ROWS * ldc;  // [max(P, 64)][ldc]: S_start (then B tiles), read col major
-    T* s_x = s_k + max(P, TC_J) * ldc;  // [64][ldx]: x tile
-    T* s_p = s_x + TC_J * ldxs;         // [64][ldp]: per-warp scores in T
+    T* s_x = s_k + max(P, TC_J) * ldc;  // [64][ldxs]: x tile
+    float* s_stage = reinterpret_cast<float*>(s_k);  // [64][fld] over s_k, s_x (and beyond)
 
     const int c = blockIdx.x / row_tiles, rt = blockIdx.x % row_tiles;
     const int bh = blockIdx.y, b = bh / H, h = bh % H, g = h / (H / G);
@@ -109,8 +112,9 @@ __device__ __forceinline__ void chunk_scan_tc(const T* __restrict__ x, long ldx,
     if (i0 >= q_len) return;  // uniform over the block
     const int warp = tid / 32, lane = tid % 32, fp = P / 16;
     const float* cum_c = cum + ((long)bh * nc + c) * Q;
-    float* f_w = s_f + warp * 16 * fld;
-    T* p_w = s_p + warp * 16 * ldp;
+    float* f_w = s_f + warp * 16 * fs;
+    T* p_w = reinterpret_cast<T*>(f_w);
+    float* st_w = s_stage + warp * 16 * fld;
     const T* c_w = s_c + warp * 16 * ldc;
 
     const T* cg = Cm + ((long)b * L + t0) * ldbc + (long)g * N;
@@ -145,18 +149,19 @@ __device__ __forceinline__ void chunk_scan_tc(const T* __restrict__ x, long ldx,
             }
         }
     }
+    __syncthreads();  // every warp is done with S in s_k: the staging region is free
 #pragma unroll
     for (int i = 0; i < F; ++i)
-        if (i < fp) wmma::store_matrix_sync(f_w + i * 16, acc[i], fld, wmma::mem_row_major);
+        if (i < fp) wmma::store_matrix_sync(st_w + i * 16, acc[i], fld, wmma::mem_row_major);
     __syncwarp();
     for (int e = lane; e < 16 * P; e += 32) {
         const int r = e / P, p = e % P;
-        f_w[r * fld + p] *= decay_exp(s_cumr[warp * 16 + r]);
+        st_w[r * fld + p] *= decay_exp(s_cumr[warp * 16 + r]);
     }
     __syncwarp();
 #pragma unroll
     for (int i = 0; i < F; ++i)
-        if (i < fp) wmma::load_matrix_sync(acc[i], f_w + i * 16, fld, wmma::mem_row_major);
+        if (i < fp) wmma::load_matrix_sync(acc[i], st_w + i * 16, fld, wmma::mem_row_major);
 
     // Inside the chunk, causal: source tiles up to this block's last row.
     const int j_end = min(q_len, i0 + TC_ROWS);
@@ -188,16 +193,24 @@ __device__ __forceinline__ void chunk_scan_tc(const T* __restrict__ x, long ldx,
         }
 #pragma unroll
         for (int jf = 0; jf < TC_J / 16; ++jf)
-            wmma::store_matrix_sync(f_w + jf * 16, sc[jf], fld, wmma::mem_row_major);
+            wmma::store_matrix_sync(f_w + jf * 16, sc[jf], fs, wmma::mem_row_major);
         __syncwarp();
-        // Causal mask, decay and dt in f32, rounded to T once.
-        for (int e = lane; e < 16 * TC_J; e += 32) {
-            const int r = e / TC_J, jj = e % TC_J;
-            const int i = i0 + warp * 16 + r, j = j0 + jj;
-            float v = 0.0f;
-            if (j <= i && i < q_len && jj < valid)
-                v = f_w[r * fld + jj] * decay_exp(s_cumr[warp * 16 + r] - s_cumj[jj]) * s_dtj[jj];
-            p_w[r * ldp + jj] = from_f32<T>(v);
+        // Causal mask, decay and dt in f32, rounded to T once, in place: lane l holds row l / 2,
+        // half l % 2 of it, and writes its T values only after the whole warp has read.
+        {
+            const int r = lane >> 1, c0 = (lane & 1) * (TC_J / 2), i = i0 + warp * 16 + r;
+            const float cr = s_cumr[warp * 16 + r];
+            float v[TC_J / 2];
+#pragma unroll
+            for (int k = 0; k < TC_J / 2; ++k) {
+                const int jj = c0 + k, j = j0 + jj;
+                v[k] = (j <= i && i < q_len && jj < valid)
+                           ? f_w[r * fs + jj] * decay_exp_fast(cr - s_cumj[jj]) * s_dtj[jj]
+                           : 0.0f;
+            }
+            __syncwarp();
+#pragma unroll
+            for (int k = 0; k < TC_J / 2; ++k) p_w[r * ldp + c0 + k] = from_f32<T>(v[k]);
         }
         __syncwarp();
 #pragma unroll
@@ -216,9 +229,10 @@ __device__ __forceinline__ void chunk_scan_tc(const T* __restrict__ x, long ldx,
     }
 
     // D skip and gate in f32, then one rounding to T.
+    __syncthreads();  // every warp is done with the last tile: the staging region is free
 #pragma unroll
     for (int i = 0; i < F; ++i)
-        if (i < fp) wmma::store_matrix_sync(f_w + i * 16, acc[i], fld, wmma::mem_row_major);
+        if (i < fp) wmma::store_matrix_sync(st_w + i * 16, acc[i], fld, wmma::mem_row_major);
     __syncwarp();
     const float d = D ? D[h] : 0.0f;
     const int pv = P / 8;
@@ -230,7 +244,7 @@ __device__ __forceinline__ void chunk_scan_tc(const T* __restrict__ x, long ldx,
             unpack8<T>(*reinterpret_cast<const uint4*>(xh + (long)i * ldx + p), xv);
             if (z) unpack8<T>(*reinterpret_cast<const uint4*>(z + at), zv);
 #pragma unroll
-            for (int k = 0; k < 8; ++k) o[k] = f_w[r * fld + p + k] + d * xv[k];
+            for (int k = 0; k < 8; ++k) o[k] = st_w[r * fld + p + k] + d * xv[k];
             if (ypre) *reinterpret_cast<uint4*>(ypre + at) = pack8<T>(o);  // for the backward
             if (z) {
 #pragma unroll
@@ -249,7 +263,7 @@ __device__ __forceinline__ void chunk_scan_tc(const T* __restrict__ x, long ldx,
         int Q, int nc) {                                                                            \
         chunk_state_tc<T, F>(x, ldx, dt, A, Bm, ldbc, cum_out, states, L, H, G, P, N, Q, nc);       \
     }                                                                                               \
-    extern "C" __global__ void __launch_bounds__(128) mamba2_ssd_tc_chunk_scan_##S##_f##F(         \
+    extern "C" __global__ void __launch_bounds__(128, 4) mamba2_ssd_tc_chunk_scan_##S##_f##F(      \
         const T* __restrict__ x, long ldx, const float* __restrict__ dt,                            \
         const float* __restrict__ cum, const T* __restrict__ Bm, const T* __restrict__ Cm,          \
         long ldbc, const float* __restrict__ starts, const float* __restrict__ D,                   \

@@ -8,10 +8,11 @@
 //!   (softplus(dt + dt_bias) is one elementwise op before the scan in the mixer).
 //! * `scan_fwd_bwd`: forward + backward under autograd, from a given output gradient (`dout`
 //!   handed to y as torch's `y.backward(dout)` does, see [`SeedGrad`]); `impl` = `kernel`
-//!   (tensor-core forward and backward kernels, kernels/ssd_bwd.cu) and `generic-autograd`
-//!   (candle's autograd through the generic path). Includes what the autograd plumbing adds
-//!   around the kernels (packing x, B, C into one tensor and dt, A, D into another; splitting
-//!   their gradients).
+//!   (tensor-core forward and backward kernels, kernels/ssd_bwd.cu, on x, B, C packed in one
+//!   tensor as the mixer has them: `fused::chunked_scan_packed`), `kernel-unpacked` (the same
+//!   kernels from three tensors: packed by a copy, the gradient split back, both through
+//!   candle's autograd) and `generic-autograd` (candle's autograd through the generic path).
+//!   Each includes candle's autograd bookkeeping (every gradient lands in a zero tensor).
 //! * `state_update`: one decode step in place, batch 1, 8, 64, f32 state.
 //!
 //! Times: device synchronised around each repetition (wall clock), median of `--reps` after
@@ -178,29 +179,53 @@ fn prefill(dev: &Device, o: &Opts) -> matvlm::Result<()> {
             }
             // Forward + backward under autograd, with the gate as the peer does: the backward
             // kernels (`kernel`) and the generic path through candle's autograd.
-            for imp in ["kernel", "generic-autograd"] {
-                fused::set_kernels(Some(imp == "kernel"));
+            let xbc = Tensor::cat(
+                &[
+                    &x.reshape((batch, len, H * P))?,
+                    &b.reshape((batch, len, G * N))?,
+                    &c.reshape((batch, len, G * N))?,
+                ],
+                2,
+            )?;
+            for imp in ["kernel", "kernel-unpacked", "generic-autograd"] {
+                fused::set_kernels(Some(imp != "generic-autograd"));
                 let base = format!(
                     r#""section":"a","name":"scan_fwd_bwd","impl":"{imp}","batch":{batch},"seqlen":{len},"dtype":"bf16","with_z":true"#
                 );
-                let vars: matvlm::Result<Vec<Var>> = [&x, &dt, &a, &b, &c, &d, &z]
+                let vars: matvlm::Result<Vec<Var>> = [&x, &dt, &a, &b, &c, &d, &z, &xbc]
                     .iter()
                     .map(|t| Ok(Var::from_tensor(t)?))
                     .collect();
                 let r = vars.and_then(|v| {
                     let dout = Tensor::randn(0f32, 1.0, (batch, len, H, P), dev)?.to_dtype(dt_)?;
                     time_ms(dev, o, || {
-                        let (y, _) = fused::chunked_scan(
-                            v[0].as_tensor(),
-                            v[1].as_tensor(),
-                            v[2].as_tensor(),
-                            v[3].as_tensor(),
-                            v[4].as_tensor(),
-                            Some(v[5].as_tensor()),
-                            Some(v[6].as_tensor()),
-                            Q,
-                            None,
-                        )?;
+                        let t = |i: usize| v[i].as_tensor();
+                        // `kernel`: x, B, C packed as the mixer's conv output has them (what
+                        // the mixer calls); the others take them as three tensors.
+                        let (y, _) = if imp == "kernel" {
+                            fused::chunked_scan_packed(
+                                t(7),
+                                (H, P, G, N),
+                                t(1),
+                                t(2),
+                                Some(t(5)),
+                                Some(t(6)),
+                                Q,
+                                None,
+                            )?
+                        } else {
+                            fused::chunked_scan(
+                                t(0),
+                                t(1),
+                                t(2),
+                                t(3),
+                                t(4),
+                                Some(t(5)),
+                                Some(t(6)),
+                                Q,
+                                None,
+                            )?
+                        };
                         let _grads = y.apply_op1(SeedGrad(dout.clone()))?.backward()?;
                         Ok(())
                     })

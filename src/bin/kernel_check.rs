@@ -291,6 +291,67 @@ fn check_case(k: &Case, dtype: DType, gpu: &Device, r: &mut Report) -> matvlm::R
         (Err(e), _) | (_, Err(e)) => r.error(name, dtype, "ssd grad", e),
     }
 
+    // The same through the packed entry the mixer uses (x, B, C in one tensor).
+    let (bb, l, h, p, g, n) = (k.batch, k.len, k.heads, k.head_dim, k.groups, k.d_state);
+    let xbc = Tensor::cat(
+        &[
+            &i.x.reshape((bb, l, h * p))?,
+            &i.b.reshape((bb, l, g * n))?,
+            &i.c.reshape((bb, l, g * n))?,
+        ],
+        2,
+    )?;
+    let packed_names = ["xBC", "dt", "A", "D", "z"];
+    let run_packed = |dev: &Device| -> matvlm::Result<Vec<Tensor>> {
+        let vars = [
+            act(&xbc, dev)?,
+            f32_on(&i.dt, dev)?,
+            f32_on(&i.a, dev)?,
+            f32_on(&i.d, dev)?,
+            act(&i.z, dev)?,
+        ]
+        .into_iter()
+        .map(|t| candle_core::Var::from_tensor(&t))
+        .collect::<candle_core::Result<Vec<_>>>()?;
+        let t: Vec<&Tensor> = vars.iter().map(|v| v.as_tensor()).collect();
+        let (y, _) = fused::chunked_scan_packed(
+            t[0],
+            (h, p, g, n),
+            t[1],
+            t[2],
+            Some(t[3]),
+            Some(t[4]),
+            k.chunk,
+            None,
+        )?;
+        let loss = (y.to_dtype(DType::F32)? * w.to_device(dev)?)?.sum_all()?;
+        let grads = loss.backward()?;
+        t.iter()
+            .zip(packed_names)
+            .map(|(v, name)| {
+                grads
+                    .get(v)
+                    .cloned()
+                    .ok_or_else(|| matvlm::Error::Invalid(format!("no gradient for {name}")))
+            })
+            .collect()
+    };
+    match (run_packed(gpu), run_packed(cpu)) {
+        (Ok(gg), Ok(gc)) => {
+            for ((g, c), input) in gg.iter().zip(&gc).zip(packed_names) {
+                r.compare(
+                    name,
+                    dtype,
+                    &format!("packed ssd grad d{input}"),
+                    g,
+                    c,
+                    Stage::Grad,
+                );
+            }
+        }
+        (Err(e), _) | (_, Err(e)) => r.error(name, dtype, "packed ssd grad", e),
+    }
+
     // Decode step from the initial state, in place on the GPU, with the gate.
     let step_x = |t: &Tensor| t.narrow(1, 0, 1).and_then(|t| t.squeeze(1));
     let run_step = |dev: &Device| -> matvlm::Result<(Tensor, Tensor)> {

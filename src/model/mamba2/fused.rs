@@ -198,12 +198,107 @@ pub fn chunked_scan(
     Ok((gate(&y, z)?, s))
 }
 
-/// The chunked scan under autograd on CUDA, when the backward kernels take it: some input
-/// tracks gradients, all are on CUDA, the activations are f16/bf16 with head_dim and d_state
-/// multiples of 16 (<= 128), and the initial state (if any) needs no gradient. x, B and C are
-/// packed into one tensor (the kernels' layout; the mixer's conv output has it), dt, A and D
-/// into another (candle's custom ops take three differentiable inputs: those two and the gate).
-/// `None` when the generic path must run.
+/// [`chunked_scan`] over x, B and C packed in one tensor `xbc [B, L, H*P + 2*G*N]`, as the
+/// mixer's conv output has them; `dims` = (H, P, G, N). On CUDA with f16/bf16 activations and
+/// head_dim, d_state multiples of 16 (<= 128) the kernels read xbc in place, forward and (under
+/// autograd) backward, with the gate fused; otherwise xbc is split into views for
+/// [`chunked_scan`].
+#[allow(clippy::too_many_arguments)]
+pub fn chunked_scan_packed(
+    xbc: &Tensor,
+    dims: (usize, usize, usize, usize),
+    dt: &Tensor,
+    a: &Tensor,
+    d: Option<&Tensor>,
+    z: Option<&Tensor>,
+    chunk_size: usize,
+    initial: Option<&Tensor>,
+) -> Result<(Tensor, Tensor)> {
+    let (h, p, g, n) = dims;
+    let (bsz, len, conv) = xbc.dims3()?;
+    if conv != h * p + 2 * g * n {
+        return Err(crate::Error::Invalid(format!(
+            "ssd: packed xBC has {conv} channels, heads x head_dim + 2 x groups x d_state = {}",
+            h * p + 2 * g * n
+        )));
+    }
+    #[cfg(feature = "cuda")]
+    if let Some(out) = packed_kernels(xbc, dims, dt, a, d, z, chunk_size, initial)? {
+        return Ok(out);
+    }
+    let x = xbc.narrow(2, 0, h * p)?.reshape((bsz, len, h, p))?;
+    let b = xbc.narrow(2, h * p, g * n)?.reshape((bsz, len, g, n))?;
+    let c = xbc
+        .narrow(2, h * p + g * n, g * n)?
+        .reshape((bsz, len, g, n))?;
+    chunked_scan(&x, dt, a, &b, &c, d, z, chunk_size, initial)
+}
+
+/// The packed scan op of the kernels ([`super::kernels::ssd_chunked_train`]: tensor-core forward,
+/// backward kernels), when it takes these tensors: kernels on, everything on CUDA, f16/bf16
+/// activations with head_dim and d_state multiples of 16 (<= 128), an initial state (if any)
+/// that needs no gradient. dt, A and D go in as one f32 tensor (candle's custom ops take three
+/// differentiable inputs: xbc, the gate and that). `None` when the generic path must run.
+#[cfg(feature = "cuda")]
+#[allow(clippy::too_many_arguments)]
+fn packed_kernels(
+    xbc: &Tensor,
+    dims: (usize, usize, usize, usize),
+    dt: &Tensor,
+    a: &Tensor,
+    d: Option<&Tensor>,
+    z: Option<&Tensor>,
+    chunk_size: usize,
+    initial: Option<&Tensor>,
+) -> Result<Option<(Tensor, Tensor)>> {
+    let (h, p, _, n) = dims;
+    let all = [Some(xbc), Some(dt), Some(a), d, z, initial];
+    if !kernels_enabled()
+        || !all.iter().flatten().all(|t| t.device().is_cuda())
+        || initial.is_some_and(|t| t.track_op())
+        || chunk_size == 0
+        || xbc.dim(1)? == 0
+        || z.is_some_and(|z| z.dtype() != xbc.dtype())
+        || !super::kernels::ssd_train_supported(xbc.dtype(), p, n)
+    {
+        return Ok(None);
+    }
+    let (bsz, len, _) = xbc.dims3()?;
+    if dt.dims() != [bsz, len, h] || a.dims() != [h] || d.is_some_and(|d| d.dims() != [h]) {
+        return Ok(None); // the generic path reports the shape error
+    }
+    if let Some(z) = z {
+        if z.dims() != [bsz, len, h, p] {
+            return Ok(None);
+        }
+    }
+    let d = match d {
+        Some(d) => d.to_dtype(DType::F32)?,
+        None => Tensor::zeros(h, DType::F32, xbc.device())?,
+    };
+    let dtad = Tensor::cat(
+        &[
+            &dt.to_dtype(DType::F32)?.flatten_all()?,
+            &a.to_dtype(DType::F32)?,
+            &d,
+        ],
+        0,
+    )?;
+    let z = z.map(|z| z.contiguous()).transpose()?;
+    let init = initial.map(f32c).transpose()?;
+    Ok(Some(super::kernels::ssd_chunked_train(
+        &xbc.contiguous()?,
+        z.as_ref(),
+        &dtad,
+        dims,
+        chunk_size,
+        init.as_ref(),
+    )?))
+}
+
+/// The chunked scan under autograd on CUDA with x, B, C as separate tensors: packed into one
+/// (a copy, and the gradient split back) for [`packed_kernels`]. `None` when nothing tracks
+/// gradients or the kernels do not take these tensors.
 #[cfg(feature = "cuda")]
 #[allow(clippy::too_many_arguments)]
 fn train_scan(
@@ -218,22 +313,14 @@ fn train_scan(
     initial: Option<&Tensor>,
 ) -> Result<Option<(Tensor, Tensor)>> {
     let all = [Some(x), Some(dt), Some(a), Some(b), Some(c), d, z, initial];
-    let tracked = all.iter().flatten().any(|t| t.track_op());
-    if !tracked
-        || !kernels_enabled()
-        || !all.iter().flatten().all(|t| t.device().is_cuda())
-        || initial.is_some_and(|t| t.track_op())
-        || chunk_size == 0
-    {
+    if !all.iter().flatten().any(|t| t.track_op()) || x.rank() != 4 || b.rank() != 4 {
         return Ok(None);
     }
     let dims = ssd::scan_dims(x, dt, a, b, c, d, initial)?;
-    let same_dtype = b.dtype() == x.dtype()
-        && c.dtype() == x.dtype()
-        && z.is_none_or(|z| z.dtype() == x.dtype() && z.dims() == x.dims());
-    if dims.len == 0
-        || !same_dtype
+    if b.dtype() != x.dtype()
+        || c.dtype() != x.dtype()
         || !super::kernels::ssd_train_supported(x.dtype(), dims.head_dim, dims.d_state)
+        || !all.iter().flatten().all(|t| t.device().is_cuda())
     {
         return Ok(None);
     }
@@ -247,29 +334,7 @@ fn train_scan(
         ],
         2,
     )?;
-    let d = match d {
-        Some(d) => d.to_dtype(DType::F32)?,
-        None => Tensor::zeros(h, DType::F32, x.device())?,
-    };
-    let dtad = Tensor::cat(
-        &[
-            &dt.to_dtype(DType::F32)?.flatten_all()?,
-            &a.to_dtype(DType::F32)?,
-            &d,
-        ],
-        0,
-    )?;
-    let z = z.map(|z| z.contiguous()).transpose()?;
-    let init = initial.map(f32c).transpose()?;
-    let (y, s) = super::kernels::ssd_chunked_train(
-        &xbc,
-        z.as_ref(),
-        &dtad,
-        (h, p, g, n),
-        chunk_size,
-        init.as_ref(),
-    )?;
-    Ok(Some((y, s)))
+    packed_kernels(&xbc, (h, p, g, n), dt, a, d, z, chunk_size, initial)
 }
 
 /// One decoding step ([`ssd::step`]) with an optional gate `z [B, H, P]`; `state` advances (in

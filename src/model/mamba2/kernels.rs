@@ -75,15 +75,12 @@ fn tc_chunk_state_smem(head_dim: usize, d_state: usize, chunk: usize) -> usize {
     8 * chunk.next_multiple_of(32) + 2 * TC_J * (head_dim + d_state + 2 * TC_PAD)
 }
 
-/// Shared memory of the tensor-core chunk-scan kernel, in bytes.
+/// Shared memory of the tensor-core chunk-scan kernel, in bytes (layout in ssd_tc.cu).
 fn tc_chunk_scan_smem(head_dim: usize, d_state: usize) -> usize {
-    let fld = head_dim.max(TC_J) + 4;
     let ldc = d_state + TC_PAD;
-    4 * (TC_ROWS + 2 * TC_J + TC_ROWS * fld)
-        + 2 * (TC_ROWS * ldc
-            + head_dim.max(TC_J) * ldc
-            + TC_J * (head_dim + TC_PAD)
-            + TC_ROWS * (TC_J + TC_PAD))
+    let tiles = 2 * (head_dim.max(TC_J) * ldc + TC_J * (head_dim + TC_PAD));
+    let staging = 4 * TC_ROWS * (head_dim + 4);
+    4 * (TC_ROWS + 2 * TC_J + TC_ROWS * (TC_J + 4)) + 2 * TC_ROWS * ldc + tiles.max(staging)
 }
 
 /// Whether the tensor-core passes take these sizes: a 16-bit dtype (tensor cores multiply f16
@@ -1047,7 +1044,7 @@ const SSD_BWD_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/ssd_bwd.ptx"))
 fn tc_bwd_smem(head_dim: usize, d_state: usize) -> usize {
     let fld = head_dim.max(d_state).max(TC_J) + 4;
     let (ldn, ldpx, ldq) = (d_state + TC_PAD, head_dim + TC_PAD, TC_J + TC_PAD);
-    4 * (3 * TC_J + TC_ROWS * fld) + 2 * (2 * TC_J * ldn + 2 * TC_J * ldpx + 2 * TC_ROWS * ldq)
+    4 * (3 * TC_J + TC_ROWS * fld) + 2 * (2 * TC_J * ldn + 2 * TC_J * ldpx + TC_ROWS * ldq)
 }
 
 /// Whether the training scan (tensor-core forward + backward kernels) takes these sizes: those

@@ -75,6 +75,9 @@ pub enum Scan {
 pub struct Projection {
     /// Gate `[B, L, d_inner]` (model dtype).
     pub z: Tensor,
+    /// Post-conv, post-SiLU x, B and C packed `[B, L, conv_dim]`, as the scan kernels read them
+    /// (`x`, `b`, `c` below are views of it).
+    pub xbc: Tensor,
     /// Post-conv, post-SiLU x per head `[B, L, H, P]` (model dtype).
     pub x: Tensor,
     /// Post-conv B per group `[B, L, G, N]`.
@@ -331,6 +334,7 @@ impl Mamba2 {
         let dt = ssd::discretize_dt(&dt_raw, &self.dt_bias, self.cfg.dt_limit)?;
         Ok(Projection {
             z,
+            xbc,
             x: xs,
             b,
             c,
@@ -368,12 +372,16 @@ impl Mamba2 {
         let p = self.project(x, Some(&state_in.conv))?;
         let a = self.a()?;
         let (y, ssm) = match scan {
-            Scan::Chunked => fused::chunked_scan(
-                &p.x,
+            Scan::Chunked => fused::chunked_scan_packed(
+                &p.xbc,
+                (
+                    self.cfg.n_heads,
+                    self.cfg.head_dim,
+                    self.cfg.n_groups,
+                    self.cfg.d_state,
+                ),
                 &p.dt,
                 &a,
-                &p.b,
-                &p.c,
                 Some(&self.d),
                 None,
                 self.cfg.chunk_size,
