@@ -104,6 +104,34 @@ fn percent(x: f64) -> String {
     format!("{:.1}%", 100.0 * x)
 }
 
+/// The evcxr pair of each type shown as HTML, from its `html()`: `display_string` (one HTML
+/// block) and `evcxr_display` (evcxr calls it on a cell's last value). Inherent methods, so a
+/// notebook needs no trait in scope.
+macro_rules! html_display {
+    ($($t:ty),* $(,)?) => {$(
+        impl $t {
+            /// The evcxr output: one HTML block.
+            pub fn display_string(&self) -> String {
+                html_block(&self.html())
+            }
+
+            /// Show it inline in a Jupyter notebook.
+            pub fn evcxr_display(&self) {
+                print!("{}", self.display_string());
+            }
+        }
+    )*};
+}
+
+html_display!(
+    TensorSummary,
+    Vlm,
+    EvalReport,
+    AgreementReport,
+    SpeedReport,
+    Comparison
+);
+
 // ---------------------------------------------------------------------------------------------
 // Figures
 
@@ -204,16 +232,6 @@ impl TensorSummary {
         ]);
         html_table("Tensor", &["property", "value"], &rows)
     }
-
-    /// The evcxr output: one HTML block.
-    pub fn display_string(&self) -> String {
-        html_block(&self.html())
-    }
-
-    /// Show the summary inline in a Jupyter notebook.
-    pub fn evcxr_display(&self) {
-        print!("{}", self.display_string());
-    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -269,16 +287,6 @@ impl Vlm {
         map.push_str("</tr></tbody></table>");
         format!("{summary}{map}")
     }
-
-    /// The evcxr output: one HTML block.
-    pub fn display_string(&self) -> String {
-        html_block(&self.html())
-    }
-
-    /// Show the model inline in a Jupyter notebook.
-    pub fn evcxr_display(&self) {
-        print!("{}", self.display_string());
-    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -332,15 +340,6 @@ impl EvalReport {
         }
         html
     }
-
-    pub fn display_string(&self) -> String {
-        html_block(&self.html())
-    }
-
-    /// Show the report inline in a Jupyter notebook.
-    pub fn evcxr_display(&self) {
-        print!("{}", self.display_string());
-    }
 }
 
 impl AgreementReport {
@@ -363,15 +362,6 @@ impl AgreementReport {
                 format!("{:.4}", self.kl),
             ]],
         )
-    }
-
-    pub fn display_string(&self) -> String {
-        html_block(&self.html())
-    }
-
-    /// Show the report inline in a Jupyter notebook.
-    pub fn evcxr_display(&self) {
-        print!("{}", self.display_string());
     }
 }
 
@@ -396,15 +386,6 @@ impl SpeedReport {
             ]],
         )
     }
-
-    pub fn display_string(&self) -> String {
-        html_block(&self.html())
-    }
-
-    /// Show the report inline in a Jupyter notebook.
-    pub fn evcxr_display(&self) {
-        print!("{}", self.display_string());
-    }
 }
 
 impl Comparison {
@@ -427,15 +408,6 @@ impl Comparison {
             })
             .collect();
         html_table("Comparison", &header, &rows)
-    }
-
-    pub fn display_string(&self) -> String {
-        html_block(&self.html())
-    }
-
-    /// Show the comparison inline in a Jupyter notebook.
-    pub fn evcxr_display(&self) {
-        print!("{}", self.display_string());
     }
 }
 

@@ -9,22 +9,13 @@ mod common;
 
 use std::collections::{BTreeMap, HashMap};
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 use common::*;
 use matvlm::distill::{distill_loss, DistillBatch, DistillLoss, HiddenLoss, Positions};
 use matvlm::model::decoder::Capture;
 use matvlm::model::hybrid::HybridSpec;
 use matvlm::model::vlm::Vlm;
 use matvlm::train::{AdamW, AdamWConfig, ParamSet, Selection};
-
-fn teacher() -> Vlm {
-    Vlm::load(
-        fixture("teacher").to_str().unwrap(),
-        DType::F32,
-        &Device::Cpu,
-    )
-    .unwrap()
-}
 
 fn batch_rows() -> (Vec<Vec<i64>>, Tensor) {
     let r = reference("teacher", "reference.safetensors");

@@ -17,15 +17,6 @@ use matvlm::model::phi::PhiAttention;
 use matvlm::model::placement::Placement;
 use matvlm::model::vlm::Vlm;
 
-fn teacher() -> Vlm {
-    Vlm::load(
-        fixture("teacher").to_str().unwrap(),
-        DType::F32,
-        &Device::Cpu,
-    )
-    .unwrap()
-}
-
 fn attention(vlm: &Vlm, layer: usize) -> PhiAttention {
     match &vlm.decoder.blocks[layer].mixer {
         Mixer::Attention(a) => a.clone(),

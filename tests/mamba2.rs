@@ -295,6 +295,92 @@ fn chunked_scan_equals_sequential_recurrence() {
     }
 }
 
+/// The packed entry the mixer calls (x, B, C side by side, as its conv output has them) is the
+/// scan of the three blocks, gate included, and its gradient is theirs side by side; a packed
+/// tensor of the wrong width is refused with the arithmetic in the message.
+#[test]
+fn packed_scan_is_the_scan_of_its_blocks() {
+    use matvlm::model::mamba2::fused;
+    let (b, len, h, p, g, n, q) = (2, 11, 4, 3, 2, 5, 4);
+    let xbc = Var::from_tensor(&randn(&[b, len, h * p + 2 * g * n], DType::F32, 1)).unwrap();
+    let dt = (randn(&[b, len, h], DType::F32, 2) + 1.0).unwrap();
+    let a = randn(&[h], DType::F32, 3).affine(1.75, -2.25).unwrap();
+    let d = randn(&[h], DType::F32, 4);
+    let z = randn(&[b, len, h, p], DType::F32, 5);
+    let init = randn(&[b, h, p, n], DType::F32, 6);
+    let w = randn(&[b, len, h, p], DType::F32, 7);
+    let (y, s) = fused::chunked_scan_packed(
+        xbc.as_tensor(),
+        (h, p, g, n),
+        &dt,
+        &a,
+        Some(&d),
+        Some(&z),
+        q,
+        Some(&init),
+    )
+    .unwrap();
+
+    let t = xbc.as_tensor();
+    let x = Var::from_tensor(
+        &t.narrow(2, 0, h * p)
+            .unwrap()
+            .reshape((b, len, h, p))
+            .unwrap(),
+    )
+    .unwrap();
+    let bm = Var::from_tensor(
+        &t.narrow(2, h * p, g * n)
+            .unwrap()
+            .reshape((b, len, g, n))
+            .unwrap(),
+    )
+    .unwrap();
+    let cm = Var::from_tensor(
+        &t.narrow(2, h * p + g * n, g * n)
+            .unwrap()
+            .reshape((b, len, g, n))
+            .unwrap(),
+    )
+    .unwrap();
+    let (y2, s2) = fused::chunked_scan(
+        x.as_tensor(),
+        &dt,
+        &a,
+        bm.as_tensor(),
+        cm.as_tensor(),
+        Some(&d),
+        Some(&z),
+        q,
+        Some(&init),
+    )
+    .unwrap();
+    assert_close("packed y", &y, &y2, 1e-6);
+    assert_close("packed state", &s, &s2, 1e-6);
+
+    let g1 = (y * &w).unwrap().sum_all().unwrap().backward().unwrap();
+    let g2 = (y2 * &w).unwrap().sum_all().unwrap().backward().unwrap();
+    let flat = |v: &Var, cols: usize| {
+        g2.get(v.as_tensor())
+            .unwrap()
+            .reshape((b, len, cols))
+            .unwrap()
+    };
+    let want = Tensor::cat(&[flat(&x, h * p), flat(&bm, g * n), flat(&cm, g * n)], 2).unwrap();
+    assert_close(
+        "packed gradient",
+        g1.get(xbc.as_tensor()).unwrap(),
+        &want,
+        1e-6,
+    );
+
+    let narrow = t.narrow(2, 0, h * p + 2 * g * n - 1).unwrap();
+    let err = fused::chunked_scan_packed(&narrow, (h, p, g, n), &dt, &a, Some(&d), None, q, None)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("31 channels") && err.contains("= 32"), "{err}");
+}
+
 /// Half-precision inputs: the scan runs and keeps its state in f32, and lands close to f32.
 #[test]
 fn half_precision_scan_accumulates_in_f32() {

@@ -7,12 +7,10 @@ mod common;
 use std::path::{Path, PathBuf};
 
 use base64::Engine as _;
-use candle_core::{DType, Device};
 use common::*;
 use matvlm::benchmarks::Comparison;
 use matvlm::eval::{AgreementReport, EvalReport};
 use matvlm::model::hybrid::HybridSpec;
-use matvlm::model::vlm::Vlm;
 use matvlm::script::{self, Session};
 use matvlm::{display, notebook, viz};
 use rhai::{Dynamic, EvalAltResult, Scope};
@@ -32,41 +30,6 @@ fn run(code: &str, dir: &Path) -> Result<Dynamic, Box<EvalAltResult>> {
     );
     scope.push_constant("DIR", dir.display().to_string());
     engine.eval_with_scope::<Dynamic>(&mut scope, code)
-}
-
-fn teacher() -> Vlm {
-    Vlm::load(
-        fixture("teacher").to_str().unwrap(),
-        DType::F32,
-        &Device::Cpu,
-    )
-    .unwrap()
-}
-
-/// Decode a PNG file with the `image` crate; it must not be blank. Returns its size.
-fn check_png(path: &Path) -> (u32, u32) {
-    let img = image::open(path)
-        .unwrap_or_else(|e| panic!("{} is not a valid PNG: {e}", path.display()))
-        .to_rgb8();
-    let first = *img.get_pixel(0, 0);
-    let distinct = img.pixels().filter(|p| **p != first).count();
-    assert!(
-        distinct > (img.width() * img.height() / 50) as usize,
-        "{} is nearly blank",
-        path.display()
-    );
-    img.dimensions()
-}
-
-fn check_svg(path: &Path, must_contain: &str) {
-    let text = std::fs::read_to_string(path).unwrap();
-    assert!(text.trim_start().starts_with("<svg"), "{}", path.display());
-    assert!(text.trim_end().ends_with("</svg>"), "{}", path.display());
-    assert!(
-        text.contains(must_contain),
-        "{} lacks {must_contain:?}",
-        path.display()
-    );
 }
 
 fn strings(v: Dynamic) -> Vec<String> {

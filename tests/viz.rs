@@ -3,13 +3,10 @@
 
 mod common;
 
-use std::path::Path;
-
 use candle_core::{DType, Device, Tensor, D};
 use common::*;
 use matvlm::model::hybrid::HybridSpec;
 use matvlm::model::mamba2::{implicit_attention, ssd, state_norms, Mamba2, Mamba2Config};
-use matvlm::model::vlm::Vlm;
 use matvlm::tokenize::{single_turn_prompt, IMAGE_TOKEN};
 use matvlm::viz::*;
 
@@ -124,40 +121,6 @@ fn state_norms_end_at_the_scans_final_state() {
     .unwrap_err()
     .to_string();
     assert!(err.contains("[2, 3, 16]"), "{err}");
-}
-
-fn check_png(path: &Path) -> (u32, u32) {
-    let img = image::open(path)
-        .unwrap_or_else(|e| panic!("{} is not a valid image: {e}", path.display()))
-        .to_rgb8();
-    let first = *img.get_pixel(0, 0);
-    let distinct = img.pixels().filter(|p| **p != first).count();
-    assert!(
-        distinct > (img.width() * img.height() / 50) as usize,
-        "{} is nearly blank",
-        path.display()
-    );
-    img.dimensions()
-}
-
-fn check_svg(path: &Path, must_contain: &str) {
-    let text = std::fs::read_to_string(path).unwrap();
-    assert!(text.trim_start().starts_with("<svg"), "{}", path.display());
-    assert!(text.trim_end().ends_with("</svg>"), "{}", path.display());
-    assert!(
-        text.contains(must_contain),
-        "{} lacks {must_contain:?}",
-        path.display()
-    );
-}
-
-fn teacher() -> Vlm {
-    Vlm::load(
-        fixture("teacher").to_str().unwrap(),
-        DType::F32,
-        &Device::Cpu,
-    )
-    .unwrap()
 }
 
 #[test]

@@ -16,15 +16,6 @@ use matvlm::Error;
 
 const TOL: f32 = 1e-4;
 
-fn teacher() -> Vlm {
-    Vlm::load(
-        fixture("teacher").to_str().unwrap(),
-        DType::F32,
-        &Device::Cpu,
-    )
-    .unwrap()
-}
-
 fn load(dir: &Path) -> matvlm::Result<Vlm> {
     Vlm::load(dir.to_str().unwrap(), DType::F32, &Device::Cpu)
 }

@@ -1,4 +1,5 @@
-//! Helpers shared by the integration tests: fixture paths and tensor comparisons.
+//! Helpers shared by the integration tests: fixture paths and models, tensor comparisons,
+//! figure checks.
 #![allow(dead_code)]
 
 use std::collections::HashMap;
@@ -10,6 +11,44 @@ pub fn fixture(area: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("tests/fixtures")
         .join(area)
+}
+
+/// The fixture teacher (tests/fixtures/teacher: TinyLLaVA layout, made by HF transformers), f32
+/// on the CPU.
+pub fn teacher() -> matvlm::model::vlm::Vlm {
+    matvlm::model::vlm::Vlm::load(
+        fixture("teacher").to_str().unwrap(),
+        DType::F32,
+        &Device::Cpu,
+    )
+    .unwrap()
+}
+
+/// Decode a PNG file with the `image` crate; it must not be blank. Returns its size.
+pub fn check_png(path: &Path) -> (u32, u32) {
+    let img = image::open(path)
+        .unwrap_or_else(|e| panic!("{} is not a valid PNG: {e}", path.display()))
+        .to_rgb8();
+    let first = *img.get_pixel(0, 0);
+    let distinct = img.pixels().filter(|p| **p != first).count();
+    assert!(
+        distinct > (img.width() * img.height() / 50) as usize,
+        "{} is nearly blank",
+        path.display()
+    );
+    img.dimensions()
+}
+
+/// An SVG file: one `<svg>` element holding `must_contain`.
+pub fn check_svg(path: &Path, must_contain: &str) {
+    let text = std::fs::read_to_string(path).unwrap();
+    assert!(text.trim_start().starts_with("<svg"), "{}", path.display());
+    assert!(text.trim_end().ends_with("</svg>"), "{}", path.display());
+    assert!(
+        text.contains(must_contain),
+        "{} lacks {must_contain:?}",
+        path.display()
+    );
 }
 
 pub fn reference(area: &str, file: &str) -> HashMap<String, Tensor> {
