@@ -1,0 +1,145 @@
+//! Decode: one token, the SSM state updated in place (kernels/ssd.cu).
+
+use super::*;
+
+// ------------------------------------------------------------------------------------------
+// Decode: one token, in place on the SSM state.
+
+struct StateUpdate {
+    x: Tensor,
+    dt: Tensor,
+    a: Tensor,
+    b: Tensor,
+    c: Tensor,
+    d: Option<Tensor>,
+    z: Option<Tensor>,
+    y: Mutex<Option<Tensor>>,
+}
+
+impl StateUpdate {
+    fn launch<T: CudaDType + DeviceRepr + WithDType>(
+        &self,
+        state: &mut CudaStorage,
+        sl: &Layout,
+    ) -> candle_core::Result<()> {
+        let dev = state.device.clone();
+        let (batch, h, p, n) = sl.shape().dims4()?;
+        let g = self.b.dim(1)?;
+        let Some((o1, o2)) = sl.contiguous_offsets() else {
+            bail!("mamba2-state-update: SSM state is not contiguous")
+        };
+        let (xs, dt, a, bs, cs) = (
+            Side::new(&self.x, "x"),
+            Side::new(&self.dt, "dt"),
+            Side::new(&self.a, "A"),
+            Side::new(&self.b, "B"),
+            Side::new(&self.c, "C"),
+        );
+        let d = self.d.as_ref().map(|t| Side::new(t, "D"));
+        let z = self.z.as_ref().map(|t| Side::new(t, "z"));
+        let (xv, dtv, av, bv, cv) = (
+            xs.view::<T>()?,
+            dt.view::<f32>()?,
+            a.view::<f32>()?,
+            bs.view::<T>()?,
+            cs.view::<T>()?,
+        );
+        let (dv, zv) = (opt_view::<f32>(&d)?, opt_view::<T>(&z)?);
+        // SAFETY: fully written by the kernel.
+        let y = unsafe { dev.alloc::<T>(batch * h * p)? };
+        // The float4 variant (a warp per 8 rows of one head, 16-byte state accesses) wherever
+        // d_state and the state's offset allow 16-byte accesses, a row fits one warp and 8 rows
+        // divide a head.
+        let v4 = n % 4 == 0 && n <= 128 && p % 8 == 0 && o1 % 4 == 0;
+        let func = dev.get_or_load_custom_func(
+            &format!(
+                "mamba2_ssd_state_update{}_{}",
+                if v4 { "_v4" } else { "" },
+                suffix(T::DTYPE)?
+            ),
+            "matvlm_mamba2_ssd",
+            SSD_PTX,
+        )?;
+        let mut sv = state.as_cuda_slice_mut::<f32>()?.slice_mut(o1..o2);
+        let rows = batch * h * p;
+        let warps = if v4 { rows.div_ceil(8) } else { rows };
+        let cfg = LaunchConfig {
+            grid_dim: (grid(warps * 32, 256)?, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let (bi, hi, gi, pi, ni) = (
+            i32_of(batch, "B")?,
+            i32_of(h, "H")?,
+            i32_of(g, "G")?,
+            i32_of(p, "P")?,
+            i32_of(n, "N")?,
+        );
+        let mut args = func.builder();
+        args.arg(&mut sv);
+        args.arg(&xv);
+        args.arg(&dtv);
+        args.arg(&av);
+        args.arg(&bv);
+        args.arg(&cv);
+        dv.push(&mut args);
+        zv.push(&mut args);
+        args.arg(&y);
+        for v in [&bi, &hi, &gi, &pi, &ni] {
+            args.arg(v);
+        }
+        // SAFETY: argument list matches mamba2_ssd_state_update{,_v4}_* in kernels/ssd.cu.
+        unsafe { args.launch(cfg) }.w()?;
+        *self
+            .y
+            .lock()
+            .map_err(|_| cpu_only_error("state update lock"))? =
+            Some(wrap(y, &dev, &[batch, h, p]));
+        Ok(())
+    }
+}
+
+impl InplaceOp1 for StateUpdate {
+    fn name(&self) -> &'static str {
+        "mamba2-state-update"
+    }
+    fn cpu_fwd(&self, _: &mut CpuStorage, _: &Layout) -> candle_core::Result<()> {
+        Err(cpu_only_error(self.name()))
+    }
+    fn cuda_fwd(&self, s: &mut CudaStorage, l: &Layout) -> candle_core::Result<()> {
+        match self.x.dtype() {
+            DType::F32 => self.launch::<f32>(s, l),
+            DType::F16 => self.launch::<half::f16>(s, l),
+            DType::BF16 => self.launch::<half::bf16>(s, l),
+            other => bail!("mamba2-state-update: unsupported dtype {other:?}"),
+        }
+    }
+}
+
+/// One decoding step in place on `state [B, H, P, N]` (f32, contiguous, not sharing storage
+/// with the other inputs): `x [B, H, P]`, `b`, `c [B, G, N]`, `z [B, H, P]` (x's dtype,
+/// contiguous), `dt [B, H]`, `a [H]`, `d [H]` f32. Returns `y [B, H, P]` in x's dtype.
+#[allow(clippy::too_many_arguments)]
+pub fn ssd_state_update(
+    x: &Tensor,
+    dt: &Tensor,
+    a: &Tensor,
+    b: &Tensor,
+    c: &Tensor,
+    d: Option<&Tensor>,
+    z: Option<&Tensor>,
+    state: &Tensor,
+) -> candle_core::Result<Tensor> {
+    let op = StateUpdate {
+        x: x.clone(),
+        dt: dt.clone(),
+        a: a.clone(),
+        b: b.clone(),
+        c: c.clone(),
+        d: d.cloned(),
+        z: z.cloned(),
+        y: Mutex::new(None),
+    };
+    state.inplace_op1(&op)?;
+    take(&op.y, "state update output")
+}

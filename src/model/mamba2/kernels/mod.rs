@@ -1,0 +1,230 @@
+//! The CUDA kernels of `kernels/*.cu` as candle custom ops (only with the `cuda` feature).
+//!
+//! Each op's main inputs go through candle's `CustomOp`/`InplaceOp` traits (storage locking and
+//! layouts handled by candle); the small side inputs (weights, dt, states) are held by the op
+//! and read through [`Tensor::storage_and_layout`]. Ops with two results (output and new state)
+//! return the second through the op itself. Callers pass f32 side tensors; [`super::fused`]
+//! prepares them and decides when these kernels apply. One op has a backward: the scan under
+//! autograd ([`ssd_chunked_train`], kernels/ssd_bwd.cu); the others serve inference.
+//!
+//! * [`conv`]: causal depthwise conv1d + SiLU, prefill and one decode step;
+//! * [`scan`]: the chunked SSD scan for inference (SIMT or tensor-core passes);
+//! * [`train`]: the scan as a differentiable op (tensor-core forward, backward kernels);
+//! * [`decode`]: the one-token state update;
+//! * [`norm`]: the gated RMSNorm.
+//!
+//! The PTX is compiled by build.rs (nvcc at build time; that file says why) and loaded once per
+//! device by candle's module cache.
+
+use std::sync::Mutex;
+
+use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::cudarc::driver::{
+    CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg,
+};
+use candle_core::cuda_backend::{CudaDType, WrapErr};
+use candle_core::op::BackpropOp;
+use candle_core::{
+    bail, CpuStorage, CudaDevice, CudaStorage, CustomOp1, CustomOp2, CustomOp3, DType, InplaceOp1,
+    Layout, Shape, Storage, StorageRef, Tensor, WithDType,
+};
+
+const CONV_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/conv.ptx"));
+const SSD_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/ssd.ptx"));
+const SSD_TC_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/ssd_tc.ptx"));
+const NORM_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/norm.ptx"));
+
+/// Time steps per shared-memory tile and output rows per chunk-scan block (`JT`, `RT` in ssd.cu).
+const JT: usize = 32;
+const RT: usize = 32;
+/// Threads per block of the SSD kernels (`NTHREADS` in ssd.cu).
+const NTHREADS: u32 = 256;
+/// Largest head_dim / d_state the register tiles of ssd.cu hold, and largest chunk.
+pub const MAX_HEAD_DIM: usize = 128;
+pub const MAX_D_STATE: usize = 128;
+pub const MAX_CHUNK: usize = 1024;
+/// Dynamic shared memory a block may use without an opt-in attribute.
+const SMEM_LIMIT: usize = 48 * 1024;
+/// Largest conv width (d_conv) conv.cu is meant for (it loops, so this is a sanity bound).
+pub const MAX_D_CONV: usize = 16;
+
+/// Shared memory of the chunk-scan kernel for these sizes, in bytes.
+pub fn chunk_scan_smem(head_dim: usize, d_state: usize) -> usize {
+    let nb = d_state | 1;
+    4 * (RT * d_state + JT * nb + JT * head_dim + RT * (JT + 1) + RT + JT)
+}
+
+/// Shared memory of the chunk-state kernel, in bytes.
+pub fn chunk_state_smem(head_dim: usize, d_state: usize, chunk: usize) -> usize {
+    4 * (2 * chunk + JT * (head_dim + d_state))
+}
+
+/// Whether the SSD kernels support these sizes (register tiles and shared memory).
+pub fn ssd_supported(head_dim: usize, d_state: usize, chunk: usize) -> bool {
+    head_dim <= MAX_HEAD_DIM
+        && d_state <= MAX_D_STATE
+        && chunk <= MAX_CHUNK
+        && chunk_scan_smem(head_dim, d_state) <= SMEM_LIMIT
+        && chunk_state_smem(head_dim, d_state, chunk) <= SMEM_LIMIT
+}
+
+/// Rows per chunk-scan block and time steps per tile of the tensor-core kernels (ssd_tc.cu).
+const TC_ROWS: usize = 64;
+const TC_J: usize = 64;
+const TC_PAD: usize = 8;
+/// Shared memory a block may opt into on Hopper (227 KiB); the tensor-core scan asks for more
+/// than the default 48 KiB.
+const SMEM_OPT_IN: usize = 227 * 1024;
+
+/// Shared memory of the tensor-core chunk-state kernel, in bytes.
+fn tc_chunk_state_smem(head_dim: usize, d_state: usize, chunk: usize) -> usize {
+    8 * chunk.next_multiple_of(32) + 2 * TC_J * (head_dim + d_state + 2 * TC_PAD)
+}
+
+/// Shared memory of the tensor-core chunk-scan kernel, in bytes (layout in ssd_tc.cu).
+fn tc_chunk_scan_smem(head_dim: usize, d_state: usize) -> usize {
+    let ldc = d_state + TC_PAD;
+    let tiles = 2 * (head_dim.max(TC_J) * ldc + TC_J * (head_dim + TC_PAD));
+    let staging = 4 * TC_ROWS * (head_dim + 4);
+    4 * (TC_ROWS + 2 * TC_J + TC_ROWS * (TC_J + 4)) + 2 * TC_ROWS * ldc + tiles.max(staging)
+}
+
+/// Whether the tensor-core passes take these sizes: a 16-bit dtype (tensor cores multiply f16
+/// or bf16; f32 keeps the SIMT passes and their 1e-4 parity), head_dim and d_state multiples of
+/// 16 up to 128 (WMMA tiles, at most 8 fragments a warp), and x, B, C starting on 16 bytes (their
+/// tiles are copied 8 elements at a time).
+fn ssd_tc_supported(dtype: DType, head_dim: usize, d_state: usize, offsets: [usize; 3]) -> bool {
+    matches!(dtype, DType::F16 | DType::BF16)
+        && head_dim.is_multiple_of(16)
+        && d_state.is_multiple_of(16)
+        && head_dim <= 128
+        && d_state <= 128
+        && offsets.iter().all(|o| o % 8 == 0)
+        && std::env::var("MATVLM_MAMBA2_TC").map_or(true, |v| v != "0")
+}
+
+/// Let `func` use `bytes` of dynamic shared memory (beyond the default 48 KiB).
+fn allow_smem(
+    func: &candle_core::cuda_backend::cudarc::driver::CudaFunction,
+    bytes: usize,
+) -> candle_core::Result<()> {
+    use candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute_enum as Attr;
+    if bytes > SMEM_LIMIT {
+        if bytes > SMEM_OPT_IN {
+            bail!("mamba2 kernels: {bytes} bytes of shared memory exceed the {SMEM_OPT_IN} a block may use");
+        }
+        func.set_attribute(
+            Attr::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+            bytes as i32,
+        )
+        .w()?;
+    }
+    Ok(())
+}
+
+fn suffix(dtype: DType) -> candle_core::Result<&'static str> {
+    Ok(match dtype {
+        DType::F32 => "f32",
+        DType::F16 => "f16",
+        DType::BF16 => "bf16",
+        other => bail!("mamba2 kernels: unsupported dtype {other:?} (f32, f16, bf16 only)"),
+    })
+}
+
+fn i32_of(v: usize, what: &str) -> candle_core::Result<i32> {
+    i32::try_from(v)
+        .map_err(|_| candle_core::Error::Msg(format!("mamba2 kernels: {what} = {v} exceeds i32")))
+}
+
+fn grid(n: usize, per: usize) -> candle_core::Result<u32> {
+    u32::try_from(n.div_ceil(per))
+        .map_err(|_| candle_core::Error::Msg(format!("mamba2 kernels: grid of {n} too large")))
+}
+
+/// A side input of an op: its storage, read-locked for the duration of the launch.
+struct Side<'a> {
+    guard: StorageRef<'a>,
+    layout: &'a Layout,
+    name: &'static str,
+}
+
+impl<'a> Side<'a> {
+    fn new(t: &'a Tensor, name: &'static str) -> Self {
+        let (guard, layout) = t.storage_and_layout();
+        Self {
+            guard,
+            layout,
+            name,
+        }
+    }
+
+    /// The tensor's elements as a contiguous device view of `T`.
+    fn view<T: CudaDType>(&self) -> candle_core::Result<CudaView<'_, T>> {
+        let Storage::Cuda(s) = &*self.guard else {
+            bail!("mamba2 kernels: {} is not on a CUDA device", self.name)
+        };
+        let Some((o1, o2)) = self.layout.contiguous_offsets() else {
+            bail!("mamba2 kernels: {} is not contiguous", self.name)
+        };
+        Ok(s.as_cuda_slice::<T>()?.slice(o1..o2))
+    }
+}
+
+/// A device slice as a tensor with no autograd history.
+fn wrap<T: CudaDType>(slice: CudaSlice<T>, dev: &CudaDevice, shape: &[usize]) -> Tensor {
+    let storage = Storage::Cuda(CudaStorage::wrap_cuda_slice(slice, dev.clone()));
+    Tensor::from_storage(storage, shape, BackpropOp::none(), false)
+}
+
+/// The offset and `(batch, row)` strides of a `[B, L, C]` layout whose channels are contiguous.
+fn rows_layout(l: &Layout, what: &str) -> candle_core::Result<(usize, i64, i64)> {
+    match l.stride() {
+        &[sb, st, 1] => Ok((l.start_offset(), sb as i64, st as i64)),
+        other => bail!("mamba2 kernels: {what} has strides {other:?}, channels must be contiguous"),
+    }
+}
+
+fn take<T>(slot: &Mutex<Option<T>>, what: &str) -> candle_core::Result<T> {
+    slot.lock()
+        .ok()
+        .and_then(|mut s| s.take())
+        .ok_or_else(|| candle_core::Error::Msg(format!("mamba2 kernels: {what} was not produced")))
+}
+
+fn cpu_only_error(name: &str) -> candle_core::Error {
+    candle_core::Error::Msg(format!("{name}: CUDA kernel called on the CPU"))
+}
+
+/// The pointer argument of an optional input: the view, or a null device pointer.
+enum Opt<'a, T> {
+    Some(CudaView<'a, T>),
+    Null(u64),
+}
+
+impl<'a, T> Opt<'a, T> {
+    fn push<'b>(&'b self, b: &mut candle_core::cuda_backend::cudarc::driver::LaunchArgs<'b>) {
+        match self {
+            Opt::Some(v) => b.arg(v),
+            Opt::Null(p) => b.arg(p),
+        };
+    }
+}
+
+fn opt_view<'a, T: CudaDType>(s: &'a Option<Side<'a>>) -> candle_core::Result<Opt<'a, T>> {
+    Ok(match s {
+        Some(s) => Opt::Some(s.view::<T>()?),
+        None => Opt::Null(0),
+    })
+}
+
+mod conv;
+mod decode;
+mod norm;
+mod scan;
+mod train;
+
+pub use conv::*;
+pub use decode::*;
+pub use norm::*;
+pub use scan::*;
+pub use train::*;
