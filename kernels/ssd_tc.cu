@@ -5,7 +5,7 @@
 // Why a second file rather than replacing the SIMT passes: tensor cores take f16/bf16 operands
 // only (tf32 would break the f32 path's 1e-4 parity), and WMMA wants head_dim and d_state in
 // multiples of 16. f32 inputs and odd shapes keep the SIMT kernels; the Rust side picks
-// (`ssd_tc_supported` in src/model/mamba2/kernels.rs).
+// (`ssd_tc_supported` in src/model/mamba2/kernels/mod.rs).
 //
 // What is rounded to the input dtype before a product, as in upstream's Triton kernels:
 // dt_j exp(cum_last - cum_j) x_j (chunk_state), the state before the chunk, and the masked,
@@ -19,7 +19,7 @@
 // ---------------------------------------------------------------------------------------------
 // 1. chunk cumsum + per-chunk states: states[c] = sum_j w_j x_j B_j^T, w_j = dt_j
 //    exp(cum_last - cum_j). Grid (nc, B*H), 256 threads. Dynamic shared memory:
-//    tc_chunk_state_smem in kernels.rs. x rows (per time step) are ldx elements apart, B rows
+//    tc_chunk_state_smem in kernels/mod.rs. x rows (per time step) are ldx elements apart, B rows
 //    ldbc (x, B, C may be column blocks of one packed xBC tensor).
 template <typename T, int F>
 __device__ __forceinline__ void chunk_state_tc(const T* __restrict__ x, long ldx,
@@ -78,7 +78,7 @@ __device__ __forceinline__ void chunk_state_tc(const T* __restrict__ x, long ldx
 //      Y = diag(exp(cum_i)) C S_start^T + (mask o exp(cum_i - cum_j) o dt_j o C B^T) X,
 //    then D skip and gate in f32 (the pre-gate output also to `ypre` when given: the backward
 //    of the gate needs it). Grid (nc * row_tiles, B*H), 128 threads. Dynamic shared
-//    memory: tc_chunk_scan_smem in kernels.rs.
+//    memory: tc_chunk_scan_smem in kernels/mod.rs.
 template <typename T, int F>
 __device__ __forceinline__ void chunk_scan_tc(const T* __restrict__ x, long ldx,
                                               const float* __restrict__ dt,
