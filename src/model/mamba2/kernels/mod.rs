@@ -7,11 +7,11 @@
 //! prepares them and decides when these kernels apply. One op has a backward: the scan under
 //! autograd ([`ssd_chunked_train`], kernels/ssd_bwd.cu); the others serve inference.
 //!
-//! * [`conv`]: causal depthwise conv1d + SiLU, prefill and one decode step;
-//! * [`scan`]: the chunked SSD scan for inference (SIMT or tensor-core passes);
-//! * [`train`]: the scan as a differentiable op (tensor-core forward, backward kernels);
-//! * [`decode`]: the one-token state update;
-//! * [`norm`]: the gated RMSNorm.
+//! * `conv`: causal depthwise conv1d + SiLU, prefill and one decode step;
+//! * `scan`: the chunked SSD scan for inference (SIMT or tensor-core passes);
+//! * `train`: the scan as a differentiable op (tensor-core forward, backward kernels);
+//! * `decode`: the one-token state update;
+//! * `norm`: the gated RMSNorm.
 //!
 //! The PTX is compiled by build.rs (nvcc at build time; that file says why) and loaded once per
 //! device by candle's module cache.
