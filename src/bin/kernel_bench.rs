@@ -19,7 +19,9 @@
 //! `--warmup`; decode runs `--inner` steps per repetition. GB/s counts the bytes each op must
 //! move at least (inputs read once, outputs written once; the state read and written).
 //!
-//! Run: `kernel_bench [--quick] [--reps N] [--warmup N] [--inner N]`.
+//! Run: `kernel_bench [--quick] [--kernels-only] [--reps N] [--warmup N] [--inner N]`
+//! (`--quick`: L = 2048 only; `--kernels-only`: skip the generic and unpacked references, which
+//! take most of the run's time, when iterating on the kernels).
 
 use std::time::Instant;
 
@@ -31,6 +33,7 @@ struct Opts {
     warmup: usize,
     inner: usize,
     quick: bool,
+    kernels_only: bool,
 }
 
 fn opts() -> Opts {
@@ -47,6 +50,7 @@ fn opts() -> Opts {
         warmup: num("--warmup", 3),
         inner: num("--inner", 50),
         quick: args.iter().any(|a| a == "--quick"),
+        kernels_only: args.iter().any(|a| a == "--kernels-only"),
     }
 }
 
@@ -143,6 +147,9 @@ fn prefill(dev: &Device, o: &Opts) -> matvlm::Result<()> {
             let z = Tensor::randn(0f32, 1.0, (batch, len, H, P), dev)?.to_dtype(dt_)?;
             for with_z in [true, false] {
                 for imp in ["kernel", "generic"] {
+                    if o.kernels_only && imp != "kernel" {
+                        continue;
+                    }
                     fused::set_kernels(Some(imp == "kernel"));
                     let zz = with_z.then_some(&z);
                     let mut out = None;
@@ -188,6 +195,9 @@ fn prefill(dev: &Device, o: &Opts) -> matvlm::Result<()> {
                 2,
             )?;
             for imp in ["kernel", "kernel-unpacked", "generic-autograd"] {
+                if o.kernels_only && imp != "kernel" {
+                    continue;
+                }
                 fused::set_kernels(Some(imp != "generic-autograd"));
                 let base = format!(
                     r#""section":"a","name":"scan_fwd_bwd","impl":"{imp}","batch":{batch},"seqlen":{len},"dtype":"bf16","with_z":true"#
@@ -256,6 +266,9 @@ fn decode(dev: &Device, o: &Opts) -> matvlm::Result<()> {
         let d = Tensor::randn(0f32, 1.0, H, dev)?;
         let mut state = (Tensor::randn(0f32, 0.1, (batch, H, P, N), dev)? * 1.0)?;
         for imp in ["kernel", "generic"] {
+            if o.kernels_only && imp != "kernel" {
+                continue;
+            }
             fused::set_kernels(Some(imp == "kernel"));
             let inner = o.inner;
             let mut y = None;
@@ -301,8 +314,8 @@ fn main() -> matvlm::Result<()> {
     let o = opts();
     let dev = matvlm::device::cuda(0)?;
     emit(format!(
-        r#"{{"section":"env","bench":"kernel_bench","reps":{},"warmup":{},"inner":{},"quick":{}}}"#,
-        o.reps, o.warmup, o.inner, o.quick
+        r#"{{"section":"env","bench":"kernel_bench","reps":{},"warmup":{},"inner":{},"quick":{},"kernels_only":{}}}"#,
+        o.reps, o.warmup, o.inner, o.quick, o.kernels_only
     ));
     prefill(&dev, &o)?;
     decode(&dev, &o)?;
