@@ -197,6 +197,55 @@ fn inputs(k: &Case) -> candle_core::Result<Inputs> {
     })
 }
 
+/// Each tensor as a fresh `Var` (a leaf the backward reaches).
+fn vars(ts: Vec<Tensor>) -> candle_core::Result<Vec<candle_core::Var>> {
+    ts.iter().map(candle_core::Var::from_tensor).collect()
+}
+
+/// The gradients of `sum(y * w)` (in f32) for each of `vars`, in their order; `names` for the
+/// error when one gets none.
+fn grads_of(
+    y: &Tensor,
+    w: &Tensor,
+    vars: &[candle_core::Var],
+    names: &[String],
+) -> matvlm::Result<Vec<Tensor>> {
+    let loss = (y.to_dtype(DType::F32)? * w.to_device(y.device())?)?.sum_all()?;
+    let grads = loss.backward()?;
+    vars.iter()
+        .zip(names)
+        .map(|(v, name)| {
+            grads
+                .get(v.as_tensor())
+                .cloned()
+                .ok_or_else(|| matvlm::Error::Invalid(format!("no gradient for {name}")))
+        })
+        .collect()
+}
+
+impl Report {
+    /// One comparison per named gradient of the GPU and CPU runs (`what` = prefix + name).
+    #[allow(clippy::too_many_arguments)]
+    fn compare_grads(
+        &mut self,
+        case: &str,
+        dtype: DType,
+        prefix: &str,
+        names: &[String],
+        runs: (matvlm::Result<Vec<Tensor>>, matvlm::Result<Vec<Tensor>>),
+        stage: Stage,
+    ) {
+        match runs {
+            (Ok(gg), Ok(gc)) => {
+                for ((g, c), input) in gg.iter().zip(&gc).zip(names) {
+                    self.compare(case, dtype, &format!("{prefix}{input}"), g, c, stage);
+                }
+            }
+            (Err(e), _) | (_, Err(e)) => self.error(case, dtype, prefix.trim_end(), e),
+        }
+    }
+}
+
 fn check_case(k: &Case, dtype: DType, gpu: &Device, r: &mut Report) -> matvlm::Result<()> {
     let i = inputs(k)?;
     // Activations in the model dtype; dt, A, D and the state in f32, as the mixer has them.
@@ -241,10 +290,12 @@ fn check_case(k: &Case, dtype: DType, gpu: &Device, r: &mut Report) -> matvlm::R
     }
 
     // Gradients of every input of the gated scan, through loss = sum(y * w).
-    let names = ["x", "dt", "A", "B", "C", "D", "z"];
+    let names: Vec<String> = ["x", "dt", "A", "B", "C", "D", "z"]
+        .map(String::from)
+        .into();
     let w = Tensor::randn(0f32, 1.0, i.x.dims(), cpu)?;
     let run_grad = |dev: &Device| -> matvlm::Result<Vec<Tensor>> {
-        let vars = [
+        let v = vars(vec![
             act(&i.x, dev)?,
             f32_on(&i.dt, dev)?,
             f32_on(&i.a, dev)?,
@@ -252,11 +303,8 @@ fn check_case(k: &Case, dtype: DType, gpu: &Device, r: &mut Report) -> matvlm::R
             act(&i.c, dev)?,
             f32_on(&i.d, dev)?,
             act(&i.z, dev)?,
-        ]
-        .into_iter()
-        .map(|t| candle_core::Var::from_tensor(&t))
-        .collect::<candle_core::Result<Vec<_>>>()?;
-        let t: Vec<&Tensor> = vars.iter().map(|v| v.as_tensor()).collect();
+        ])?;
+        let t: Vec<&Tensor> = v.iter().map(|v| v.as_tensor()).collect();
         let (y, _) = fused::chunked_scan(
             t[0],
             t[1],
@@ -268,33 +316,10 @@ fn check_case(k: &Case, dtype: DType, gpu: &Device, r: &mut Report) -> matvlm::R
             k.chunk,
             None,
         )?;
-        let loss = (y.to_dtype(DType::F32)? * w.to_device(dev)?)?.sum_all()?;
-        let grads = loss.backward()?;
-        t.iter()
-            .zip(names)
-            .map(|(v, name)| {
-                grads
-                    .get(v)
-                    .cloned()
-                    .ok_or_else(|| matvlm::Error::Invalid(format!("no gradient for {name}")))
-            })
-            .collect()
+        grads_of(&y, &w, &v, &names)
     };
-    match (run_grad(gpu), run_grad(cpu)) {
-        (Ok(gg), Ok(gc)) => {
-            for ((g, c), input) in gg.iter().zip(&gc).zip(names) {
-                r.compare(
-                    name,
-                    dtype,
-                    &format!("ssd grad d{input}"),
-                    g,
-                    c,
-                    Stage::Grad,
-                );
-            }
-        }
-        (Err(e), _) | (_, Err(e)) => r.error(name, dtype, "ssd grad", e),
-    }
+    let runs = (run_grad(gpu), run_grad(cpu));
+    r.compare_grads(name, dtype, "ssd grad d", &names, runs, Stage::Grad);
 
     // The same through the packed entry the mixer uses (x, B, C in one tensor).
     let (bb, l, h, p, g, n) = (k.batch, k.len, k.heads, k.head_dim, k.groups, k.d_state);
@@ -306,19 +331,16 @@ fn check_case(k: &Case, dtype: DType, gpu: &Device, r: &mut Report) -> matvlm::R
         ],
         2,
     )?;
-    let packed_names = ["xBC", "dt", "A", "D", "z"];
+    let packed_names: Vec<String> = ["xBC", "dt", "A", "D", "z"].map(String::from).into();
     let run_packed = |dev: &Device| -> matvlm::Result<Vec<Tensor>> {
-        let vars = [
+        let v = vars(vec![
             act(&xbc, dev)?,
             f32_on(&i.dt, dev)?,
             f32_on(&i.a, dev)?,
             f32_on(&i.d, dev)?,
             act(&i.z, dev)?,
-        ]
-        .into_iter()
-        .map(|t| candle_core::Var::from_tensor(&t))
-        .collect::<candle_core::Result<Vec<_>>>()?;
-        let t: Vec<&Tensor> = vars.iter().map(|v| v.as_tensor()).collect();
+        ])?;
+        let t: Vec<&Tensor> = v.iter().map(|v| v.as_tensor()).collect();
         let (y, _) = fused::chunked_scan_packed(
             t[0],
             (h, p, g, n),
@@ -329,33 +351,17 @@ fn check_case(k: &Case, dtype: DType, gpu: &Device, r: &mut Report) -> matvlm::R
             k.chunk,
             None,
         )?;
-        let loss = (y.to_dtype(DType::F32)? * w.to_device(dev)?)?.sum_all()?;
-        let grads = loss.backward()?;
-        t.iter()
-            .zip(packed_names)
-            .map(|(v, name)| {
-                grads
-                    .get(v)
-                    .cloned()
-                    .ok_or_else(|| matvlm::Error::Invalid(format!("no gradient for {name}")))
-            })
-            .collect()
+        grads_of(&y, &w, &v, &packed_names)
     };
-    match (run_packed(gpu), run_packed(cpu)) {
-        (Ok(gg), Ok(gc)) => {
-            for ((g, c), input) in gg.iter().zip(&gc).zip(packed_names) {
-                r.compare(
-                    name,
-                    dtype,
-                    &format!("packed ssd grad d{input}"),
-                    g,
-                    c,
-                    Stage::Grad,
-                );
-            }
-        }
-        (Err(e), _) | (_, Err(e)) => r.error(name, dtype, "packed ssd grad", e),
-    }
+    let runs = (run_packed(gpu), run_packed(cpu));
+    r.compare_grads(
+        name,
+        dtype,
+        "packed ssd grad d",
+        &packed_names,
+        runs,
+        Stage::Grad,
+    );
 
     // Decode step from the initial state, in place on the GPU, with the gate.
     let step_x = |t: &Tensor| t.narrow(1, 0, 1).and_then(|t| t.squeeze(1));
@@ -425,46 +431,35 @@ fn check_case(k: &Case, dtype: DType, gpu: &Device, r: &mut Report) -> matvlm::R
     let params = Mamba2::init_tensors(&cfg, dtype, cpu, 7)?;
     // The reference is the CPU in f32 on the same (16-bit-valued) parameters and input, so the
     // comparison measures the GPU's own rounding, not the sum of two.
-    let run_mixer_grad = |dev: &Device, in_dtype: DType| -> matvlm::Result<Vec<(String, Tensor)>> {
-        let mut vars = vec![];
-        let mut tensors = std::collections::HashMap::new();
-        for (pname, t) in &params {
-            let v = candle_core::Var::from_tensor(&t.to_dtype(in_dtype)?.to_device(dev)?)?;
-            tensors.insert(pname.clone(), v.as_tensor().clone());
-            vars.push((pname.clone(), v));
-        }
-        vars.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut mixer_names: Vec<String> = params.keys().cloned().collect();
+    mixer_names.sort();
+    mixer_names.push("input".into());
+    let run_mixer_grad = |dev: &Device, in_dtype: DType| -> matvlm::Result<Vec<Tensor>> {
+        let mut inputs = mixer_names[..mixer_names.len() - 1]
+            .iter()
+            .map(|pname| Ok(params[pname].to_dtype(in_dtype)?.to_device(dev)?))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        inputs.push(act(&xin, dev)?.to_dtype(in_dtype)?);
+        let v = vars(inputs)?;
+        let tensors = mixer_names
+            .iter()
+            .zip(&v)
+            .take(mixer_names.len() - 1)
+            .map(|(pname, v)| (pname.clone(), v.as_tensor().clone()))
+            .collect();
         let m = Mamba2::from_tensors(tensors, &cfg)?;
-        let xv = candle_core::Var::from_tensor(&act(&xin, dev)?.to_dtype(in_dtype)?)?;
-        let (y, _) = m.forward(xv.as_tensor(), None)?;
-        let loss = (y.to_dtype(DType::F32)? * wy.to_device(dev)?)?.sum_all()?;
-        let grads = loss.backward()?;
-        vars.push(("input".to_string(), xv));
-        vars.iter()
-            .map(|(pname, v)| {
-                let g = grads
-                    .get(v.as_tensor())
-                    .cloned()
-                    .ok_or_else(|| matvlm::Error::Invalid(format!("no gradient for {pname}")))?;
-                Ok((pname.clone(), g))
-            })
-            .collect()
+        let (y, _) = m.forward(v[v.len() - 1].as_tensor(), None)?;
+        grads_of(&y, &wy, &v, &mixer_names)
     };
-    match (run_mixer_grad(gpu, dtype), run_mixer_grad(cpu, DType::F32)) {
-        (Ok(gg), Ok(gc)) => {
-            for ((pname, g), (_, c)) in gg.iter().zip(&gc) {
-                r.compare(
-                    name,
-                    dtype,
-                    &format!("mixer grad {pname}"),
-                    g,
-                    c,
-                    Stage::MixerGrad,
-                );
-            }
-        }
-        (Err(e), _) | (_, Err(e)) => r.error(name, dtype, "mixer grad", e),
-    }
+    let runs = (run_mixer_grad(gpu, dtype), run_mixer_grad(cpu, DType::F32));
+    r.compare_grads(
+        name,
+        dtype,
+        "mixer grad ",
+        &mixer_names,
+        runs,
+        Stage::MixerGrad,
+    );
     Ok(())
 }
 
