@@ -100,7 +100,34 @@ fn ssd_tc_supported(dtype: DType, head_dim: usize, d_state: usize, offsets: [usi
         && head_dim <= 128
         && d_state <= 128
         && offsets.iter().all(|o| o % 8 == 0)
-        && std::env::var("MATVLM_MAMBA2_TC").map_or(true, |v| v != "0")
+        && tc_enabled()
+}
+
+/// `MATVLM_MAMBA2_TC` (anything but `0`: on), read once: this sits on every scan call.
+fn tc_enabled() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("MATVLM_MAMBA2_TC").map_or(true, |v| v != "0"))
+}
+
+/// The sizes the SSD kernels take as `int`: L, H, G, P, N, chunk, chunks (in that order).
+fn ssd_dims_i32(
+    len: usize,
+    h: usize,
+    g: usize,
+    p: usize,
+    n: usize,
+    q: usize,
+    nc: usize,
+) -> candle_core::Result<[i32; 7]> {
+    Ok([
+        i32_of(len, "L")?,
+        i32_of(h, "H")?,
+        i32_of(g, "G")?,
+        i32_of(p, "P")?,
+        i32_of(n, "N")?,
+        i32_of(q, "chunk")?,
+        i32_of(nc, "chunks")?,
+    ])
 }
 
 /// Let `func` use `bytes` of dynamic shared memory (beyond the default 48 KiB).

@@ -90,15 +90,7 @@ pub(super) fn scan_forward<T: CudaDType + DeviceRepr + WithDType>(
         None
     };
     let sfx = suffix(T::DTYPE)?;
-    let (li, hi, gi, pi, ni, qi, nci) = (
-        i32_of(len, "L")?,
-        i32_of(h, "H")?,
-        i32_of(g, "G")?,
-        i32_of(p, "P")?,
-        i32_of(n, "N")?,
-        i32_of(q, "chunk")?,
-        i32_of(nc, "chunks")?,
-    );
+    let [li, hi, gi, pi, ni, qi, nci] = ssd_dims_i32(len, h, g, p, n, q, nc)?;
     let (ldx, ldbc) = (s.ldx as i64, s.ldbc as i64);
     let bh = u32::try_from(batch * h).map_err(|_| cpu_only_error("batch * heads"))?;
 

@@ -238,15 +238,7 @@ impl ScanTrain {
             None
         };
 
-        let (li, hi, gi, pi, ni, qi, nci) = (
-            i32_of(len, "L")?,
-            i32_of(h, "H")?,
-            i32_of(g, "G")?,
-            i32_of(p, "P")?,
-            i32_of(n, "N")?,
-            i32_of(q, "chunk")?,
-            i32_of(nc, "chunks")?,
-        );
+        let [li, hi, gi, pi, ni, qi, nci] = ssd_dims_i32(len, h, g, p, n, q, nc)?;
         let ld = conv as i64;
         let bhu = u32::try_from(bh).map_err(|_| cpu_only_error("batch * heads"))?;
 
