@@ -24,11 +24,7 @@ fn files_under(dir: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
 
 #[test]
 fn world_is_byte_identical_from_the_same_seed() {
-    let (a, b, c) = (
-        scratch("det-a"),
-        scratch("det-b"),
-        scratch("det-c"),
-    );
+    let (a, b, c) = (scratch("det-a"), scratch("det-b"), scratch("det-c"));
     let t = std::time::Instant::now();
     let summary = generate_world(&small_world(11), a.path()).unwrap();
     let elapsed = t.elapsed();
