@@ -139,19 +139,6 @@ __device__ __forceinline__ void load_xd(T* s, int lds, const T* xh, long ldx, co
     }
 }
 
-// f32 [P][N] (global) to T [P][ldn] (shared), 4 at a time.
-template <typename T>
-__device__ __forceinline__ void load_state(T* s, int ldn, const float* src, int P, int N, int tid) {
-    for (int e = tid; e < P * N / 4; e += blockDim.x) {
-        const float4 v = reinterpret_cast<const float4*>(src)[e];
-        T* dst = s + ((4 * e) / N) * ldn + (4 * e) % N;
-        dst[0] = from_f32<T>(v.x);
-        dst[1] = from_f32<T>(v.y);
-        dst[2] = from_f32<T>(v.z);
-        dst[3] = from_f32<T>(v.w);
-    }
-}
-
 // A strip's row (f32, this lane's half of `cols`) written to global as T (dst_t, plain stores)
 // or added to f32 scratch (dst_f, atomics: several heads share a group).
 template <typename T>
@@ -601,6 +588,353 @@ __device__ __forceinline__ void bwd_dc(
 }
 
 // ---------------------------------------------------------------------------------------------
+// 3a' and 3b' on raw mma.sync: the same sums as bwd_dx_db and bwd_dc, with every score strip and
+// accumulator in registers (fragment layouts in tc.cuh): scores become A fragments of the next
+// product directly, so nothing goes through f32 shared memory. F8: the most n tiles of 8 an
+// accumulator holds (max(P, N) / 8 rounded up to the set instantiated). Shared memory: s_cumj,
+// s_dtj, s_cumi [64] f32, then s_b [64][ldn], s_xd [64][ldpx], s_ci [64][ldn], s_gi [64][ldpx].
+__device__ __forceinline__ int bwd_mma_smem_ld(int cols) { return cols + TC_PAD; }
+
+// Rows (this lane's two of a warp strip) of an accumulator written to global: as T pairs
+// (dst_t rows ld_t apart) or added to f32 scratch (dst_f rows ld_f apart); row_ok per row.
+template <typename T, int NT>
+__device__ __forceinline__ void store_frag_rows(const float (&acc)[NT][4], int nt, int lane,
+                                                const bool (&row_ok)[2], T* dst_t, long ld_t,
+                                                float* dst_f, long ld_f) {
+#pragma unroll
+    for (int rr = 0; rr < 2; ++rr) {
+        if (!row_ok[rr]) continue;
+        const int r = frag_row(lane, 2 * rr);
+#pragma unroll
+        for (int t = 0; t < NT; ++t)
+            if (t < nt) {
+                const int col = 8 * t + frag_col(lane, 0);
+                if (dst_f) {
+                    atomicAdd(dst_f + r * ld_f + col, acc[t][2 * rr]);
+                    atomicAdd(dst_f + r * ld_f + col + 1, acc[t][2 * rr + 1]);
+                } else {
+                    *reinterpret_cast<uint32_t*>(dst_t + r * ld_t + col) =
+                        pack2<T>(acc[t][2 * rr], acc[t][2 * rr + 1]);
+                }
+            }
+    }
+}
+
+template <typename T, int F8>
+__device__ __forceinline__ void bwd_dx_db_mma(
+    const T* __restrict__ x, long ldx, const float* __restrict__ dt, const float* __restrict__ cum,
+    const T* __restrict__ Bm, const T* __restrict__ Cm, long ldbc, const T* __restrict__ dy,
+    const float* __restrict__ down, const float* __restrict__ D, T* __restrict__ dx, long ld_dx,
+    T* __restrict__ db_t, float* __restrict__ db_f, long ld_dbc, float* __restrict__ ddt,
+    float* __restrict__ dcum_src, float* __restrict__ dcl, int L, int H, int G, int P, int N,
+    int Q, int nc, int row_tiles) {
+    extern __shared__ __align__(128) unsigned char smem_raw[];
+    const int ldn = bwd_mma_smem_ld(N), ldpx = bwd_mma_smem_ld(P);
+    float* s_cumj = reinterpret_cast<float*>(smem_raw);
+    float* s_dtj = s_cumj + TC_J;
+    float* s_cumi = s_dtj + TC_J;
+    T* s_b = reinterpret_cast<T*>(s_cumi + TC_J);
+    T* s_xd = s_b + TC_J * ldn;
+    T* s_ci = s_xd + TC_J * ldpx;
+    T* s_gi = s_ci + TC_J * ldn;
+    T* s_own = s_ci;  // [P][ldn], before the loop over targets (fits in s_ci + s_gi)
+
+    const int c = blockIdx.x / row_tiles, jt = blockIdx.x % row_tiles;
+    const int bh = blockIdx.y, b = bh / H, h = bh % H, g = h / (H / G);
+    const int t0 = c * Q, q_len = min(Q, L - t0), j0 = jt * TC_J, tid = threadIdx.x;
+    if (j0 >= q_len) return;  // uniform over the block
+    const int warp = tid / 32, lane = tid % 32, np = P / 8, nn = N / 8;
+    const int vj = min(TC_J, q_len - j0);
+    const float* cum_c = cum + ((long)bh * nc + c) * Q;
+    const float cl = cum_c[q_len - 1];
+    const T* xh = x + ((long)b * L + t0) * ldx + (long)h * P;
+    const T* bg = Bm + ((long)b * L + t0) * ldbc + (long)g * N;
+    const T* cg = Cm + ((long)b * L + t0) * ldbc + (long)g * N;
+    const T* gy = dy + ((long)b * L + t0) * H * P + (long)h * P;
+    const float* dt_h = dt + ((long)b * L + t0) * H + h;
+    const T* b_w = s_b + warp * 16 * ldn;
+    const T* xd_w = s_xd + warp * 16 * ldpx;
+
+    copy_tile(s_b, ldn, bg + (long)j0 * ldbc, ldbc, TC_J, vj, N, tid, blockDim.x);
+    load_xd(s_xd, ldpx, xh, ldx, dt_h, H, j0, vj, P, tid);
+    if (tid < TC_J) {
+        s_cumj[tid] = tid < vj ? cum_c[j0 + tid] : 0.0f;
+        s_dtj[tid] = tid < vj ? dt_h[(long)(j0 + tid) * H] : 0.0f;
+    }
+    load_state(s_own, ldn, down + ((long)bh * nc + c) * P * N, P, N, tid);
+    __syncthreads();
+
+    // This lane's two source rows (block-local) and their weights through the state after the
+    // chunk, w_j = exp(cl - cum_j).
+    int jl[2];
+    float cj[2], wj[2];
+#pragma unroll
+    for (int rr = 0; rr < 2; ++rr) {
+        jl[rr] = warp * 16 + frag_row(lane, 2 * rr);
+        cj[rr] = s_cumj[jl[rr]];
+        wj[rr] = jl[rr] < vj ? decay_exp(cl - cj[rr]) : 0.0f;
+    }
+
+    // Through the state after the chunk: dXd = w_j B_j dOwn^T, dB = w_j Xd_j dOwn; V_j = Xd_j .
+    // dXd_j.
+    float ax[F8][4], ab[F8][4];
+    frag_zero(ax);
+    frag_zero(ab);
+    mma_abt<T, F8>(ax, b_w, ldn, s_own, ldn, N, np);
+    mma_ab<T, F8>(ab, xd_w, ldpx, s_own, ldn, P, nn);
+    float vdot[2] = {0.0f, 0.0f};
+#pragma unroll
+    for (int t = 0; t < F8; ++t)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            ax[t][e] *= wj[e >> 1];
+            ab[t][e] *= wj[e >> 1];
+            if (t < np)
+                vdot[e >> 1] += ax[t][e] *
+                                to_f32(s_xd[jl[e >> 1] * ldpx + 8 * t + frag_col(lane, e)]);
+        }
+    vdot[0] = quad_sum(vdot[0]);
+    vdot[1] = quad_sum(vdot[1]);
+    {
+        const float vsum = warp_sum((lane & 3) == 0 ? vdot[0] + vdot[1] : 0.0f);
+        if (lane == 0 && vsum != 0.0f) atomicAdd(dcl + (long)bh * nc + c, vsum);
+    }
+
+    // Targets i >= j, tile by tile from this block's own.
+    float tsum[2] = {0.0f, 0.0f};  // sum_i T_ij over this lane's columns
+    for (int i0 = j0; i0 < q_len; i0 += TC_J) {
+        __syncthreads();  // s_own / the previous tile is consumed
+        const int vi = min(TC_J, q_len - i0);
+        copy_tile(s_ci, ldn, cg + (long)i0 * ldbc, ldbc, TC_J, vi, N, tid, blockDim.x);
+        copy_tile(s_gi, ldpx, gy + (long)i0 * H * P, (long)H * P, TC_J, vi, P, tid, blockDim.x);
+        if (tid < TC_J) s_cumi[tid] = tid < vi ? cum_c[i0 + tid] : 0.0f;
+        __syncthreads();
+
+        // M^T strip (B_j . C_i) exp(cum_i - cum_j), causal; kept as A fragments (pm) for
+        // dXd += M^T g_i and for T_ij below.
+        float sc[TC_J / 8][4];
+        frag_zero(sc);
+        mma_abt<T, TC_J / 8>(sc, b_w, ldn, s_ci, ldn, N, TC_J / 8);
+        uint32_t pm[TC_J / 16][4];
+#pragma unroll
+        for (int q = 0; q < TC_J / 16; ++q) {
+#pragma unroll
+            for (int t = 2 * q; t < 2 * q + 2; ++t)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const int ii = 8 * t + frag_col(lane, e);
+                    sc[t][e] = (j0 + jl[e >> 1] <= i0 + ii && ii < vi)
+                                   ? sc[t][e] * decay_exp_fast(s_cumi[ii] - cj[e >> 1])
+                                   : 0.0f;
+                }
+            frag_to_a<T>(sc, q, pm[q]);
+            mma_pb<T, F8>(ax, pm[q], s_gi + 16 * q * ldpx, ldpx, np);
+        }
+
+        // dM^T strip Xd_j . g_i; T_ij = M_ij dM_ij (M as rounded above); dB += (dM o E)^T C_i.
+        frag_zero(sc);
+        mma_abt<T, TC_J / 8>(sc, xd_w, ldpx, s_gi, ldpx, P, TC_J / 8);
+#pragma unroll
+        for (int q = 0; q < TC_J / 16; ++q) {
+#pragma unroll
+            for (int t = 2 * q; t < 2 * q + 2; ++t)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const int ii = 8 * t + frag_col(lane, e);
+                    const float2 m2 = unpack2<T>(pm[q][2 * (t & 1) + (e >> 1)]);
+                    tsum[e >> 1] += ((e & 1) ? m2.y : m2.x) * sc[t][e];
+                    sc[t][e] = (j0 + jl[e >> 1] <= i0 + ii && ii < vi)
+                                   ? sc[t][e] * decay_exp_fast(s_cumi[ii] - cj[e >> 1])
+                                   : 0.0f;
+                }
+            uint32_t a[4];
+            frag_to_a<T>(sc, q, a);
+            mma_pb<T, F8>(ab, a, s_ci + 16 * q * ldn, ldn, nn);
+        }
+    }
+    tsum[0] = quad_sum(tsum[0]);
+    tsum[1] = quad_sum(tsum[1]);
+
+    // dx = dt dXd + D g, the x . dXd part of ddt, the source side of dcum, dB.
+    const float d = D ? D[h] : 0.0f;
+    bool ok[2];
+#pragma unroll
+    for (int rr = 0; rr < 2; ++rr) {
+        ok[rr] = jl[rr] < vj;
+        const int j = j0 + jl[rr];
+        float xdot = 0.0f;
+        if (ok[rr]) {
+            const float dtj = s_dtj[jl[rr]];
+#pragma unroll
+            for (int t = 0; t < F8; ++t)
+                if (t < np) {
+                    const int p = 8 * t + frag_col(lane, 0);
+                    const float2 xv =
+                        unpack2<T>(*reinterpret_cast<const uint32_t*>(xh + (long)j * ldx + p));
+                    const float2 gv = unpack2<T>(
+                        *reinterpret_cast<const uint32_t*>(gy + (long)j * H * P + p));
+                    const float a0 = ax[t][2 * rr], a1 = ax[t][2 * rr + 1];
+                    xdot += xv.x * a0 + xv.y * a1;
+                    *reinterpret_cast<uint32_t*>(dx + ((long)b * L + t0 + j) * ld_dx +
+                                                 (long)h * P + p) =
+                        pack2<T>(dtj * a0 + d * gv.x, dtj * a1 + d * gv.y);
+                }
+        }
+        xdot = quad_sum(xdot);
+        if (ok[rr] && (lane & 3) == 0) {
+            ddt[((long)b * L + t0 + j) * H + h] = xdot;
+            dcum_src[((long)bh * nc + c) * Q + j] = -tsum[rr] - vdot[rr];
+        }
+    }
+    const long row0 = (long)b * L + t0 + j0 + warp * 16;  // the warp strip's first row
+    store_frag_rows<T, F8>(ab, nn, lane, ok, db_t ? db_t + row0 * ld_dbc + (long)g * N : nullptr,
+                           ld_dbc, db_f ? db_f + (row0 * G + g) * N : nullptr, (long)G * N);
+}
+
+template <typename T, int F8>
+__device__ __forceinline__ void bwd_dc_mma(
+    const T* __restrict__ x, long ldx, const float* __restrict__ dt, const float* __restrict__ cum,
+    const T* __restrict__ Bm, const T* __restrict__ Cm, long ldbc, const T* __restrict__ dy,
+    const float* __restrict__ states, T* __restrict__ dc_t, float* __restrict__ dc_f, long ld_dbc,
+    float* __restrict__ dcum_dst, float* __restrict__ dd, int L, int H, int G, int P, int N,
+    int Q, int nc, int row_tiles) {
+    extern __shared__ __align__(128) unsigned char smem_raw[];
+    const int ldn = bwd_mma_smem_ld(N), ldpx = bwd_mma_smem_ld(P);
+    float* s_cumj = reinterpret_cast<float*>(smem_raw);
+    float* s_cumi = s_cumj + 2 * TC_J;
+    T* s_b = reinterpret_cast<T*>(s_cumi + TC_J);
+    T* s_xd = s_b + TC_J * ldn;
+    T* s_s = s_b;  // [P][ldn], S before the loop over sources (fits in s_b + s_xd)
+    T* s_ci = s_xd + TC_J * ldpx;
+    T* s_gi = s_ci + TC_J * ldn;
+
+    const int c = blockIdx.x / row_tiles, it = blockIdx.x % row_tiles;
+    const int bh = blockIdx.y, b = bh / H, h = bh % H, g = h / (H / G);
+    const int t0 = c * Q, q_len = min(Q, L - t0), i0 = it * TC_ROWS, tid = threadIdx.x;
+    if (i0 >= q_len) return;  // uniform over the block
+    const int warp = tid / 32, lane = tid % 32, nn = N / 8;
+    const int vi = min(TC_ROWS, q_len - i0);
+    const float* cum_c = cum + ((long)bh * nc + c) * Q;
+    const T* xh = x + ((long)b * L + t0) * ldx + (long)h * P;
+    const T* bg = Bm + ((long)b * L + t0) * ldbc + (long)g * N;
+    const T* cg = Cm + ((long)b * L + t0) * ldbc + (long)g * N;
+    const T* gy = dy + ((long)b * L + t0) * H * P + (long)h * P;
+    const float* dt_h = dt + ((long)b * L + t0) * H + h;
+    const T* c_w = s_ci + warp * 16 * ldn;
+    const T* g_w = s_gi + warp * 16 * ldpx;
+
+    copy_tile(s_ci, ldn, cg + (long)i0 * ldbc, ldbc, TC_ROWS, vi, N, tid, blockDim.x);
+    copy_tile(s_gi, ldpx, gy + (long)i0 * H * P, (long)H * P, TC_ROWS, vi, P, tid, blockDim.x);
+    if (tid < TC_ROWS) s_cumi[tid] = tid < vi ? cum_c[i0 + tid] : 0.0f;
+    load_state(s_s, ldn, states + ((long)bh * nc + c) * P * N, P, N, tid);
+    __syncthreads();
+
+    int il[2];
+    float ci[2], wi[2];
+#pragma unroll
+    for (int rr = 0; rr < 2; ++rr) {
+        il[rr] = warp * 16 + frag_row(lane, 2 * rr);
+        ci[rr] = s_cumi[il[rr]];
+        wi[rr] = il[rr] < vi ? decay_exp(ci[rr]) : 0.0f;
+    }
+
+    // Through the state before the chunk: dC = exp(cum_i) g_i S, U_i = C_i . dC_i.
+    float ac[F8][4];
+    frag_zero(ac);
+    mma_ab<T, F8>(ac, g_w, ldpx, s_s, ldn, P, nn);
+    float udot[2] = {0.0f, 0.0f};
+#pragma unroll
+    for (int t = 0; t < F8; ++t)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            ac[t][e] *= wi[e >> 1];
+            if (t < nn)
+                udot[e >> 1] += ac[t][e] *
+                                to_f32(s_ci[il[e >> 1] * ldn + 8 * t + frag_col(lane, e)]);
+        }
+
+    // dD: g_i . x_i over the warp's rows (lane: half a row).
+    {
+        const int r = ROW_OF(lane), irow = warp * 16 + r;
+        float gx = 0.0f;
+        if (irow < vi) {
+            const int half = P / 2, p0 = HALF_OF(lane) * half;
+            for (int k = 0; k < half; k += 8) {
+                float xv[8], gv[8];
+                unpack8<T>(*reinterpret_cast<const uint4*>(xh + (long)(i0 + irow) * ldx + p0 + k),
+                           xv);
+                unpack8<T>(*reinterpret_cast<const uint4*>(g_w + r * ldpx + p0 + k), gv);
+#pragma unroll
+                for (int q = 0; q < 8; ++q) gx += xv[q] * gv[q];
+            }
+        }
+        gx = warp_sum(gx);
+        if (lane == 0 && dd && gx != 0.0f) atomicAdd(dd + h, gx);
+    }
+
+    float tsum[2] = {0.0f, 0.0f};  // sum_j T_ij over this lane's columns
+    const int j_end = min(q_len, i0 + TC_ROWS);
+    for (int j0 = 0; j0 < j_end; j0 += TC_J) {
+        __syncthreads();  // s_s / the previous tile is consumed
+        const int vj = min(TC_J, q_len - j0);
+        copy_tile(s_b, ldn, bg + (long)j0 * ldbc, ldbc, TC_J, vj, N, tid, blockDim.x);
+        load_xd(s_xd, ldpx, xh, ldx, dt_h, H, j0, vj, P, tid);
+        if (tid < TC_J) s_cumj[tid] = tid < vj ? cum_c[j0 + tid] : 0.0f;
+        __syncthreads();
+
+        // M strip (C_i . B_j) exp(cum_i - cum_j), causal, rounded to T (for T_ij).
+        float sc[TC_J / 8][4];
+        frag_zero(sc);
+        mma_abt<T, TC_J / 8>(sc, c_w, ldn, s_b, ldn, N, TC_J / 8);
+        uint32_t pm[TC_J / 16][4];
+#pragma unroll
+        for (int t = 0; t < TC_J / 8; ++t)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int jj = 8 * t + frag_col(lane, e);
+                sc[t][e] = (j0 + jj <= i0 + il[e >> 1] && il[e >> 1] < vi && jj < vj)
+                               ? sc[t][e] * decay_exp_fast(ci[e >> 1] - s_cumj[jj])
+                               : 0.0f;
+            }
+#pragma unroll
+        for (int q = 0; q < TC_J / 16; ++q) frag_to_a<T>(sc, q, pm[q]);
+
+        // dM strip g_i . Xd_j; T_ij = M_ij dM_ij; dC += (dM o E) B_j.
+        frag_zero(sc);
+        mma_abt<T, TC_J / 8>(sc, g_w, ldpx, s_xd, ldpx, P, TC_J / 8);
+#pragma unroll
+        for (int q = 0; q < TC_J / 16; ++q) {
+#pragma unroll
+            for (int t = 2 * q; t < 2 * q + 2; ++t)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const int jj = 8 * t + frag_col(lane, e);
+                    const float2 m2 = unpack2<T>(pm[q][2 * (t & 1) + (e >> 1)]);
+                    tsum[e >> 1] += ((e & 1) ? m2.y : m2.x) * sc[t][e];
+                    sc[t][e] = (j0 + jj <= i0 + il[e >> 1] && il[e >> 1] < vi && jj < vj)
+                                   ? sc[t][e] * decay_exp_fast(ci[e >> 1] - s_cumj[jj])
+                                   : 0.0f;
+                }
+            uint32_t a[4];
+            frag_to_a<T>(sc, q, a);
+            mma_pb<T, F8>(ac, a, s_b + 16 * q * ldn, ldn, nn);
+        }
+    }
+
+    bool ok[2];
+#pragma unroll
+    for (int rr = 0; rr < 2; ++rr) {
+        ok[rr] = il[rr] < vi;
+        const float tot = quad_sum(tsum[rr]) + quad_sum(udot[rr]);
+        if (ok[rr] && (lane & 3) == 0)
+            dcum_dst[((long)bh * nc + c) * Q + i0 + il[rr]] = tot;
+    }
+    const long row0 = (long)b * L + t0 + i0 + warp * 16;
+    store_frag_rows<T, F8>(ac, nn, lane, ok, dc_t ? dc_t + row0 * ld_dbc + (long)g * N : nullptr,
+                           ld_dbc, dc_f ? dc_f + (row0 * G + g) * N : nullptr, (long)G * N);
+}
+
+// ---------------------------------------------------------------------------------------------
 // 4. dcum -> ddA by a reverse cumsum per chunk; ddt += A ddA, dA += sum dt ddA. Grid (nc, B*H),
 //    one warp.
 extern "C" __global__ void mamba2_ssd_bwd_dcum(const float* __restrict__ dcum_src,
@@ -668,6 +1002,34 @@ extern "C" __global__ void mamba2_ssd_bwd_dcum(const float* __restrict__ dcum_sr
     SSD_BWD_ENTRY(T, S, 2) SSD_BWD_ENTRY(T, S, 4) SSD_BWD_ENTRY(T, S, 5) SSD_BWD_ENTRY(T, S, 8)
 SSD_BWD_ENTRIES(__half, f16)
 SSD_BWD_ENTRIES(__nv_bfloat16, bf16)
+
+#define SSD_BWD_MMA_ENTRY(T, S, F8)                                                                \
+    extern "C" __global__ void __launch_bounds__(128, 3) mamba2_ssd_bwd_mma_dx_db_##S##_f##F8(     \
+        const T* __restrict__ x, long ldx, const float* __restrict__ dt,                            \
+        const float* __restrict__ cum, const T* __restrict__ Bm, const T* __restrict__ Cm,          \
+        long ldbc, const T* __restrict__ dy, const float* __restrict__ down,                        \
+        const float* __restrict__ D, T* __restrict__ dx, long ld_dx, T* __restrict__ db_t,          \
+        float* __restrict__ db_f, long ld_dbc, float* __restrict__ ddt,                             \
+        float* __restrict__ dcum_src, float* __restrict__ dcl, int L, int H, int G, int P, int N,   \
+        int Q, int nc, int row_tiles) {                                                             \
+        bwd_dx_db_mma<T, F8>(x, ldx, dt, cum, Bm, Cm, ldbc, dy, down, D, dx, ld_dx, db_t, db_f,     \
+                             ld_dbc, ddt, dcum_src, dcl, L, H, G, P, N, Q, nc, row_tiles);          \
+    }                                                                                               \
+    extern "C" __global__ void __launch_bounds__(128, 3) mamba2_ssd_bwd_mma_dc_##S##_f##F8(        \
+        const T* __restrict__ x, long ldx, const float* __restrict__ dt,                            \
+        const float* __restrict__ cum, const T* __restrict__ Bm, const T* __restrict__ Cm,          \
+        long ldbc, const T* __restrict__ dy, const float* __restrict__ states,                      \
+        T* __restrict__ dc_t, float* __restrict__ dc_f, long ld_dbc, float* __restrict__ dcum_dst,  \
+        float* __restrict__ dd, int L, int H, int G, int P, int N, int Q, int nc, int row_tiles) {  \
+        bwd_dc_mma<T, F8>(x, ldx, dt, cum, Bm, Cm, ldbc, dy, states, dc_t, dc_f, ld_dbc, dcum_dst,  \
+                          dd, L, H, G, P, N, Q, nc, row_tiles);                                     \
+    }
+// F8 = max(P, N) / 8 rounded up to {4, 8, 10, 16} (the Rust side picks the smallest that fits).
+#define SSD_BWD_MMA_ENTRIES(T, S)                                                                  \
+    SSD_BWD_MMA_ENTRY(T, S, 4) SSD_BWD_MMA_ENTRY(T, S, 8) SSD_BWD_MMA_ENTRY(T, S, 10)             \
+    SSD_BWD_MMA_ENTRY(T, S, 16)
+SSD_BWD_MMA_ENTRIES(__half, f16)
+SSD_BWD_MMA_ENTRIES(__nv_bfloat16, bf16)
 
 // The gate's backward, y = ypre * silu(z): dypre = dy silu(z), dz = dy ypre silu'(z); 8
 // elements a thread (n % 8 == 0).

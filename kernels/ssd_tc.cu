@@ -278,3 +278,141 @@ __device__ __forceinline__ void chunk_scan_tc(const T* __restrict__ x, long ldx,
     SSD_TC_ENTRY(T, S, 2) SSD_TC_ENTRY(T, S, 4) SSD_TC_ENTRY(T, S, 5) SSD_TC_ENTRY(T, S, 8)
 SSD_TC_ENTRIES(__half, f16)
 SSD_TC_ENTRIES(__nv_bfloat16, bf16)
+
+// ---------------------------------------------------------------------------------------------
+// 3'. chunk scan with raw mma.sync: the same products as chunk_scan_tc, but scores and outputs
+//     stay in registers (fragment layouts in tc.cuh), so no f32 strip goes through shared
+//     memory: C S^T scaled by exp(cum_i), scores masked / decayed / dt-scaled in registers and
+//     fed as A fragments to the product with x. NP = P / 8 output tiles a warp holds (even:
+//     P % 16 == 0). 128 threads, warp w owns rows 16w..16w+15 of a 64-row block. Shared memory:
+//     s_cumr, s_cumj, s_dtj [64] f32; s_c [64][ldc]; s_k [max(P, 64)][ldc] (S, then B tiles);
+//     s_x [64][ldxs].
+template <typename T, int NP>
+__device__ __forceinline__ void chunk_scan_mma(const T* __restrict__ x, long ldx,
+                                               const float* __restrict__ dt,
+                                               const float* __restrict__ cum,
+                                               const T* __restrict__ Bm, const T* __restrict__ Cm,
+                                               long ldbc, const float* __restrict__ starts,
+                                               const float* __restrict__ D,
+                                               const T* __restrict__ z, T* __restrict__ y,
+                                               T* __restrict__ ypre, int L, int H, int G, int P,
+                                               int N, int Q, int nc, int row_tiles) {
+    extern __shared__ __align__(128) unsigned char smem_raw[];
+    const int ldc = N + TC_PAD, ldxs = P + TC_PAD;
+    float* s_cumr = reinterpret_cast<float*>(smem_raw);
+    float* s_cumj = s_cumr + TC_ROWS;
+    float* s_dtj = s_cumj + TC_J;
+    T* s_c = reinterpret_cast<T*>(s_dtj + TC_J);
+    T* s_k = s_c + TC_ROWS * ldc;
+    T* s_x = s_k + max(P, TC_J) * ldc;
+
+    const int c = blockIdx.x / row_tiles, rt = blockIdx.x % row_tiles;
+    const int bh = blockIdx.y, b = bh / H, h = bh % H, g = h / (H / G);
+    const int t0 = c * Q, q_len = min(Q, L - t0), i0 = rt * TC_ROWS, tid = threadIdx.x;
+    if (i0 >= q_len) return;  // uniform over the block
+    const int warp = tid / 32, lane = tid % 32;
+    const float* cum_c = cum + ((long)bh * nc + c) * Q;
+    const T* cg = Cm + ((long)b * L + t0) * ldbc + (long)g * N;
+    const T* bg = Bm + ((long)b * L + t0) * ldbc + (long)g * N;
+    const T* xh = x + ((long)b * L + t0) * ldx + (long)h * P;
+    const T* c_w = s_c + warp * 16 * ldc;
+
+    copy_tile(s_c, ldc, cg + (long)i0 * ldbc, ldbc, TC_ROWS, q_len - i0, N, tid, blockDim.x);
+    if (tid < TC_ROWS) s_cumr[tid] = i0 + tid < q_len ? cum_c[i0 + tid] : 0.0f;
+    load_state(s_k, ldc, starts + ((long)bh * nc + c) * P * N, P, N, tid);
+    __syncthreads();
+
+    // This lane's two rows of the warp's strip (block-local), their cumsums and chunk steps.
+    int rl[2];
+    float cr[2];
+#pragma unroll
+    for (int rr = 0; rr < 2; ++rr) {
+        rl[rr] = warp * 16 + frag_row(lane, 2 * rr);
+        cr[rr] = s_cumr[rl[rr]];
+    }
+
+    // State term: C S^T, rows then scaled by exp(cum_i).
+    float acc[NP][4];
+    frag_zero(acc);
+    mma_abt<T, NP>(acc, c_w, ldc, s_k, ldc, N, NP);
+    const float er[2] = {decay_exp(cr[0]), decay_exp(cr[1])};
+#pragma unroll
+    for (int t = 0; t < NP; ++t)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) acc[t][e] *= er[e >> 1];
+
+    const int j_end = min(q_len, i0 + TC_ROWS);
+    for (int j0 = 0; j0 < j_end; j0 += TC_J) {
+        __syncthreads();  // S / the previous tile is consumed
+        const int valid = min(TC_J, q_len - j0);
+        copy_tile(s_k, ldc, bg + (long)j0 * ldbc, ldbc, TC_J, valid, N, tid, blockDim.x);
+        copy_tile(s_x, ldxs, xh + (long)j0 * ldx, ldx, TC_J, valid, P, tid, blockDim.x);
+        if (tid < TC_J) {
+            const bool ok = tid < valid;
+            s_cumj[tid] = ok ? cum_c[j0 + tid] : 0.0f;
+            s_dtj[tid] = ok ? dt[((long)b * L + t0 + j0 + tid) * H + h] : 0.0f;
+        }
+        __syncthreads();
+
+        // Scores C B^T of the warp's 16 rows against the tile's 64 sources, masked (causal,
+        // in the chunk), decayed and scaled by dt_j; then the product with x.
+        float sc[TC_J / 8][4];
+        frag_zero(sc);
+        mma_abt<T, TC_J / 8>(sc, c_w, ldc, s_k, ldc, N, TC_J / 8);
+#pragma unroll
+        for (int q = 0; q < TC_J / 16; ++q) {
+#pragma unroll
+            for (int t = 2 * q; t < 2 * q + 2; ++t)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const int jj = 8 * t + frag_col(lane, e), ir = i0 + rl[e >> 1];
+                    sc[t][e] = (j0 + jj <= ir && ir < q_len && jj < valid)
+                                   ? sc[t][e] * decay_exp_fast(cr[e >> 1] - s_cumj[jj]) * s_dtj[jj]
+                                   : 0.0f;
+                }
+            uint32_t a[4];
+            frag_to_a<T>(sc, q, a);
+            mma_pb<T, NP>(acc, a, s_x + 16 * q * ldxs, ldxs, NP);
+        }
+    }
+
+    // D skip and gate in f32, two adjacent outputs per store.
+    const float d = D ? D[h] : 0.0f;
+#pragma unroll
+    for (int rr = 0; rr < 2; ++rr) {
+        const int ir = i0 + rl[rr];
+        if (ir >= q_len) continue;
+        const long row = ((long)b * L + t0 + ir) * H * P + (long)h * P;  // y, z: [B, L, H, P]
+        const T* xr = xh + (long)ir * ldx;
+#pragma unroll
+        for (int t = 0; t < NP; ++t) {
+            const int p = 8 * t + frag_col(lane, 0);
+            const float2 xv = unpack2<T>(*reinterpret_cast<const uint32_t*>(xr + p));
+            float o0 = acc[t][2 * rr] + d * xv.x, o1 = acc[t][2 * rr + 1] + d * xv.y;
+            if (ypre) *reinterpret_cast<uint32_t*>(ypre + row + p) = pack2<T>(o0, o1);
+            if (z) {
+                const float2 zv = unpack2<T>(*reinterpret_cast<const uint32_t*>(z + row + p));
+                o0 *= silu_f32(zv.x);
+                o1 *= silu_f32(zv.y);
+            }
+            *reinterpret_cast<uint32_t*>(y + row + p) = pack2<T>(o0, o1);
+        }
+    }
+}
+
+#define SSD_MMA_ENTRY(T, S, NP)                                                                    \
+    extern "C" __global__ void __launch_bounds__(128, 4) mamba2_ssd_mma_chunk_scan_##S##_p##NP(    \
+        const T* __restrict__ x, long ldx, const float* __restrict__ dt,                            \
+        const float* __restrict__ cum, const T* __restrict__ Bm, const T* __restrict__ Cm,          \
+        long ldbc, const float* __restrict__ starts, const float* __restrict__ D,                   \
+        const T* __restrict__ z, T* __restrict__ y, T* __restrict__ ypre, int L, int H, int G,      \
+        int P, int N, int Q, int nc, int row_tiles) {                                               \
+        chunk_scan_mma<T, NP>(x, ldx, dt, cum, Bm, Cm, ldbc, starts, D, z, y, ypre, L, H, G, P, N,  \
+                              Q, nc, row_tiles);                                                    \
+    }
+// NP = P / 8 for P = 16, 32, ..., 128.
+#define SSD_MMA_ENTRIES(T, S)                                                                      \
+    SSD_MMA_ENTRY(T, S, 2) SSD_MMA_ENTRY(T, S, 4) SSD_MMA_ENTRY(T, S, 6) SSD_MMA_ENTRY(T, S, 8)    \
+    SSD_MMA_ENTRY(T, S, 10) SSD_MMA_ENTRY(T, S, 12) SSD_MMA_ENTRY(T, S, 14) SSD_MMA_ENTRY(T, S, 16)
+SSD_MMA_ENTRIES(__half, f16)
+SSD_MMA_ENTRIES(__nv_bfloat16, bf16)

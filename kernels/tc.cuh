@@ -52,6 +52,19 @@ __device__ __forceinline__ void copy_tile(T* __restrict__ s, int ld_s, const T* 
     }
 }
 
+// f32 [P][N] (global) to T [P][ldn] (shared), 4 at a time.
+template <typename T>
+__device__ __forceinline__ void load_state(T* s, int ldn, const float* src, int P, int N, int tid) {
+    for (int e = tid; e < P * N / 4; e += blockDim.x) {
+        const float4 v = reinterpret_cast<const float4*>(src)[e];
+        T* dst = s + ((4 * e) / N) * ldn + (4 * e) % N;
+        dst[0] = from_f32<T>(v.x);
+        dst[1] = from_f32<T>(v.y);
+        dst[2] = from_f32<T>(v.z);
+        dst[3] = from_f32<T>(v.w);
+    }
+}
+
 // out[P][N] (global, f32, row stride N) = sum_{j < q_len} w_j u_j v_j^T, with u rows (P elements,
 // row stride ldu) and v rows (N elements, row stride ldv) in global memory and the weights w in
 // shared memory. 256 threads (8 warps deal the P/16 x N/16 output fragments round robin, at
@@ -110,5 +123,123 @@ __device__ __forceinline__ void weighted_outer_tc(const T* __restrict__ u, long 
             const int pf = f / fn, nf = f % fn;
             wmma::store_matrix_sync(out + pf * 16 * N + nf * 16, acc[i], N, wmma::mem_row_major);
         }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Raw mma.sync m16n8k16 and ldmatrix, with the fragment layouts the PTX ISA documents (groupID
+// g = lane / 4, t = lane % 4): A 16x16 regs {a0a1: row g, cols 2t..2t+1; a2a3: row g+8; a4a5: row
+// g, cols 8+2t..; a6a7: row g+8, cols 8+2t..}; B 16x8 (col) {b0b1: k 2t..2t+1, col g; b2b3: k
+// 8+2t..}; C 16x8 f32 {c0c1: row g, cols 2t..2t+1; c2c3: row g+8}. Two adjacent C tiles, packed
+// to 16 bits, are the A fragment of a 16-wide k slice, so products chain in registers.
+__device__ __forceinline__ unsigned smem_addr(const void* p) {
+    return static_cast<unsigned>(__cvta_generic_to_shared(p));
+}
+__device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], const void* p) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(smem_addr(p)));
+}
+__device__ __forceinline__ void ldsm_x4_trans(uint32_t (&r)[4], const void* p) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(smem_addr(p)));
+}
+template <typename T> __device__ __forceinline__ void mma16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1);
+template <> __device__ __forceinline__ void mma16816<__nv_bfloat16>(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+        "{%8, %9}, {%0, %1, %2, %3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+template <> __device__ __forceinline__ void mma16816<__half>(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+        "{%8, %9}, {%0, %1, %2, %3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+// Two floats as a pair of 16-bit values in one register (lo in the low half), and back.
+template <typename T> __device__ __forceinline__ uint32_t pack2(float lo, float hi) {
+    T h[2] = {from_f32<T>(lo), from_f32<T>(hi)};
+    return *reinterpret_cast<uint32_t*>(h);
+}
+template <typename T> __device__ __forceinline__ float2 unpack2(uint32_t w) {
+    const T* h = reinterpret_cast<const T*>(&w);
+    return make_float2(to_f32(h[0]), to_f32(h[1]));
+}
+
+// A warp's 16 x 8 NT f32 accumulator is float acc[NT][4]: lane l holds, of tile t, the elements
+// (row frag_row(l, e), column 8 t + frag_col(l, e)) for e = 0..3 (rows g and g + 8).
+__device__ __forceinline__ int frag_row(int lane, int e) { return (lane >> 2) + 8 * (e >> 1); }
+__device__ __forceinline__ int frag_col(int lane, int e) { return 2 * (lane & 3) + (e & 1); }
+template <int NT> __device__ __forceinline__ void frag_zero(float (&acc)[NT][4]) {
+#pragma unroll
+    for (int t = 0; t < NT; ++t) acc[t][0] = acc[t][1] = acc[t][2] = acc[t][3] = 0.0f;
+}
+// Sum over the four lanes that hold one row (a quad).
+__device__ __forceinline__ float quad_sum(float v) {
+    v += __shfl_xor_sync(0xffffffffu, v, 1);
+    return v + __shfl_xor_sync(0xffffffffu, v, 2);
+}
+// Tiles 2q and 2q + 1 of an accumulator (16 columns), rounded to T: the A fragment of the
+// 16-wide k slice q of a following product (the layouts above line up).
+template <typename T, int NT>
+__device__ __forceinline__ void frag_to_a(const float (&acc)[NT][4], int q, uint32_t (&a)[4]) {
+    a[0] = pack2<T>(acc[2 * q][0], acc[2 * q][1]);
+    a[1] = pack2<T>(acc[2 * q][2], acc[2 * q][3]);
+    a[2] = pack2<T>(acc[2 * q + 1][0], acc[2 * q + 1][1]);
+    a[3] = pack2<T>(acc[2 * q + 1][2], acc[2 * q + 1][3]);
+}
+
+// The three warp products of the tensor-core passes, on 16-bit tiles in shared memory (rows
+// 16-byte aligned: strides multiples of 8 elements). acc covers the first nt (even) n tiles.
+// acc += A Bt^T: A the warp's 16 rows at `a` (stride lda), Bt stored [n][k] (stride ldb).
+template <typename T, int NT>
+__device__ __forceinline__ void mma_abt(float (&acc)[NT][4], const T* a, int lda, const T* bt,
+                                        int ldb, int K, int nt) {
+    const int lane = threadIdx.x & 31;
+    const T* a_l = a + (lane & 15) * lda + (lane >> 4) * 8;
+    const T* b_l = bt + ((lane & 7) + ((lane >> 4) << 3)) * ldb + ((lane >> 3) & 1) * 8;
+    for (int k = 0; k < K; k += 16) {
+        uint32_t fa[4];
+        ldsm_x4(fa, a_l + k);
+#pragma unroll
+        for (int t2 = 0; t2 < NT / 2; ++t2)
+            if (2 * t2 < nt) {
+                uint32_t fb[4];
+                ldsm_x4(fb, b_l + 16 * t2 * ldb + k);
+                mma16816<T>(acc[2 * t2], fa, fb[0], fb[1]);
+                mma16816<T>(acc[2 * t2 + 1], fa, fb[2], fb[3]);
+            }
+    }
+}
+// acc += P B[k0 .. k0 + 16): P's 16 x 16 k slice already in registers (an A fragment), B stored
+// [k][n] with `b` at row k0 (stride ldb).
+template <typename T, int NT>
+__device__ __forceinline__ void mma_pb(float (&acc)[NT][4], const uint32_t (&pa)[4], const T* b,
+                                       int ldb, int nt) {
+    const int lane = threadIdx.x & 31;
+    const T* b_l = b + ((lane & 7) + (((lane >> 3) & 1) << 3)) * ldb + (lane >> 4) * 8;
+#pragma unroll
+    for (int t2 = 0; t2 < NT / 2; ++t2)
+        if (2 * t2 < nt) {
+            uint32_t fb[4];
+            ldsm_x4_trans(fb, b_l + 16 * t2);
+            mma16816<T>(acc[2 * t2], pa, fb[0], fb[1]);
+            mma16816<T>(acc[2 * t2 + 1], pa, fb[2], fb[3]);
+        }
+}
+// acc += A B: A the warp's 16 rows at `a` (stride lda), B stored [k][n] (stride ldb).
+template <typename T, int NT>
+__device__ __forceinline__ void mma_ab(float (&acc)[NT][4], const T* a, int lda, const T* b,
+                                       int ldb, int K, int nt) {
+    const int lane = threadIdx.x & 31;
+    const T* a_l = a + (lane & 15) * lda + (lane >> 4) * 8;
+    for (int k = 0; k < K; k += 16) {
+        uint32_t fa[4];
+        ldsm_x4(fa, a_l + k);
+        mma_pb<T, NT>(acc, fa, b + k * ldb, ldb, nt);
     }
 }

@@ -109,6 +109,14 @@ fn tc_enabled() -> bool {
     *ON.get_or_init(|| std::env::var("MATVLM_MAMBA2_TC").map_or(true, |v| v != "0"))
 }
 
+/// `MATVLM_MAMBA2_MMA` (anything but `0`: on), read once: the tensor-core chunk scan and backward
+/// tile passes on raw `mma.sync` with register-resident scores (ssd_tc.cu 3', ssd_bwd.cu 3a'/3b');
+/// `0` keeps the WMMA versions, which stage scores through shared memory (for comparison).
+fn mma_enabled() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("MATVLM_MAMBA2_MMA").map_or(true, |v| v != "0"))
+}
+
 /// The sizes the SSD kernels take as `int`: L, H, G, P, N, chunk, chunks (in that order).
 fn ssd_dims_i32(
     len: usize,

@@ -151,7 +151,17 @@ pub(super) fn scan_forward<T: CudaDType + DeviceRepr + WithDType>(
     unsafe { a2.launch(cfg2) }.w()?;
 
     // 3. chunk scan: outputs.
-    let (f3, rows, threads3, smem3) = if tc {
+    // On raw mma.sync with register-resident scores unless MATVLM_MAMBA2_MMA=0 (same arguments
+    // as the WMMA one).
+    let mma = tc && mma_enabled();
+    let (f3, rows, threads3, smem3) = if mma {
+        let name = format!("mamba2_ssd_mma_chunk_scan_{sfx}_p{}", p / 8);
+        let f = dev.get_or_load_custom_func(&name, "matvlm_mamba2_ssd_tc", SSD_TC_PTX)?;
+        let ldc = n + TC_PAD;
+        let smem = 4 * (TC_ROWS + 2 * TC_J)
+            + 2 * (TC_ROWS * ldc + p.max(TC_J) * ldc + TC_J * (p + TC_PAD));
+        (f, TC_ROWS, 128, smem)
+    } else if tc {
         let name = format!("mamba2_ssd_tc_chunk_scan_{sfx}_f{}", tc_frags(p, n, true));
         let f = dev.get_or_load_custom_func(&name, "matvlm_mamba2_ssd_tc", SSD_TC_PTX)?;
         (f, TC_ROWS, 128, tc_chunk_scan_smem(p, n))

@@ -15,6 +15,12 @@ fn tc_bwd_smem(head_dim: usize, d_state: usize) -> usize {
     4 * (3 * TC_J + TC_ROWS * fld) + 2 * (2 * TC_J * ldn + 2 * TC_J * ldpx + TC_ROWS * ldq)
 }
 
+/// Shared memory of the mma.sync passes 3a' / 3b' (ssd_bwd.cu): no f32 strips, no score tiles.
+fn mma_bwd_smem(head_dim: usize, d_state: usize) -> usize {
+    let (ldn, ldpx) = (d_state + TC_PAD, head_dim + TC_PAD);
+    4 * 3 * TC_J + 2 * (2 * TC_J * ldn + 2 * TC_J * ldpx)
+}
+
 /// Whether the training scan (tensor-core forward + backward kernels) takes these sizes: those
 /// of the tensor-core forward.
 pub fn ssd_train_supported(dtype: DType, head_dim: usize, d_state: usize) -> bool {
@@ -290,8 +296,13 @@ impl ScanTrain {
 
         // 3a / 3b. Writes go through views of dxbc at the column offsets of x, B and C (the
         // kernels write rows `conv` apart from there).
+        // On raw mma.sync (F8 n tiles of 8 per accumulator) unless MATVLM_MAMBA2_MMA=0.
         let f3 = tc_frags(p.max(n), p.max(n), true);
-        let smem3 = tc_bwd_smem(p, n);
+        let (kind, frags, smem3) = if mma_enabled() {
+            ("bwd_mma", 2 * f3, mma_bwd_smem(p, n))
+        } else {
+            ("bwd", f3, tc_bwd_smem(p, n))
+        };
         let row_tiles = q.div_ceil(TC_ROWS);
         let rti = i32_of(row_tiles, "row tiles")?;
         let cfg3 = LaunchConfig {
@@ -318,7 +329,7 @@ impl ScanTrain {
             (Opt::Some(db_v), Opt::Some(dc_v))
         };
 
-        let f3a = load(format!("mamba2_ssd_bwd_dx_db_{sfx}_f{f3}"))?;
+        let f3a = load(format!("mamba2_ssd_{kind}_dx_db_{sfx}_f{frags}"))?;
         allow_smem(&f3a, smem3)?;
         let mut a3 = f3a.builder();
         a3.arg(&x);
@@ -342,10 +353,10 @@ impl ScanTrain {
         for v in [&li, &hi, &gi, &pi, &ni, &qi, &nci, &rti] {
             a3.arg(v);
         }
-        // SAFETY: argument list matches mamba2_ssd_bwd_dx_db_* in kernels/ssd_bwd.cu.
+        // SAFETY: argument list matches mamba2_ssd_bwd{,_mma}_dx_db_* in kernels/ssd_bwd.cu.
         unsafe { a3.launch(cfg3) }.w()?;
 
-        let f3b = load(format!("mamba2_ssd_bwd_dc_{sfx}_f{f3}"))?;
+        let f3b = load(format!("mamba2_ssd_{kind}_dc_{sfx}_f{frags}"))?;
         allow_smem(&f3b, smem3)?;
         let mut a4 = f3b.builder();
         a4.arg(&x);
@@ -365,7 +376,7 @@ impl ScanTrain {
         for v in [&li, &hi, &gi, &pi, &ni, &qi, &nci, &rti] {
             a4.arg(v);
         }
-        // SAFETY: argument list matches mamba2_ssd_bwd_dc_* in kernels/ssd_bwd.cu.
+        // SAFETY: argument list matches mamba2_ssd_bwd{,_mma}_dc_* in kernels/ssd_bwd.cu.
         unsafe { a4.launch(cfg3) }.w()?;
 
         // 4. dcum -> ddt, dA.
