@@ -25,7 +25,7 @@
 // ---------------------------------------------------------------------------------------------
 // 1. dS^in_c = sum_i exp(cum_i) g_i C_i^T per chunk. Grid (nc, B*H), 256 threads; shared memory
 //    as the forward chunk state.
-template <typename T, int F>
+template <typename T, int F, bool MMA>
 __device__ __forceinline__ void bwd_dstates(const T* __restrict__ dy, const float* __restrict__ cum,
                                             const T* __restrict__ Cm, long ldbc,
                                             float* __restrict__ ds, int L, int H, int G, int P,
@@ -39,9 +39,9 @@ __device__ __forceinline__ void bwd_dstates(const T* __restrict__ dy, const floa
     const int t0 = c * Q, q_len = min(Q, L - t0);
     const float* cum_c = cum + ((long)bh * nc + c) * Q;
     for (int i = threadIdx.x; i < q_len; i += blockDim.x) s_w[i] = decay_exp(cum_c[i]);
-    weighted_outer_tc<T, F>(dy + ((long)b * L + t0) * H * P + (long)h * P, (long)H * P, s_w,
-                            Cm + ((long)b * L + t0) * ldbc + (long)g * N, ldbc, q_len, P, N, s_u,
-                            s_v, ds + ((long)bh * nc + c) * P * N);
+    weighted_outer<T, F, MMA>(dy + ((long)b * L + t0) * H * P + (long)h * P, (long)H * P, s_w,
+                              Cm + ((long)b * L + t0) * ldbc + (long)g * N, ldbc, q_len, P, N,
+                              s_u, s_v, ds + ((long)bh * nc + c) * P * N);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -712,12 +712,15 @@ __device__ __forceinline__ void bwd_dx_db_mma(
 
         // M^T strip (B_j . C_i) exp(cum_i - cum_j), causal; kept as A fragments (pm) for
         // dXd += M^T g_i and for T_ij below.
+        // On the diagonal tile the warp's sources see only targets from 16 warp on.
+        const int q_beg = i0 == j0 ? warp : 0;
         float sc[TC_J / 8][4];
         frag_zero(sc);
-        mma_abt<T, TC_J / 8>(sc, b_w, ldn, s_ci, ldn, N, TC_J / 8);
+        mma_abt<T, TC_J / 8>(sc, b_w, ldn, s_ci, ldn, N, TC_J / 8, 2 * q_beg);
         uint32_t pm[TC_J / 16][4];
 #pragma unroll
         for (int q = 0; q < TC_J / 16; ++q) {
+            if (q < q_beg) continue;
 #pragma unroll
             for (int t = 2 * q; t < 2 * q + 2; ++t)
 #pragma unroll
@@ -733,9 +736,10 @@ __device__ __forceinline__ void bwd_dx_db_mma(
 
         // dM^T strip Xd_j . g_i; T_ij = M_ij dM_ij (M as rounded above); dB += (dM o E)^T C_i.
         frag_zero(sc);
-        mma_abt<T, TC_J / 8>(sc, xd_w, ldpx, s_gi, ldpx, P, TC_J / 8);
+        mma_abt<T, TC_J / 8>(sc, xd_w, ldpx, s_gi, ldpx, P, TC_J / 8, 2 * q_beg);
 #pragma unroll
         for (int q = 0; q < TC_J / 16; ++q) {
+            if (q < q_beg) continue;
 #pragma unroll
             for (int t = 2 * q; t < 2 * q + 2; ++t)
 #pragma unroll
@@ -883,9 +887,11 @@ __device__ __forceinline__ void bwd_dc_mma(
         __syncthreads();
 
         // M strip (C_i . B_j) exp(cum_i - cum_j), causal, rounded to T (for T_ij).
+        // On the diagonal tile the warp's targets see only its first 16 (warp + 1) sources.
+        const int q_end = j0 == i0 ? warp + 1 : TC_J / 16;
         float sc[TC_J / 8][4];
         frag_zero(sc);
-        mma_abt<T, TC_J / 8>(sc, c_w, ldn, s_b, ldn, N, TC_J / 8);
+        mma_abt<T, TC_J / 8>(sc, c_w, ldn, s_b, ldn, N, 2 * q_end);
         uint32_t pm[TC_J / 16][4];
 #pragma unroll
         for (int t = 0; t < TC_J / 8; ++t)
@@ -901,9 +907,10 @@ __device__ __forceinline__ void bwd_dc_mma(
 
         // dM strip g_i . Xd_j; T_ij = M_ij dM_ij; dC += (dM o E) B_j.
         frag_zero(sc);
-        mma_abt<T, TC_J / 8>(sc, g_w, ldpx, s_xd, ldpx, P, TC_J / 8);
+        mma_abt<T, TC_J / 8>(sc, g_w, ldpx, s_xd, ldpx, P, 2 * q_end);
 #pragma unroll
         for (int q = 0; q < TC_J / 16; ++q) {
+            if (q >= q_end) break;
 #pragma unroll
             for (int t = 2 * q; t < 2 * q + 2; ++t)
 #pragma unroll
@@ -974,7 +981,7 @@ extern "C" __global__ void mamba2_ssd_bwd_dcum(const float* __restrict__ dcum_sr
     extern "C" __global__ void __launch_bounds__(256) mamba2_ssd_bwd_dstates_##S##_f##F(           \
         const T* __restrict__ dy, const float* __restrict__ cum, const T* __restrict__ Cm,          \
         long ldbc, float* __restrict__ ds, int L, int H, int G, int P, int N, int Q, int nc) {      \
-        bwd_dstates<T, F>(dy, cum, Cm, ldbc, ds, L, H, G, P, N, Q, nc);                             \
+        bwd_dstates<T, F, false>(dy, cum, Cm, ldbc, ds, L, H, G, P, N, Q, nc);                      \
     }                                                                                               \
     extern "C" __global__ void __launch_bounds__(128, 3) mamba2_ssd_bwd_dx_db_##S##_f##F(          \
         const T* __restrict__ x, long ldx, const float* __restrict__ dt,                            \
@@ -1004,6 +1011,11 @@ SSD_BWD_ENTRIES(__half, f16)
 SSD_BWD_ENTRIES(__nv_bfloat16, bf16)
 
 #define SSD_BWD_MMA_ENTRY(T, S, F8)                                                                \
+    extern "C" __global__ void __launch_bounds__(256) mamba2_ssd_bwd_mma_dstates_##S##_f##F8(      \
+        const T* __restrict__ dy, const float* __restrict__ cum, const T* __restrict__ Cm,          \
+        long ldbc, float* __restrict__ ds, int L, int H, int G, int P, int N, int Q, int nc) {      \
+        bwd_dstates<T, F8, true>(dy, cum, Cm, ldbc, ds, L, H, G, P, N, Q, nc);                      \
+    }                                                                                               \
     extern "C" __global__ void __launch_bounds__(128, 3) mamba2_ssd_bwd_mma_dx_db_##S##_f##F8(     \
         const T* __restrict__ x, long ldx, const float* __restrict__ dt,                            \
         const float* __restrict__ cum, const T* __restrict__ Bm, const T* __restrict__ Cm,          \

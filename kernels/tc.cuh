@@ -170,6 +170,38 @@ template <typename T> __device__ __forceinline__ float2 unpack2(uint32_t w) {
     return make_float2(to_f32(h[0]), to_f32(h[1]));
 }
 
+// cp.async (sm_80+): global -> shared copies that do not go through registers, so a block
+// issues the next tile and computes on the current one. `valid` false fills zeros (src-size
+// 0: nothing is read, the address is still a valid one). Groups complete in commit order.
+__device__ __forceinline__ void cp_async16(void* s, const void* g, bool valid) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(s)), "l"(g),
+                 "r"(valid ? 16 : 0)
+                 : "memory");
+}
+__device__ __forceinline__ void cp_async4(void* s, const void* g, bool valid) {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(smem_addr(s)), "l"(g),
+                 "r"(valid ? 4 : 0)
+                 : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() {
+    asm volatile("cp.async.commit_group;\n" ::: "memory");
+}
+// Wait until at most N of the groups committed last are still in flight.
+template <int N> __device__ __forceinline__ void cp_async_wait() {
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+// copy_tile by cp.async (rows >= valid zero-filled); the caller commits and waits.
+template <typename T>
+__device__ __forceinline__ void copy_tile_async(T* __restrict__ s, int ld_s,
+                                                const T* __restrict__ g, long ld_g, int rows,
+                                                int valid, int cols, int tid, int nthreads) {
+    const int vec = cols / 8;
+    for (int e = tid; e < rows * vec; e += nthreads) {
+        const int r = e / vec, v = e % vec;
+        cp_async16(s + r * ld_s + v * 8, g + (r < valid ? r * ld_g + v * 8 : 0), r < valid);
+    }
+}
+
 // A warp's 16 x 8 NT f32 accumulator is float acc[NT][4]: lane l holds, of tile t, the elements
 // (row frag_row(l, e), column 8 t + frag_col(l, e)) for e = 0..3 (rows g and g + 8).
 __device__ __forceinline__ int frag_row(int lane, int e) { return (lane >> 2) + 8 * (e >> 1); }
@@ -195,10 +227,11 @@ __device__ __forceinline__ void frag_to_a(const float (&acc)[NT][4], int q, uint
 
 // The three warp products of the tensor-core passes, on 16-bit tiles in shared memory (rows
 // 16-byte aligned: strides multiples of 8 elements). acc covers the first nt (even) n tiles.
-// acc += A Bt^T: A the warp's 16 rows at `a` (stride lda), Bt stored [n][k] (stride ldb).
+// acc += A Bt^T: A the warp's 16 rows at `a` (stride lda), Bt stored [n][k] (stride ldb); only
+// the n tiles [t_lo, nt) (t_lo even: causal strips skip the tiles a mask would zero).
 template <typename T, int NT>
 __device__ __forceinline__ void mma_abt(float (&acc)[NT][4], const T* a, int lda, const T* bt,
-                                        int ldb, int K, int nt) {
+                                        int ldb, int K, int nt, int t_lo = 0) {
     const int lane = threadIdx.x & 31;
     const T* a_l = a + (lane & 15) * lda + (lane >> 4) * 8;
     const T* b_l = bt + ((lane & 7) + ((lane >> 4) << 3)) * ldb + ((lane >> 3) & 1) * 8;
@@ -207,7 +240,7 @@ __device__ __forceinline__ void mma_abt(float (&acc)[NT][4], const T* a, int lda
         ldsm_x4(fa, a_l + k);
 #pragma unroll
         for (int t2 = 0; t2 < NT / 2; ++t2)
-            if (2 * t2 < nt) {
+            if (2 * t2 >= t_lo && 2 * t2 < nt) {
                 uint32_t fb[4];
                 ldsm_x4(fb, b_l + 16 * t2 * ldb + k);
                 mma16816<T>(acc[2 * t2], fa, fb[0], fb[1]);
@@ -242,4 +275,72 @@ __device__ __forceinline__ void mma_ab(float (&acc)[NT][4], const T* a, int lda,
         ldsm_x4(fa, a_l + k);
         mma_pb<T, NT>(acc, fa, b + k * ldb, ldb, nt);
     }
+}
+// acc += A^T B: A stored [k][m] with the warp's 16 columns at `a` (stride lda), B stored [k][n]
+// (stride ldb); K % 16 == 0.
+template <typename T, int NT>
+__device__ __forceinline__ void mma_atb(float (&acc)[NT][4], const T* a, int lda, const T* b,
+                                        int ldb, int K, int nt) {
+    const int lane = threadIdx.x & 31;
+    const T* a_l = a + ((lane & 7) + ((lane >> 4) << 3)) * lda + ((lane >> 3) & 1) * 8;
+    for (int k = 0; k < K; k += 16) {
+        uint32_t fa[4];
+        ldsm_x4_trans(fa, a_l + k * lda);
+        mma_pb<T, NT>(acc, fa, b + k * ldb, ldb, nt);
+    }
+}
+
+// weighted_outer_tc on raw mma.sync: P / 16 warps, warp w owns rows 16w..16w+15 of out and all
+// N columns (NT >= N / 8 tiles of 8), accumulating over the steps 16 at a time; out is written
+// straight from the fragments.
+template <typename T, int NT>
+__device__ __forceinline__ void weighted_outer_mma(const T* __restrict__ u, long ldu,
+                                                   const float* __restrict__ s_w,
+                                                   const T* __restrict__ v, long ldv, int q_len,
+                                                   int P, int N, T* s_u, T* s_v,
+                                                   float* __restrict__ out) {
+    const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, nn = N / 8;
+    const int ldu_s = P + TC_PAD, ldv_s = N + TC_PAD, pv = P / 8;
+    float acc[NT][4];
+    frag_zero(acc);
+    for (int j0 = 0; j0 < q_len; j0 += TC_J) {
+        __syncthreads();  // the previous tile is consumed (and, first, s_w is written)
+        const int valid = min(TC_J, q_len - j0);
+        for (int e = tid; e < TC_J * pv; e += blockDim.x) {
+            const int jj = e / pv, p = (e % pv) * 8;
+            float f[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+            if (jj < valid) {
+                unpack8<T>(*reinterpret_cast<const uint4*>(u + (long)(j0 + jj) * ldu + p), f);
+                const float w = s_w[j0 + jj];
+#pragma unroll
+                for (int k = 0; k < 8; ++k) f[k] *= w;
+            }
+            *reinterpret_cast<uint4*>(s_u + jj * ldu_s + p) = pack8<T>(f);
+        }
+        copy_tile(s_v, ldv_s, v + (long)j0 * ldv, ldv, TC_J, valid, N, tid, blockDim.x);
+        __syncthreads();
+        mma_atb<T, NT>(acc, s_u + 16 * warp, ldu_s, s_v, ldv_s, (valid + 15) & ~15, nn);
+    }
+    float* o = out + (long)(16 * warp) * N;
+#pragma unroll
+    for (int rr = 0; rr < 2; ++rr) {
+        const int r = frag_row(lane, 2 * rr);
+#pragma unroll
+        for (int t = 0; t < NT; ++t)
+            if (t < nn)
+                *reinterpret_cast<float2*>(o + r * N + 8 * t + frag_col(lane, 0)) =
+                    make_float2(acc[t][2 * rr], acc[t][2 * rr + 1]);
+    }
+}
+
+template <typename T, int F, bool MMA>
+__device__ __forceinline__ void weighted_outer(const T* __restrict__ u, long ldu,
+                                               const float* __restrict__ s_w,
+                                               const T* __restrict__ v, long ldv, int q_len,
+                                               int P, int N, T* s_u, T* s_v,
+                                               float* __restrict__ out) {
+    if constexpr (MMA)
+        weighted_outer_mma<T, F>(u, ldu, s_w, v, ldv, q_len, P, N, s_u, s_v, out);
+    else
+        weighted_outer_tc<T, F>(u, ldu, s_w, v, ldv, q_len, P, N, s_u, s_v, out);
 }

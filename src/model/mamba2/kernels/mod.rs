@@ -89,6 +89,13 @@ fn tc_chunk_scan_smem(head_dim: usize, d_state: usize) -> usize {
     4 * (TC_ROWS + 2 * TC_J + TC_ROWS * (TC_J + 4)) + 2 * TC_ROWS * ldc + tiles.max(staging)
 }
 
+/// Shared memory of the mma.sync chunk scan (ssd_tc.cu 3'), in bytes: cumsums and dt (two
+/// buffers), the C rows, S / the B tile, the x tile and the z rows.
+fn mma_chunk_scan_smem(head_dim: usize, d_state: usize) -> usize {
+    let (ldc, ldx) = (d_state + TC_PAD, head_dim + TC_PAD);
+    4 * (TC_ROWS + 4 * TC_J) + 2 * (TC_ROWS * ldc + head_dim.max(TC_J) * ldc + 2 * TC_J * ldx)
+}
+
 /// Whether the tensor-core passes take these sizes: a 16-bit dtype (tensor cores multiply f16
 /// or bf16; f32 keeps the SIMT passes and their 1e-4 parity), head_dim and d_state multiples of
 /// 16 up to 128 (WMMA tiles, at most 8 fragments a warp), and x, B, C starting on 16 bytes (their
@@ -115,6 +122,17 @@ fn tc_enabled() -> bool {
 fn mma_enabled() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *ON.get_or_init(|| std::env::var("MATVLM_MAMBA2_MMA").map_or(true, |v| v != "0"))
+}
+
+/// How the chunk-state product (forward pass 1, backward pass 1) runs: on raw mma.sync (true;
+/// P / 16 warps, each with 16 state rows and all N columns) or WMMA (false), its template size
+/// and the block's threads.
+fn chunk_state_kernel(p: usize, n: usize) -> (bool, usize, u32) {
+    if mma_enabled() {
+        (true, 2 * scan::tc_frags(n, n, true), 32 * (p / 16) as u32)
+    } else {
+        (false, scan::tc_frags(p, n, false), NTHREADS)
+    }
 }
 
 /// The sizes the SSD kernels take as `int`: L, H, G, P, N, chunk, chunks (in that order).

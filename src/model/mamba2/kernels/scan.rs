@@ -95,14 +95,16 @@ pub(super) fn scan_forward<T: CudaDType + DeviceRepr + WithDType>(
     let bh = u32::try_from(batch * h).map_err(|_| cpu_only_error("batch * heads"))?;
 
     // 1. chunk cumsums and per-chunk states.
-    let (f1, smem1) = if tc {
-        let name = format!("mamba2_ssd_tc_chunk_state_{sfx}_f{}", tc_frags(p, n, false));
+    let (f1, smem1, threads1) = if tc {
+        let (mma, frags, threads) = chunk_state_kernel(p, n);
+        let kind = if mma { "mma" } else { "tc" };
+        let name = format!("mamba2_ssd_{kind}_chunk_state_{sfx}_f{frags}");
         let f = dev.get_or_load_custom_func(&name, "matvlm_mamba2_ssd_tc", SSD_TC_PTX)?;
-        (f, tc_chunk_state_smem(p, n, q))
+        (f, tc_chunk_state_smem(p, n, q), threads)
     } else {
         let name = format!("mamba2_ssd_chunk_state_{sfx}");
         let f = dev.get_or_load_custom_func(&name, "matvlm_mamba2_ssd", SSD_PTX)?;
-        (f, chunk_state_smem(p, n, q))
+        (f, chunk_state_smem(p, n, q), NTHREADS)
     };
     allow_smem(&f1, smem1)?;
     let mut a1 = f1.builder();
@@ -123,10 +125,10 @@ pub(super) fn scan_forward<T: CudaDType + DeviceRepr + WithDType>(
     }
     let cfg1 = LaunchConfig {
         grid_dim: (nc as u32, bh, 1),
-        block_dim: (NTHREADS, 1, 1),
+        block_dim: (threads1, 1, 1),
         shared_mem_bytes: smem1 as u32,
     };
-    // SAFETY: argument list matches mamba2_ssd{,_tc}_chunk_state_* in kernels/ssd{,_tc}.cu.
+    // SAFETY: argument list matches mamba2_ssd{,_tc,_mma}_chunk_state_* in kernels/ssd{,_tc}.cu.
     unsafe { a1.launch(cfg1) }.w()?;
 
     // 2. state passing: each chunk's slot becomes the state before it; the final state.
@@ -157,10 +159,7 @@ pub(super) fn scan_forward<T: CudaDType + DeviceRepr + WithDType>(
     let (f3, rows, threads3, smem3) = if mma {
         let name = format!("mamba2_ssd_mma_chunk_scan_{sfx}_p{}", p / 8);
         let f = dev.get_or_load_custom_func(&name, "matvlm_mamba2_ssd_tc", SSD_TC_PTX)?;
-        let ldc = n + TC_PAD;
-        let smem = 4 * (TC_ROWS + 2 * TC_J)
-            + 2 * (TC_ROWS * ldc + p.max(TC_J) * ldc + TC_J * (p + TC_PAD));
-        (f, TC_ROWS, 128, smem)
+        (f, TC_ROWS, 128, mma_chunk_scan_smem(p, n))
     } else if tc {
         let name = format!("mamba2_ssd_tc_chunk_scan_{sfx}_f{}", tc_frags(p, n, true));
         let f = dev.get_or_load_custom_func(&name, "matvlm_mamba2_ssd_tc", SSD_TC_PTX)?;

@@ -249,10 +249,9 @@ impl ScanTrain {
         let bhu = u32::try_from(bh).map_err(|_| cpu_only_error("batch * heads"))?;
 
         // 1. dS^in per chunk.
-        let f1 = load(format!(
-            "mamba2_ssd_bwd_dstates_{sfx}_f{}",
-            tc_frags(p, n, false)
-        ))?;
+        let (mma1, frags1, threads1) = chunk_state_kernel(p, n);
+        let kind1 = if mma1 { "bwd_mma" } else { "bwd" };
+        let f1 = load(format!("mamba2_ssd_{kind1}_dstates_{sfx}_f{frags1}"))?;
         let smem1 = tc_chunk_state_smem(p, n, q);
         allow_smem(&f1, smem1)?;
         let mut a1 = f1.builder();
@@ -266,10 +265,10 @@ impl ScanTrain {
         }
         let cfg1 = LaunchConfig {
             grid_dim: (nc as u32, bhu, 1),
-            block_dim: (NTHREADS, 1, 1),
+            block_dim: (threads1, 1, 1),
             shared_mem_bytes: smem1 as u32,
         };
-        // SAFETY: argument list matches mamba2_ssd_bwd_dstates_* in kernels/ssd_bwd.cu.
+        // SAFETY: argument list matches mamba2_ssd_bwd{,_mma}_dstates_* in kernels/ssd_bwd.cu.
         unsafe { a1.launch(cfg1) }.w()?;
 
         // 2. the recurrence backwards: ds becomes dOwn; W into dcl.
