@@ -591,9 +591,14 @@ __device__ __forceinline__ void bwd_dc(
 // 3a' and 3b' on raw mma.sync: the same sums as bwd_dx_db and bwd_dc, with every score strip and
 // accumulator in registers (fragment layouts in tc.cuh): scores become A fragments of the next
 // product directly, so nothing goes through f32 shared memory. F8: the most n tiles of 8 an
-// accumulator holds (max(P, N) / 8 rounded up to the set instantiated). Shared memory: s_cumj,
-// s_dtj, s_cumi [64] f32, then s_b [64][ldn], s_xd [64][ldpx], s_ci [64][ldn], s_gi [64][ldpx].
-__device__ __forceinline__ int bwd_mma_smem_ld(int cols) { return cols + TC_PAD; }
+// accumulator holds (max(P, N) / 8 rounded up to the set instantiated).
+// Loads overlap compute by cp.async. Each loop tile is used by two products at its start and
+// end (C_i in 3a', B_j in 3b'), which is double-buffered and issued a tile ahead, and by two in
+// its middle (g_i in 3a', x_j in 3b'), whose single buffer is refilled over the end of one tile
+// and the start of the next. Commit order: mid_0, ends_0, then per tile ends_{t+1}, mid_{t+1}.
+// Shared memory (mma_bwd_smem in kernels/train.rs): four [64] f32 rows (the fixed side's two,
+// the loop side's cumsums in two buffers), then 16-bit tiles: the fixed side's two [64][ld],
+// the loop's end tile [2][64][ldn] and middle tile [64][ldpx].
 
 // Rows (this lane's two of a warp strip) of an accumulator written to global: as T pairs
 // (dst_t rows ld_t apart) or added to f32 scratch (dst_f rows ld_f apart); row_ok per row.
@@ -620,6 +625,11 @@ __device__ __forceinline__ void store_frag_rows(const float (&acc)[NT][4], int n
     }
 }
 
+// 3a'. Per (batch, head, chunk, 64 source rows j): dx, dB, ddt's x . dXd part, the source side
+//      of dcum; loop over target tiles i >= j (end tile C_i with cum_i, middle tile g_i). x_j is
+//      kept unscaled and dt_j applied in registers, as in 3b': both passes must form T_ij =
+//      M_ij dM_ij from the same roundings, since dcum takes it once with each sign and dA sums
+//      what is left (for L = 1 exactly zero).
 template <typename T, int F8>
 __device__ __forceinline__ void bwd_dx_db_mma(
     const T* __restrict__ x, long ldx, const float* __restrict__ dt, const float* __restrict__ cum,
@@ -629,15 +639,15 @@ __device__ __forceinline__ void bwd_dx_db_mma(
     float* __restrict__ dcum_src, float* __restrict__ dcl, int L, int H, int G, int P, int N,
     int Q, int nc, int row_tiles) {
     extern __shared__ __align__(128) unsigned char smem_raw[];
-    const int ldn = bwd_mma_smem_ld(N), ldpx = bwd_mma_smem_ld(P);
+    const int ldn = N + TC_PAD, ldpx = P + TC_PAD;
     float* s_cumj = reinterpret_cast<float*>(smem_raw);
     float* s_dtj = s_cumj + TC_J;
-    float* s_cumi = s_dtj + TC_J;
-    T* s_b = reinterpret_cast<T*>(s_cumi + TC_J);
-    T* s_xd = s_b + TC_J * ldn;
-    T* s_ci = s_xd + TC_J * ldpx;
-    T* s_gi = s_ci + TC_J * ldn;
-    T* s_own = s_ci;  // [P][ldn], before the loop over targets (fits in s_ci + s_gi)
+    float* s_cumi = s_dtj + TC_J;  // [2][TC_J]
+    T* s_b = reinterpret_cast<T*>(s_cumi + 2 * TC_J);
+    T* s_xj = s_b + TC_J * ldn;  // x_j, unscaled
+    T* s_ci = s_xj + TC_J * ldpx;  // [2][TC_J][ldn]
+    T* s_gi = s_ci + 2 * TC_J * ldn;
+    T* s_own = s_ci;  // [P][ldn], before the loop over targets
 
     const int c = blockIdx.x / row_tiles, jt = blockIdx.x % row_tiles;
     const int bh = blockIdx.y, b = bh / H, h = bh % H, g = h / (H / G);
@@ -653,10 +663,24 @@ __device__ __forceinline__ void bwd_dx_db_mma(
     const T* gy = dy + ((long)b * L + t0) * H * P + (long)h * P;
     const float* dt_h = dt + ((long)b * L + t0) * H + h;
     const T* b_w = s_b + warp * 16 * ldn;
-    const T* xd_w = s_xd + warp * 16 * ldpx;
+    const T* xj_w = s_xj + warp * 16 * ldpx;
+    auto issue_c = [&](int i0) {  // C_i and cum_i into buffer (tile index & 1)
+        const int vi = min(TC_J, q_len - i0), buf = ((i0 - j0) / TC_J) & 1;
+        copy_tile_async(s_ci + buf * TC_J * ldn, ldn, cg + (long)i0 * ldbc, ldbc, TC_J, vi, N,
+                        tid, blockDim.x);
+        if (tid < TC_J)
+            cp_async4(s_cumi + buf * TC_J + tid, cum_c + (tid < vi ? i0 + tid : 0), tid < vi);
+        cp_async_commit();
+    };
+    auto issue_g = [&](int i0) {
+        copy_tile_async(s_gi, ldpx, gy + (long)i0 * H * P, (long)H * P, TC_J,
+                        min(TC_J, q_len - i0), P, tid, blockDim.x);
+        cp_async_commit();
+    };
 
+    issue_g(j0);
     copy_tile(s_b, ldn, bg + (long)j0 * ldbc, ldbc, TC_J, vj, N, tid, blockDim.x);
-    load_xd(s_xd, ldpx, xh, ldx, dt_h, H, j0, vj, P, tid);
+    copy_tile(s_xj, ldpx, xh + (long)j0 * ldx, ldx, TC_J, vj, P, tid, blockDim.x);
     if (tid < TC_J) {
         s_cumj[tid] = tid < vj ? cum_c[j0 + tid] : 0.0f;
         s_dtj[tid] = tid < vj ? dt_h[(long)(j0 + tid) * H] : 0.0f;
@@ -667,31 +691,32 @@ __device__ __forceinline__ void bwd_dx_db_mma(
     // This lane's two source rows (block-local) and their weights through the state after the
     // chunk, w_j = exp(cl - cum_j).
     int jl[2];
-    float cj[2], wj[2];
+    float cj[2], wj[2], dtr[2];
 #pragma unroll
     for (int rr = 0; rr < 2; ++rr) {
         jl[rr] = warp * 16 + frag_row(lane, 2 * rr);
         cj[rr] = s_cumj[jl[rr]];
         wj[rr] = jl[rr] < vj ? decay_exp(cl - cj[rr]) : 0.0f;
+        dtr[rr] = s_dtj[jl[rr]];
     }
 
-    // Through the state after the chunk: dXd = w_j B_j dOwn^T, dB = w_j Xd_j dOwn; V_j = Xd_j .
-    // dXd_j.
+    // Through the state after the chunk: dXd = w_j B_j dOwn^T, dB = w_j dt_j x_j dOwn; V_j =
+    // dt_j x_j . dXd_j.
     float ax[F8][4], ab[F8][4];
     frag_zero(ax);
     frag_zero(ab);
     mma_abt<T, F8>(ax, b_w, ldn, s_own, ldn, N, np);
-    mma_ab<T, F8>(ab, xd_w, ldpx, s_own, ldn, P, nn);
+    mma_ab<T, F8>(ab, xj_w, ldpx, s_own, ldn, P, nn);
     float vdot[2] = {0.0f, 0.0f};
 #pragma unroll
     for (int t = 0; t < F8; ++t)
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
             ax[t][e] *= wj[e >> 1];
-            ab[t][e] *= wj[e >> 1];
+            ab[t][e] *= wj[e >> 1] * dtr[e >> 1];
             if (t < np)
-                vdot[e >> 1] += ax[t][e] *
-                                to_f32(s_xd[jl[e >> 1] * ldpx + 8 * t + frag_col(lane, e)]);
+                vdot[e >> 1] += ax[t][e] * dtr[e >> 1] *
+                                to_f32(s_xj[jl[e >> 1] * ldpx + 8 * t + frag_col(lane, e)]);
         }
     vdot[0] = quad_sum(vdot[0]);
     vdot[1] = quad_sum(vdot[1]);
@@ -699,25 +724,36 @@ __device__ __forceinline__ void bwd_dx_db_mma(
         const float vsum = warp_sum((lane & 3) == 0 ? vdot[0] + vdot[1] : 0.0f);
         if (lane == 0 && vsum != 0.0f) atomicAdd(dcl + (long)bh * nc + c, vsum);
     }
+    __syncthreads();  // dOwn is consumed
+    issue_c(j0);
 
     // Targets i >= j, tile by tile from this block's own.
     float tsum[2] = {0.0f, 0.0f};  // sum_i T_ij over this lane's columns
     for (int i0 = j0; i0 < q_len; i0 += TC_J) {
-        __syncthreads();  // s_own / the previous tile is consumed
-        const int vi = min(TC_J, q_len - i0);
-        copy_tile(s_ci, ldn, cg + (long)i0 * ldbc, ldbc, TC_J, vi, N, tid, blockDim.x);
-        copy_tile(s_gi, ldpx, gy + (long)i0 * H * P, (long)H * P, TC_J, vi, P, tid, blockDim.x);
-        if (tid < TC_J) s_cumi[tid] = tid < vi ? cum_c[i0 + tid] : 0.0f;
+        const int vi = min(TC_J, q_len - i0), buf = ((i0 - j0) / TC_J) & 1;
+        const bool more = i0 + TC_J < q_len;
+        const T* ci_t = s_ci + buf * TC_J * ldn;
+        const float* cumi = s_cumi + buf * TC_J;
+        if (i0 == j0)
+            cp_async_wait<0>();
+        else
+            cp_async_wait<1>();  // C_i (g_i, committed after it, may be in flight)
         __syncthreads();
+        if (more) issue_c(i0 + TC_J);  // the other buffer: read last in the previous tile
 
-        // M^T strip (B_j . C_i) exp(cum_i - cum_j), causal; kept as A fragments (pm) for
-        // dXd += M^T g_i and for T_ij below.
-        // On the diagonal tile the warp's sources see only targets from 16 warp on.
+        // M^T strip (B_j . C_i) exp(cum_i - cum_j), causal, kept as A fragments (pm) for
+        // dXd += M^T g_i and for T_ij below. On the diagonal tile the warp's sources see only
+        // targets from 16 warp on.
         const int q_beg = i0 == j0 ? warp : 0;
         float sc[TC_J / 8][4];
         frag_zero(sc);
-        mma_abt<T, TC_J / 8>(sc, b_w, ldn, s_ci, ldn, N, TC_J / 8, 2 * q_beg);
+        mma_abt<T, TC_J / 8>(sc, b_w, ldn, ci_t, ldn, N, TC_J / 8, 2 * q_beg);
         uint32_t pm[TC_J / 16][4];
+        if (more)
+            cp_async_wait<1>();  // g_i
+        else
+            cp_async_wait<0>();
+        __syncthreads();
 #pragma unroll
         for (int q = 0; q < TC_J / 16; ++q) {
             if (q < q_beg) continue;
@@ -727,16 +763,21 @@ __device__ __forceinline__ void bwd_dx_db_mma(
                 for (int e = 0; e < 4; ++e) {
                     const int ii = 8 * t + frag_col(lane, e);
                     sc[t][e] = (j0 + jl[e >> 1] <= i0 + ii && ii < vi)
-                                   ? sc[t][e] * decay_exp_fast(s_cumi[ii] - cj[e >> 1])
+                                   ? sc[t][e] * decay_exp_fast(cumi[ii] - cj[e >> 1])
                                    : 0.0f;
                 }
             frag_to_a<T>(sc, q, pm[q]);
             mma_pb<T, F8>(ax, pm[q], s_gi + 16 * q * ldpx, ldpx, np);
         }
 
-        // dM^T strip Xd_j . g_i; T_ij = M_ij dM_ij (M as rounded above); dB += (dM o E)^T C_i.
+        // dM^T strip dt_j x_j . g_i; then g_i is free for the next tile.
         frag_zero(sc);
-        mma_abt<T, TC_J / 8>(sc, xd_w, ldpx, s_gi, ldpx, P, TC_J / 8, 2 * q_beg);
+        mma_abt<T, TC_J / 8>(sc, xj_w, ldpx, s_gi, ldpx, P, TC_J / 8, 2 * q_beg);
+        if (more) {
+            __syncthreads();  // every warp has read g_i
+            issue_g(i0 + TC_J);
+        }
+        // T_ij = M_ij dM_ij (M as rounded above); dB += (dM o E)^T C_i.
 #pragma unroll
         for (int q = 0; q < TC_J / 16; ++q) {
             if (q < q_beg) continue;
@@ -746,14 +787,15 @@ __device__ __forceinline__ void bwd_dx_db_mma(
                 for (int e = 0; e < 4; ++e) {
                     const int ii = 8 * t + frag_col(lane, e);
                     const float2 m2 = unpack2<T>(pm[q][2 * (t & 1) + (e >> 1)]);
-                    tsum[e >> 1] += ((e & 1) ? m2.y : m2.x) * sc[t][e];
+                    const float dm = sc[t][e] * dtr[e >> 1];
+                    tsum[e >> 1] += ((e & 1) ? m2.y : m2.x) * dm;
                     sc[t][e] = (j0 + jl[e >> 1] <= i0 + ii && ii < vi)
-                                   ? sc[t][e] * decay_exp_fast(s_cumi[ii] - cj[e >> 1])
+                                   ? dm * decay_exp_fast(cumi[ii] - cj[e >> 1])
                                    : 0.0f;
                 }
             uint32_t a[4];
             frag_to_a<T>(sc, q, a);
-            mma_pb<T, F8>(ab, a, s_ci + 16 * q * ldn, ldn, nn);
+            mma_pb<T, F8>(ab, a, ci_t + 16 * q * ldn, ldn, nn);
         }
     }
     tsum[0] = quad_sum(tsum[0]);
@@ -795,6 +837,9 @@ __device__ __forceinline__ void bwd_dx_db_mma(
                            ld_dbc, db_f ? db_f + (row0 * G + g) * N : nullptr, (long)G * N);
 }
 
+// 3b'. Per (batch, head, chunk, 64 target rows i): dC, the target side of dcum, dD; loop over
+//      source tiles j <= i (end tile B_j with cum_j and dt_j, middle tile x_j: dM_ij = dt_j
+//      g_i . x_j, the dt_j applied in registers).
 template <typename T, int F8>
 __device__ __forceinline__ void bwd_dc_mma(
     const T* __restrict__ x, long ldx, const float* __restrict__ dt, const float* __restrict__ cum,
@@ -803,14 +848,15 @@ __device__ __forceinline__ void bwd_dc_mma(
     float* __restrict__ dcum_dst, float* __restrict__ dd, int L, int H, int G, int P, int N,
     int Q, int nc, int row_tiles) {
     extern __shared__ __align__(128) unsigned char smem_raw[];
-    const int ldn = bwd_mma_smem_ld(N), ldpx = bwd_mma_smem_ld(P);
-    float* s_cumj = reinterpret_cast<float*>(smem_raw);
-    float* s_cumi = s_cumj + 2 * TC_J;
-    T* s_b = reinterpret_cast<T*>(s_cumi + TC_J);
-    T* s_xd = s_b + TC_J * ldn;
-    T* s_s = s_b;  // [P][ldn], S before the loop over sources (fits in s_b + s_xd)
-    T* s_ci = s_xd + TC_J * ldpx;
-    T* s_gi = s_ci + TC_J * ldn;
+    const int ldn = N + TC_PAD, ldpx = P + TC_PAD;
+    float* s_cumi = reinterpret_cast<float*>(smem_raw);
+    float* s_cumj = s_cumi + TC_ROWS;  // [2][TC_J]
+    float* s_dtj = s_cumj + 2 * TC_J;  // [2][TC_J]
+    T* s_ci = reinterpret_cast<T*>(s_dtj + 2 * TC_J);
+    T* s_gi = s_ci + TC_ROWS * ldn;
+    T* s_b = s_gi + TC_ROWS * ldpx;  // [2][TC_J][ldn]
+    T* s_x = s_b + 2 * TC_J * ldn;
+    T* s_s = s_b;  // [P][ldn], S before the loop over sources
 
     const int c = blockIdx.x / row_tiles, it = blockIdx.x % row_tiles;
     const int bh = blockIdx.y, b = bh / H, h = bh % H, g = h / (H / G);
@@ -826,7 +872,25 @@ __device__ __forceinline__ void bwd_dc_mma(
     const float* dt_h = dt + ((long)b * L + t0) * H + h;
     const T* c_w = s_ci + warp * 16 * ldn;
     const T* g_w = s_gi + warp * 16 * ldpx;
+    const int j_end = min(q_len, i0 + TC_ROWS);
+    auto issue_b = [&](int j0) {  // B_j, cum_j, dt_j into buffer (tile index & 1)
+        const int vj = min(TC_J, q_len - j0), buf = (j0 / TC_J) & 1;
+        copy_tile_async(s_b + buf * TC_J * ldn, ldn, bg + (long)j0 * ldbc, ldbc, TC_J, vj, N, tid,
+                        blockDim.x);
+        if (tid < TC_J) {
+            const bool ok = tid < vj;
+            cp_async4(s_cumj + buf * TC_J + tid, cum_c + (ok ? j0 + tid : 0), ok);
+            cp_async4(s_dtj + buf * TC_J + tid, dt_h + (ok ? (long)(j0 + tid) * H : 0), ok);
+        }
+        cp_async_commit();
+    };
+    auto issue_x = [&](int j0) {
+        copy_tile_async(s_x, ldpx, xh + (long)j0 * ldx, ldx, TC_J, min(TC_J, q_len - j0), P, tid,
+                        blockDim.x);
+        cp_async_commit();
+    };
 
+    issue_x(0);
     copy_tile(s_ci, ldn, cg + (long)i0 * ldbc, ldbc, TC_ROWS, vi, N, tid, blockDim.x);
     copy_tile(s_gi, ldpx, gy + (long)i0 * H * P, (long)H * P, TC_ROWS, vi, P, tid, blockDim.x);
     if (tid < TC_ROWS) s_cumi[tid] = tid < vi ? cum_c[i0 + tid] : 0.0f;
@@ -856,6 +920,8 @@ __device__ __forceinline__ void bwd_dc_mma(
                 udot[e >> 1] += ac[t][e] *
                                 to_f32(s_ci[il[e >> 1] * ldn + 8 * t + frag_col(lane, e)]);
         }
+    __syncthreads();  // S is consumed
+    issue_b(0);
 
     // dD: g_i . x_i over the warp's rows (lane: half a row).
     {
@@ -877,21 +943,25 @@ __device__ __forceinline__ void bwd_dc_mma(
     }
 
     float tsum[2] = {0.0f, 0.0f};  // sum_j T_ij over this lane's columns
-    const int j_end = min(q_len, i0 + TC_ROWS);
     for (int j0 = 0; j0 < j_end; j0 += TC_J) {
-        __syncthreads();  // s_s / the previous tile is consumed
-        const int vj = min(TC_J, q_len - j0);
-        copy_tile(s_b, ldn, bg + (long)j0 * ldbc, ldbc, TC_J, vj, N, tid, blockDim.x);
-        load_xd(s_xd, ldpx, xh, ldx, dt_h, H, j0, vj, P, tid);
-        if (tid < TC_J) s_cumj[tid] = tid < vj ? cum_c[j0 + tid] : 0.0f;
+        const int vj = min(TC_J, q_len - j0), buf = (j0 / TC_J) & 1;
+        const bool more = j0 + TC_J < j_end;
+        const T* b_t = s_b + buf * TC_J * ldn;
+        const float* cumj = s_cumj + buf * TC_J;
+        const float* dtj = s_dtj + buf * TC_J;
+        if (j0 == 0)
+            cp_async_wait<0>();
+        else
+            cp_async_wait<1>();  // B_j (x_j, committed after it, may be in flight)
         __syncthreads();
+        if (more) issue_b(j0 + TC_J);  // the other buffer: read last in the previous tile
 
-        // M strip (C_i . B_j) exp(cum_i - cum_j), causal, rounded to T (for T_ij).
-        // On the diagonal tile the warp's targets see only its first 16 (warp + 1) sources.
+        // M strip (C_i . B_j) exp(cum_i - cum_j), causal, rounded to T (for T_ij). On the
+        // diagonal tile the warp's targets see only its first 16 (warp + 1) sources.
         const int q_end = j0 == i0 ? warp + 1 : TC_J / 16;
         float sc[TC_J / 8][4];
         frag_zero(sc);
-        mma_abt<T, TC_J / 8>(sc, c_w, ldn, s_b, ldn, N, 2 * q_end);
+        mma_abt<T, TC_J / 8>(sc, c_w, ldn, b_t, ldn, N, 2 * q_end);
         uint32_t pm[TC_J / 16][4];
 #pragma unroll
         for (int t = 0; t < TC_J / 8; ++t)
@@ -899,15 +969,25 @@ __device__ __forceinline__ void bwd_dc_mma(
             for (int e = 0; e < 4; ++e) {
                 const int jj = 8 * t + frag_col(lane, e);
                 sc[t][e] = (j0 + jj <= i0 + il[e >> 1] && il[e >> 1] < vi && jj < vj)
-                               ? sc[t][e] * decay_exp_fast(ci[e >> 1] - s_cumj[jj])
+                               ? sc[t][e] * decay_exp_fast(ci[e >> 1] - cumj[jj])
                                : 0.0f;
             }
 #pragma unroll
         for (int q = 0; q < TC_J / 16; ++q) frag_to_a<T>(sc, q, pm[q]);
 
-        // dM strip g_i . Xd_j; T_ij = M_ij dM_ij; dC += (dM o E) B_j.
+        // dM strip dt_j g_i . x_j; then x_j is free for the next tile.
+        if (more)
+            cp_async_wait<1>();  // x_j
+        else
+            cp_async_wait<0>();
+        __syncthreads();
         frag_zero(sc);
-        mma_abt<T, TC_J / 8>(sc, g_w, ldpx, s_xd, ldpx, P, 2 * q_end);
+        mma_abt<T, TC_J / 8>(sc, g_w, ldpx, s_x, ldpx, P, 2 * q_end);
+        if (more) {
+            __syncthreads();  // every warp has read x_j
+            issue_x(j0 + TC_J);
+        }
+        // T_ij = M_ij dM_ij; dC += (dM o E) B_j.
 #pragma unroll
         for (int q = 0; q < TC_J / 16; ++q) {
             if (q >= q_end) break;
@@ -917,14 +997,15 @@ __device__ __forceinline__ void bwd_dc_mma(
                 for (int e = 0; e < 4; ++e) {
                     const int jj = 8 * t + frag_col(lane, e);
                     const float2 m2 = unpack2<T>(pm[q][2 * (t & 1) + (e >> 1)]);
-                    tsum[e >> 1] += ((e & 1) ? m2.y : m2.x) * sc[t][e];
+                    const float dm = sc[t][e] * dtj[jj];
+                    tsum[e >> 1] += ((e & 1) ? m2.y : m2.x) * dm;
                     sc[t][e] = (j0 + jj <= i0 + il[e >> 1] && il[e >> 1] < vi && jj < vj)
-                                   ? sc[t][e] * decay_exp_fast(ci[e >> 1] - s_cumj[jj])
+                                   ? dm * decay_exp_fast(ci[e >> 1] - cumj[jj])
                                    : 0.0f;
                 }
             uint32_t a[4];
             frag_to_a<T>(sc, q, a);
-            mma_pb<T, F8>(ac, a, s_b + 16 * q * ldn, ldn, nn);
+            mma_pb<T, F8>(ac, a, b_t + 16 * q * ldn, ldn, nn);
         }
     }
 

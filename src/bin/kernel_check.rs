@@ -30,7 +30,9 @@ use matvlm::model::mamba2::{fused, Mamba2, Mamba2Config};
 /// gradients, weighted inputs) to the input dtype once, as upstream's Triton backward does, and
 /// sum up to a chunk of such terms (dA and dD sum over every position): 3e-2. The mixer's
 /// parameter gradients (`Stage::MixerGrad`) add the 16-bit roundings of in_proj, conv, norm and
-/// out_proj on both sides, each fed by the previous stage, and sums over every position: 5e-2.
+/// out_proj, each fed by the previous stage, and sums over every position: 5e-2 against an f32
+/// reference on the same values, or twice the error of the same 16-bit chain on the CPU
+/// (`check_case`), whichever is larger.
 fn tolerance(input: DType, out: DType, stage: Stage) -> f64 {
     match (input, out, stage) {
         (DType::F32, _, Stage::Grad | Stage::MixerGrad) => 1e-3,
@@ -116,24 +118,29 @@ impl Report {
         cpu: &Tensor,
         stage: Stage,
     ) {
-        self.total += 1;
-        let res = (|| -> candle_core::Result<(f64, f64)> {
-            let g = gpu.to_device(&Device::Cpu)?.to_dtype(DType::F64)?;
-            let c = cpu.to_dtype(DType::F64)?;
-            if g.dims() != c.dims() {
-                candle_core::bail!("shapes differ: gpu {:?} cpu {:?}", g.dims(), c.dims());
-            }
-            let abs = (g - &c)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f64>()?;
-            let scale = c.abs()?.flatten_all()?.max(0)?.to_scalar::<f64>()?;
-            Ok((abs, abs / scale.max(1e-30)))
-        })();
         let tol = tolerance(dtype, cpu.dtype(), stage);
-        let (line, ok) = match res {
+        self.compare_tol(case, dtype, what, gpu, cpu, tol, "");
+    }
+
+    /// `compare` with the tolerance given; `note` is added to the JSON line (`,"key":value`).
+    #[allow(clippy::too_many_arguments)]
+    fn compare_tol(
+        &mut self,
+        case: &str,
+        dtype: DType,
+        what: &str,
+        gpu: &Tensor,
+        cpu: &Tensor,
+        tol: f64,
+        note: &str,
+    ) {
+        self.total += 1;
+        let (line, ok) = match max_rel_err(gpu, cpu) {
             Ok((abs, rel)) => {
                 let ok = rel <= tol && rel.is_finite();
                 (
                     format!(
-                        r#"{{"check":"{case}","dtype":"{dtype:?}","what":"{what}","max_abs":{abs:.3e},"rel":{rel:.3e},"tol":{tol:.0e},"pass":{ok}}}"#
+                        r#"{{"check":"{case}","dtype":"{dtype:?}","what":"{what}","max_abs":{abs:.3e},"rel":{rel:.3e},"tol":{tol:.1e}{note},"pass":{ok}}}"#
                     ),
                     ok,
                 )
@@ -165,6 +172,19 @@ impl Report {
         );
         eprintln!("FAIL {case} {dtype:?} {what}: {e}");
     }
+}
+
+/// The largest absolute difference of `a` from `reference` (any devices, same shape) and that
+/// over the reference's largest magnitude.
+fn max_rel_err(a: &Tensor, reference: &Tensor) -> candle_core::Result<(f64, f64)> {
+    let g = a.to_device(&Device::Cpu)?.to_dtype(DType::F64)?;
+    let c = reference.to_device(&Device::Cpu)?.to_dtype(DType::F64)?;
+    if g.dims() != c.dims() {
+        candle_core::bail!("shapes differ: {:?} vs reference {:?}", g.dims(), c.dims());
+    }
+    let abs = (g - &c)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f64>()?;
+    let scale = c.abs()?.flatten_all()?.max(0)?.to_scalar::<f64>()?;
+    Ok((abs, abs / scale.max(1e-30)))
 }
 
 /// Inputs of one case, made on the CPU in f32 (then cast and copied to each side).
@@ -451,15 +471,44 @@ fn check_case(k: &Case, dtype: DType, gpu: &Device, r: &mut Report) -> matvlm::R
         let (y, _) = m.forward(v[v.len() - 1].as_tensor(), None)?;
         grads_of(&y, &wy, &v, &mixer_names)
     };
-    let runs = (run_mixer_grad(gpu, dtype), run_mixer_grad(cpu, DType::F32));
-    r.compare_grads(
-        name,
-        dtype,
-        "mixer grad ",
-        &mixer_names,
-        runs,
-        Stage::MixerGrad,
-    );
+    if dtype == DType::F32 {
+        let runs = (run_mixer_grad(gpu, dtype), run_mixer_grad(cpu, DType::F32));
+        r.compare_grads(
+            name,
+            dtype,
+            "mixer grad ",
+            &mixer_names,
+            runs,
+            Stage::MixerGrad,
+        );
+        return Ok(());
+    }
+    // 16 bits: a gradient that sums signed terms over every position (D, dt_bias, A_log) can
+    // be far smaller than its terms, so the same 16-bit chain run by the generic path on the
+    // CPU (the peer) misses the f32 value by as much as the GPU does (seen: 7-23% for dD in
+    // bf16, also on shapes no kernel takes). Each gradient passes within the mixer tolerance
+    // or within twice the peer's own error, whichever is larger: the GPU path adds no more
+    // error than 16-bit arithmetic in the reference implementation.
+    match (
+        run_mixer_grad(gpu, dtype),
+        run_mixer_grad(cpu, DType::F32),
+        run_mixer_grad(cpu, dtype),
+    ) {
+        (Ok(gg), Ok(gc), Ok(gp)) => {
+            for (((g, c), p), pname) in gg.iter().zip(&gc).zip(&gp).zip(&mixer_names) {
+                let what = format!("mixer grad {pname}");
+                match max_rel_err(p, c) {
+                    Ok((_, peer)) => {
+                        let tol = tolerance(dtype, c.dtype(), Stage::MixerGrad).max(2.0 * peer);
+                        let note = format!(r#","peer_rel":{peer:.3e}"#);
+                        r.compare_tol(name, dtype, &what, g, c, tol, &note);
+                    }
+                    Err(e) => r.error(name, dtype, &what, e),
+                }
+            }
+        }
+        (Err(e), _, _) | (_, Err(e), _) | (_, _, Err(e)) => r.error(name, dtype, "mixer grad", e),
+    }
     Ok(())
 }
 

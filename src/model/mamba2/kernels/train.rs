@@ -15,10 +15,11 @@ fn tc_bwd_smem(head_dim: usize, d_state: usize) -> usize {
     4 * (3 * TC_J + TC_ROWS * fld) + 2 * (2 * TC_J * ldn + 2 * TC_J * ldpx + TC_ROWS * ldq)
 }
 
-/// Shared memory of the mma.sync passes 3a' / 3b' (ssd_bwd.cu): no f32 strips, no score tiles.
+/// Shared memory of the mma.sync passes 3a' / 3b' (ssd_bwd.cu), the larger of the two: five
+/// [64] f32 rows; the fixed side's two tiles, the loop's end tile twice and its middle tile.
 fn mma_bwd_smem(head_dim: usize, d_state: usize) -> usize {
     let (ldn, ldpx) = (d_state + TC_PAD, head_dim + TC_PAD);
-    4 * 3 * TC_J + 2 * (2 * TC_J * ldn + 2 * TC_J * ldpx)
+    4 * 5 * TC_J + 2 * (3 * TC_J * ldn + 2 * TC_J * ldpx)
 }
 
 /// Whether the training scan (tensor-core forward + backward kernels) takes these sizes: those
