@@ -23,9 +23,9 @@
 #include "tc.cuh"
 
 // ---------------------------------------------------------------------------------------------
-// 1. dS^in_c = sum_i exp(cum_i) g_i C_i^T per chunk. Grid (nc, B*H), 256 threads; shared memory
+// 1. dS^in_c = sum_i exp(cum_i) g_i C_i^T per chunk. Grid (nc, B*H), P / 16 warps; shared memory
 //    as the forward chunk state.
-template <typename T, int F, bool MMA>
+template <typename T, int NT>
 __device__ __forceinline__ void bwd_dstates(const T* __restrict__ dy, const float* __restrict__ cum,
                                             const T* __restrict__ Cm, long ldbc,
                                             float* __restrict__ ds, int L, int H, int G, int P,
@@ -39,7 +39,7 @@ __device__ __forceinline__ void bwd_dstates(const T* __restrict__ dy, const floa
     const int t0 = c * Q, q_len = min(Q, L - t0);
     const float* cum_c = cum + ((long)bh * nc + c) * Q;
     for (int i = threadIdx.x; i < q_len; i += blockDim.x) s_w[i] = decay_exp(cum_c[i]);
-    weighted_outer<T, F, MMA>(dy + ((long)b * L + t0) * H * P + (long)h * P, (long)H * P, s_w,
+    weighted_outer<T, NT>(dy + ((long)b * L + t0) * H * P + (long)h * P, (long)H * P, s_w,
                               Cm + ((long)b * L + t0) * ldbc + (long)g * N, ldbc, q_len, P, N,
                               s_u, s_v, ds + ((long)bh * nc + c) * P * N);
 }
@@ -83,520 +83,20 @@ extern "C" __global__ void __launch_bounds__(256)
     if (ok && dinit) dinit[(long)bh * PN + e] = after;
 }
 
-// Shared memory of passes 3a and 3b (floats first, then 16-bit tiles), ld* in elements:
-//   s_cumj, s_dtj, s_cumi [64] f32; s_f [64][fld] f32 (a 16-row strip per warp)
-//   s_b [64][ldn] (B_j, 3a: this block's rows), s_xd [64][ldpx] (Xd_j)
-//   s_ci [64][ldn], s_gi [64][ldpx] (C_i, g_i; 3b: this block's rows), aliased at the start of
-//   3a by s_own [P][ldn] (dOwn) and of 3b... (3b stages S in the region of s_b / s_xd)
-//   s_p [64][ldq] (per-warp 16-row strips of scores in T)
-struct BwdSmem {
-    int ldn, ldpx, ldq, fld;
-};
-__device__ __forceinline__ BwdSmem bwd_smem(int P, int N) {
-    BwdSmem m;
-    m.ldn = N + TC_PAD;
-    m.ldpx = P + TC_PAD;
-    m.ldq = TC_J + TC_PAD;
-    m.fld = max(max(P, N), TC_J) + 4;
-    return m;
-}
-
-// Lane l of a warp owns row l / 2 of its 16-row strip, columns [h * cols/2, (h+1) * cols/2),
-// h = l % 2, in the element-wise passes over a strip.
+// In dD's pass over a warp strip, lane l owns row l / 2, columns [h * P/2, (h+1) * P/2), h = l % 2.
 #define ROW_OF(lane) ((lane) >> 1)
 #define HALF_OF(lane) ((lane)&1)
 
-// Rows of a strip (f32, row stride fld) scaled by per-row factors; returns the lane's partial
-// dot of the scaled row with `other` (16-bit rows, stride ldo) over its half of `cols` columns.
-template <typename T>
-__device__ __forceinline__ float scale_rows_dot(float* f_w, int fld, int cols, float scale,
-                                                const T* other, int ldo, int lane) {
-    const int r = ROW_OF(lane), half = cols / 2, c0 = HALF_OF(lane) * half;
-    float dot = 0.0f;
-    for (int k = 0; k < half; ++k) {
-        const float v = f_w[r * fld + c0 + k] * scale;
-        f_w[r * fld + c0 + k] = v;
-        dot += v * to_f32(other[r * ldo + c0 + k]);
-    }
-    return dot;
-}
-
-// x_j dt_j rounded to T, 64 rows from row j0 of xh (row stride ldx) into s (row stride lds).
-template <typename T>
-__device__ __forceinline__ void load_xd(T* s, int lds, const T* xh, long ldx, const float* dt_row,
-                                        int H, int j0, int valid, int P, int tid) {
-    const int pv = P / 8;
-    for (int e = tid; e < TC_J * pv; e += blockDim.x) {
-        const int jj = e / pv, p = (e % pv) * 8;
-        float f[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-        if (jj < valid) {
-            unpack8<T>(*reinterpret_cast<const uint4*>(xh + (long)(j0 + jj) * ldx + p), f);
-            const float d = dt_row[(long)(j0 + jj) * H];
-#pragma unroll
-            for (int k = 0; k < 8; ++k) f[k] *= d;
-        }
-        *reinterpret_cast<uint4*>(s + jj * lds + p) = pack8<T>(f);
-    }
-}
-
-// A strip's row (f32, this lane's half of `cols`) written to global as T (dst_t, plain stores)
-// or added to f32 scratch (dst_f, atomics: several heads share a group).
-template <typename T>
-__device__ __forceinline__ void write_row(const float* f_row, int cols, int lane, T* dst_t,
-                                          float* dst_f) {
-    const int half = cols / 2, c0 = HALF_OF(lane) * half;
-    if (dst_f) {
-        for (int k = 0; k < half; ++k) atomicAdd(dst_f + c0 + k, f_row[c0 + k]);
-    } else {
-        for (int k = 0; k < half; k += 8)
-            *reinterpret_cast<uint4*>(dst_t + c0 + k) = pack8<T>(f_row + c0 + k);
-    }
-}
-
 // ---------------------------------------------------------------------------------------------
-// 3a. Per (batch, head, chunk, 64 source rows j): dx, dB, the x . dXd part of ddt, and the
-//     source side of dcum (-sum_i T_ij - V_j, with sum_j V_j added to dcl). Grid
-//     (nc * row_tiles, B*H), 128 threads (warp w owns rows 16w..16w+15).
-template <typename T, int F>
-__device__ __forceinline__ void bwd_dx_db(
-    const T* __restrict__ x, long ldx, const float* __restrict__ dt, const float* __restrict__ cum,
-    const T* __restrict__ Bm, const T* __restrict__ Cm, long ldbc, const T* __restrict__ dy,
-    const float* __restrict__ down, const float* __restrict__ D, T* __restrict__ dx, long ld_dx,
-    T* __restrict__ db_t, float* __restrict__ db_f, long ld_dbc, float* __restrict__ ddt,
-    float* __restrict__ dcum_src, float* __restrict__ dcl, int L, int H, int G, int P, int N,
-    int Q, int nc, int row_tiles) {
-    extern __shared__ __align__(128) unsigned char smem_raw[];
-    const BwdSmem m = bwd_smem(P, N);
-    float* s_cumj = reinterpret_cast<float*>(smem_raw);
-    float* s_dtj = s_cumj + TC_J;
-    float* s_cumi = s_dtj + TC_J;
-    float* s_f = s_cumi + TC_J;
-    T* s_b = reinterpret_cast<T*>(s_f + TC_ROWS * m.fld);
-    T* s_xd = s_b + TC_J * m.ldn;
-    T* s_ci = s_xd + TC_J * m.ldpx;
-    T* s_gi = s_ci + TC_J * m.ldn;
-    T* s_own = s_ci;  // [P][ldn], before the loop over targets
-    T* s_p = s_gi + TC_J * m.ldpx;
-
-    const int c = blockIdx.x / row_tiles, jt = blockIdx.x % row_tiles;
-    const int bh = blockIdx.y, b = bh / H, h = bh % H, g = h / (H / G);
-    const int t0 = c * Q, q_len = min(Q, L - t0), j0 = jt * TC_J, tid = threadIdx.x;
-    if (j0 >= q_len) return;  // uniform over the block
-    const int warp = tid / 32, lane = tid % 32, r = ROW_OF(lane), fp = P / 16, fn = N / 16;
-    const int vj = min(TC_J, q_len - j0);
-    const float* cum_c = cum + ((long)bh * nc + c) * Q;
-    const float cl = cum_c[q_len - 1];
-    const T* xh = x + ((long)b * L + t0) * ldx + (long)h * P;
-    const T* bg = Bm + ((long)b * L + t0) * ldbc + (long)g * N;
-    const T* cg = Cm + ((long)b * L + t0) * ldbc + (long)g * N;
-    const T* gy = dy + ((long)b * L + t0) * H * P + (long)h * P;
-    const float* dt_h = dt + ((long)b * L + t0) * H + h;
-    float* f_w = s_f + warp * 16 * m.fld;
-    T* p_w = s_p + warp * 16 * m.ldq;
-    const T* b_w = s_b + warp * 16 * m.ldn;
-    const T* xd_w = s_xd + warp * 16 * m.ldpx;
-
-    copy_tile(s_b, m.ldn, bg + (long)j0 * ldbc, ldbc, TC_J, vj, N, tid, blockDim.x);
-    load_xd(s_xd, m.ldpx, xh, ldx, dt_h, H, j0, vj, P, tid);
-    if (tid < TC_J) {
-        s_cumj[tid] = tid < vj ? cum_c[j0 + tid] : 0.0f;
-        s_dtj[tid] = tid < vj ? dt_h[(long)(j0 + tid) * H] : 0.0f;
-    }
-    load_state(s_own, m.ldn, down + ((long)bh * nc + c) * P * N, P, N, tid);
-    __syncthreads();
-
-    // Through the state after the chunk: dXd = w_j B_j dOwn^T, dB = w_j Xd_j dOwn, w_j =
-    // exp(cl - cum_j); V_j = Xd_j . dXd_j.
-    Acc ax[F], ab[F];
-#pragma unroll
-    for (int i = 0; i < F; ++i) {
-        wmma::fill_fragment(ax[i], 0.0f);
-        wmma::fill_fragment(ab[i], 0.0f);
-    }
-    for (int k = 0; k < N; k += 16) {
-        wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa;
-        wmma::load_matrix_sync(fa, b_w + k, m.ldn);
-#pragma unroll
-        for (int i = 0; i < F; ++i)
-            if (i < fp) {
-                wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> fb;
-                wmma::load_matrix_sync(fb, s_own + i * 16 * m.ldn + k, m.ldn);
-                wmma::mma_sync(ax[i], fa, fb, ax[i]);
-            }
-    }
-    for (int k = 0; k < P; k += 16) {
-        wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa;
-        wmma::load_matrix_sync(fa, xd_w + k, m.ldpx);
-#pragma unroll
-        for (int i = 0; i < F; ++i)
-            if (i < fn) {
-                wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> fb;
-                wmma::load_matrix_sync(fb, s_own + k * m.ldn + i * 16, m.ldn);
-                wmma::mma_sync(ab[i], fa, fb, ab[i]);
-            }
-    }
-    const int jrow = warp * 16 + r;  // this lane's row in the block
-    const float wj = jrow < vj ? decay_exp(cl - s_cumj[jrow]) : 0.0f;
-#pragma unroll
-    for (int i = 0; i < F; ++i)
-        if (i < fp) wmma::store_matrix_sync(f_w + i * 16, ax[i], m.fld, wmma::mem_row_major);
-    __syncwarp();
-    float vdot = scale_rows_dot(f_w, m.fld, P, wj, xd_w, m.ldpx, lane);
-    vdot += __shfl_xor_sync(0xffffffffu, vdot, 1);
-    __syncwarp();
-#pragma unroll
-    for (int i = 0; i < F; ++i)
-        if (i < fp) wmma::load_matrix_sync(ax[i], f_w + i * 16, m.fld, wmma::mem_row_major);
-    __syncwarp();
-#pragma unroll
-    for (int i = 0; i < F; ++i)
-        if (i < fn) wmma::store_matrix_sync(f_w + i * 16, ab[i], m.fld, wmma::mem_row_major);
-    __syncwarp();
-    scale_rows_dot(f_w, m.fld, N, wj, b_w, m.ldn, lane);
-    __syncwarp();
-#pragma unroll
-    for (int i = 0; i < F; ++i)
-        if (i < fn) wmma::load_matrix_sync(ab[i], f_w + i * 16, m.fld, wmma::mem_row_major);
-    {
-        const float vsum = warp_sum(HALF_OF(lane) == 0 ? vdot : 0.0f);
-        if (lane == 0 && vsum != 0.0f) atomicAdd(dcl + (long)bh * nc + c, vsum);
-    }
-
-    // Targets i >= j, tile by tile from this block's own.
-    float tsum = 0.0f;  // sum_i T_ij over this lane's half of the targets
-    for (int i0 = j0; i0 < q_len; i0 += TC_J) {
-        __syncthreads();  // s_own / the previous tile is consumed
-        const int vi = min(TC_J, q_len - i0);
-        copy_tile(s_ci, m.ldn, cg + (long)i0 * ldbc, ldbc, TC_J, vi, N, tid, blockDim.x);
-        copy_tile(s_gi, m.ldpx, gy + (long)i0 * H * P, (long)H * P, TC_J, vi, P, tid, blockDim.x);
-        if (tid < TC_J) s_cumi[tid] = tid < vi ? cum_c[i0 + tid] : 0.0f;
-        __syncthreads();
-
-        // M^T strip: (B_j . C_i) exp(cum_i - cum_j), causal.
-        Acc sc[TC_J / 16];
-#pragma unroll
-        for (int f = 0; f < TC_J / 16; ++f) wmma::fill_fragment(sc[f], 0.0f);
-        for (int k = 0; k < N; k += 16) {
-            wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa;
-            wmma::load_matrix_sync(fa, b_w + k, m.ldn);
-#pragma unroll
-            for (int f = 0; f < TC_J / 16; ++f) {
-                wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> fb;
-                wmma::load_matrix_sync(fb, s_ci + f * 16 * m.ldn + k, m.ldn);
-                wmma::mma_sync(sc[f], fa, fb, sc[f]);
-            }
-        }
-#pragma unroll
-        for (int f = 0; f < TC_J / 16; ++f)
-            wmma::store_matrix_sync(f_w + f * 16, sc[f], m.fld, wmma::mem_row_major);
-        __syncwarp();
-        const int c0 = HALF_OF(lane) * (TC_J / 2), j = j0 + jrow;
-        const float cj = s_cumj[jrow];
-#pragma unroll
-        for (int k = 0; k < TC_J / 2; ++k) {
-            const int ii = c0 + k, i = i0 + ii;
-            const float e = (j <= i && ii < vi) ? decay_exp_fast(s_cumi[ii] - cj) : 0.0f;
-            p_w[r * m.ldq + ii] = from_f32<T>(f_w[r * m.fld + ii] * e);
-        }
-        __syncwarp();
-        // dXd += M^T g_i.
-#pragma unroll
-        for (int kk = 0; kk < TC_J; kk += 16) {
-            wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa;
-            wmma::load_matrix_sync(fa, p_w + kk, m.ldq);
-#pragma unroll
-            for (int i = 0; i < F; ++i)
-                if (i < fp) {
-                    wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> fb;
-                    wmma::load_matrix_sync(fb, s_gi + kk * m.ldpx + i * 16, m.ldpx);
-                    wmma::mma_sync(ax[i], fa, fb, ax[i]);
-                }
-        }
-
-        // dM^T strip: Xd_j . g_i.
-#pragma unroll
-        for (int f = 0; f < TC_J / 16; ++f) wmma::fill_fragment(sc[f], 0.0f);
-        for (int k = 0; k < P; k += 16) {
-            wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa;
-            wmma::load_matrix_sync(fa, xd_w + k, m.ldpx);
-#pragma unroll
-            for (int f = 0; f < TC_J / 16; ++f) {
-                wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> fb;
-                wmma::load_matrix_sync(fb, s_gi + f * 16 * m.ldpx + k, m.ldpx);
-                wmma::mma_sync(sc[f], fa, fb, sc[f]);
-            }
-        }
-#pragma unroll
-        for (int f = 0; f < TC_J / 16; ++f)
-            wmma::store_matrix_sync(f_w + f * 16, sc[f], m.fld, wmma::mem_row_major);
-        __syncwarp();  // (also: the M^T product above has read p_w)
-        // T_ij from M^T as rounded above; p_w becomes (dM o E)^T in place, element by element.
-#pragma unroll
-        for (int k = 0; k < TC_J / 2; ++k) {
-            const int ii = c0 + k, i = i0 + ii;
-            const float e = (j <= i && ii < vi) ? decay_exp_fast(s_cumi[ii] - cj) : 0.0f;
-            const float d = f_w[r * m.fld + ii];
-            tsum += to_f32(p_w[r * m.ldq + ii]) * d;
-            p_w[r * m.ldq + ii] = from_f32<T>(d * e);
-        }
-        __syncwarp();
-        // dB += (dM o E)^T C_i.
-#pragma unroll
-        for (int kk = 0; kk < TC_J; kk += 16) {
-            wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa;
-            wmma::load_matrix_sync(fa, p_w + kk, m.ldq);
-#pragma unroll
-            for (int i = 0; i < F; ++i)
-                if (i < fn) {
-                    wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> fb;
-                    wmma::load_matrix_sync(fb, s_ci + kk * m.ldn + i * 16, m.ldn);
-                    wmma::mma_sync(ab[i], fa, fb, ab[i]);
-                }
-        }
-        __syncwarp();  // p_w is read before the next tile writes it
-    }
-    tsum += __shfl_xor_sync(0xffffffffu, tsum, 1);
-
-    // dx = dt dXd + D g, ddt part x . dXd, dcum source side.
-    __syncwarp();
-#pragma unroll
-    for (int i = 0; i < F; ++i)
-        if (i < fp) wmma::store_matrix_sync(f_w + i * 16, ax[i], m.fld, wmma::mem_row_major);
-    __syncwarp();
-    const int j = j0 + jrow;
-    const bool jok = jrow < vj;
-    float xdot = 0.0f;
-    if (jok) {
-        const float dtj = s_dtj[jrow], d = D ? D[h] : 0.0f;
-        const int half = P / 2, p0 = HALF_OF(lane) * half;
-        for (int k = 0; k < half; k += 8) {
-            float xv[8], gv[8], o[8];
-            unpack8<T>(*reinterpret_cast<const uint4*>(xh + (long)j * ldx + p0 + k), xv);
-            unpack8<T>(*reinterpret_cast<const uint4*>(gy + (long)j * H * P + p0 + k), gv);
-#pragma unroll
-            for (int q = 0; q < 8; ++q) {
-                const float dxd = f_w[r * m.fld + p0 + k + q];
-                xdot += xv[q] * dxd;
-                o[q] = dtj * dxd + d * gv[q];
-            }
-            *reinterpret_cast<uint4*>(dx + ((long)b * L + t0 + j) * ld_dx + (long)h * P + p0 + k) =
-                pack8<T>(o);
-        }
-    }
-    xdot += __shfl_xor_sync(0xffffffffu, xdot, 1);
-    if (jok && HALF_OF(lane) == 0) {
-        ddt[((long)b * L + t0 + j) * H + h] = xdot;
-        dcum_src[((long)bh * nc + c) * Q + j] = -tsum - vdot;
-    }
-    __syncwarp();
-#pragma unroll
-    for (int i = 0; i < F; ++i)
-        if (i < fn) wmma::store_matrix_sync(f_w + i * 16, ab[i], m.fld, wmma::mem_row_major);
-    __syncwarp();
-    if (jok) {
-        const long row = ((long)b * L + t0 + j);
-        write_row<T>(f_w + r * m.fld, N, lane, db_t ? db_t + row * ld_dbc + (long)g * N : nullptr,
-                     db_f ? db_f + (row * G + g) * N : nullptr);
-    }
-}
-
-// ---------------------------------------------------------------------------------------------
-// 3b. Per (batch, head, chunk, 64 target rows i): dC, the target side of dcum (sum_j T_ij +
-//     U_i), and dD. Grid (nc * row_tiles, B*H), 128 threads.
-template <typename T, int F>
-__device__ __forceinline__ void bwd_dc(
-    const T* __restrict__ x, long ldx, const float* __restrict__ dt, const float* __restrict__ cum,
-    const T* __restrict__ Bm, const T* __restrict__ Cm, long ldbc, const T* __restrict__ dy,
-    const float* __restrict__ states, T* __restrict__ dc_t, float* __restrict__ dc_f, long ld_dbc,
-    float* __restrict__ dcum_dst, float* __restrict__ dd, int L, int H, int G, int P, int N,
-    int Q, int nc, int row_tiles) {
-    extern __shared__ __align__(128) unsigned char smem_raw[];
-    const BwdSmem m = bwd_smem(P, N);
-    float* s_cumj = reinterpret_cast<float*>(smem_raw);
-    float* s_dtj = s_cumj + TC_J;
-    float* s_cumi = s_dtj + TC_J;
-    float* s_f = s_cumi + TC_J;
-    T* s_b = reinterpret_cast<T*>(s_f + TC_ROWS * m.fld);
-    T* s_xd = s_b + TC_J * m.ldn;
-    T* s_s = s_b;  // [P][ldn], S before the loop over sources (fits in s_b + s_xd)
-    T* s_ci = s_xd + TC_J * m.ldpx;
-    T* s_gi = s_ci + TC_J * m.ldn;
-    T* s_p2 = s_gi + TC_J * m.ldpx;
-
-    const int c = blockIdx.x / row_tiles, it = blockIdx.x % row_tiles;
-    const int bh = blockIdx.y, b = bh / H, h = bh % H, g = h / (H / G);
-    const int t0 = c * Q, q_len = min(Q, L - t0), i0 = it * TC_ROWS, tid = threadIdx.x;
-    if (i0 >= q_len) return;  // uniform over the block
-    const int warp = tid / 32, lane = tid % 32, r = ROW_OF(lane), fn = N / 16;
-    const int vi = min(TC_ROWS, q_len - i0);
-    const float* cum_c = cum + ((long)bh * nc + c) * Q;
-    const T* xh = x + ((long)b * L + t0) * ldx + (long)h * P;
-    const T* bg = Bm + ((long)b * L + t0) * ldbc + (long)g * N;
-    const T* cg = Cm + ((long)b * L + t0) * ldbc + (long)g * N;
-    const T* gy = dy + ((long)b * L + t0) * H * P + (long)h * P;
-    const float* dt_h = dt + ((long)b * L + t0) * H + h;
-    float* f_w = s_f + warp * 16 * m.fld;
-    T* p2_w = s_p2 + warp * 16 * m.ldq;
-    const T* c_w = s_ci + warp * 16 * m.ldn;
-    const T* g_w = s_gi + warp * 16 * m.ldpx;
-
-    copy_tile(s_ci, m.ldn, cg + (long)i0 * ldbc, ldbc, TC_ROWS, vi, N, tid, blockDim.x);
-    copy_tile(s_gi, m.ldpx, gy + (long)i0 * H * P, (long)H * P, TC_ROWS, vi, P, tid, blockDim.x);
-    if (tid < TC_ROWS) s_cumi[tid] = tid < vi ? cum_c[i0 + tid] : 0.0f;
-    load_state(s_s, m.ldn, states + ((long)bh * nc + c) * P * N, P, N, tid);
-    __syncthreads();
-
-    // Through the state before the chunk: dC = exp(cum_i) g_i S, U_i = C_i . dC_i.
-    Acc ac[F];
-#pragma unroll
-    for (int i = 0; i < F; ++i) wmma::fill_fragment(ac[i], 0.0f);
-    for (int k = 0; k < P; k += 16) {
-        wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa;
-        wmma::load_matrix_sync(fa, g_w + k, m.ldpx);
-#pragma unroll
-        for (int i = 0; i < F; ++i)
-            if (i < fn) {
-                wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> fb;
-                wmma::load_matrix_sync(fb, s_s + k * m.ldn + i * 16, m.ldn);
-                wmma::mma_sync(ac[i], fa, fb, ac[i]);
-            }
-    }
-    const int irow = warp * 16 + r;
-    const bool iok = irow < vi;
-    const float wi = iok ? decay_exp(s_cumi[irow]) : 0.0f;
-#pragma unroll
-    for (int i = 0; i < F; ++i)
-        if (i < fn) wmma::store_matrix_sync(f_w + i * 16, ac[i], m.fld, wmma::mem_row_major);
-    __syncwarp();
-    float udot = scale_rows_dot(f_w, m.fld, N, wi, c_w, m.ldn, lane);
-    udot += __shfl_xor_sync(0xffffffffu, udot, 1);
-    __syncwarp();
-#pragma unroll
-    for (int i = 0; i < F; ++i)
-        if (i < fn) wmma::load_matrix_sync(ac[i], f_w + i * 16, m.fld, wmma::mem_row_major);
-
-    // dD: sum over this lane's half row of g_i . x_i.
-    {
-        float gx = 0.0f;
-        if (iok) {
-            const int half = P / 2, p0 = HALF_OF(lane) * half;
-            for (int k = 0; k < half; k += 8) {
-                float xv[8], gv[8];
-                unpack8<T>(*reinterpret_cast<const uint4*>(xh + (long)(i0 + irow) * ldx + p0 + k),
-                           xv);
-                unpack8<T>(*reinterpret_cast<const uint4*>(g_w + r * m.ldpx + p0 + k), gv);
-#pragma unroll
-                for (int q = 0; q < 8; ++q) gx += xv[q] * gv[q];
-            }
-        }
-        gx = warp_sum(gx);
-        if (lane == 0 && dd && gx != 0.0f) atomicAdd(dd + h, gx);
-    }
-
-    float tsum = 0.0f;  // sum_j T_ij over this lane's half of the sources
-    const int j_end = min(q_len, i0 + TC_ROWS);
-    for (int j0 = 0; j0 < j_end; j0 += TC_J) {
-        __syncthreads();  // s_s / the previous tile is consumed
-        const int vj = min(TC_J, q_len - j0);
-        copy_tile(s_b, m.ldn, bg + (long)j0 * ldbc, ldbc, TC_J, vj, N, tid, blockDim.x);
-        load_xd(s_xd, m.ldpx, xh, ldx, dt_h, H, j0, vj, P, tid);
-        if (tid < TC_J) s_cumj[tid] = tid < vj ? cum_c[j0 + tid] : 0.0f;
-        __syncthreads();
-
-        // M strip: (C_i . B_j) exp(cum_i - cum_j), causal.
-        Acc sc[TC_J / 16];
-#pragma unroll
-        for (int f = 0; f < TC_J / 16; ++f) wmma::fill_fragment(sc[f], 0.0f);
-        for (int k = 0; k < N; k += 16) {
-            wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa;
-            wmma::load_matrix_sync(fa, c_w + k, m.ldn);
-#pragma unroll
-            for (int f = 0; f < TC_J / 16; ++f) {
-                wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> fb;
-                wmma::load_matrix_sync(fb, s_b + f * 16 * m.ldn + k, m.ldn);
-                wmma::mma_sync(sc[f], fa, fb, sc[f]);
-            }
-        }
-#pragma unroll
-        for (int f = 0; f < TC_J / 16; ++f)
-            wmma::store_matrix_sync(f_w + f * 16, sc[f], m.fld, wmma::mem_row_major);
-        __syncwarp();
-        const int c0 = HALF_OF(lane) * (TC_J / 2), i = i0 + irow;
-        const float ci = s_cumi[irow];
-#pragma unroll
-        for (int k = 0; k < TC_J / 2; ++k) {
-            const int jj = c0 + k, j = j0 + jj;
-            const float e = (j <= i && iok && jj < vj) ? decay_exp_fast(ci - s_cumj[jj]) : 0.0f;
-            p2_w[r * m.ldq + jj] = from_f32<T>(f_w[r * m.fld + jj] * e);  // M, for T_ij below
-        }
-        __syncwarp();
-
-        // dM strip: g_i . Xd_j.
-#pragma unroll
-        for (int f = 0; f < TC_J / 16; ++f) wmma::fill_fragment(sc[f], 0.0f);
-        for (int k = 0; k < P; k += 16) {
-            wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa;
-            wmma::load_matrix_sync(fa, g_w + k, m.ldpx);
-#pragma unroll
-            for (int f = 0; f < TC_J / 16; ++f) {
-                wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> fb;
-                wmma::load_matrix_sync(fb, s_xd + f * 16 * m.ldpx + k, m.ldpx);
-                wmma::mma_sync(sc[f], fa, fb, sc[f]);
-            }
-        }
-#pragma unroll
-        for (int f = 0; f < TC_J / 16; ++f)
-            wmma::store_matrix_sync(f_w + f * 16, sc[f], m.fld, wmma::mem_row_major);
-        __syncwarp();
-#pragma unroll
-        for (int k = 0; k < TC_J / 2; ++k) {
-            const int jj = c0 + k, j = j0 + jj;
-            const float e = (j <= i && iok && jj < vj) ? decay_exp_fast(ci - s_cumj[jj]) : 0.0f;
-            const float d = f_w[r * m.fld + jj];
-            tsum += to_f32(p2_w[r * m.ldq + jj]) * d;
-            p2_w[r * m.ldq + jj] = from_f32<T>(d * e);
-        }
-        __syncwarp();
-
-        // dC += (dM o E) B_j.
-#pragma unroll
-        for (int kk = 0; kk < TC_J; kk += 16) {
-            wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa;
-            wmma::load_matrix_sync(fa, p2_w + kk, m.ldq);
-#pragma unroll
-            for (int q = 0; q < F; ++q)
-                if (q < fn) {
-                    wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> fb;
-                    wmma::load_matrix_sync(fb, s_b + kk * m.ldn + q * 16, m.ldn);
-                    wmma::mma_sync(ac[q], fa, fb, ac[q]);
-                }
-        }
-    }
-    tsum += __shfl_xor_sync(0xffffffffu, tsum, 1);
-
-    __syncwarp();
-#pragma unroll
-    for (int q = 0; q < F; ++q)
-        if (q < fn) wmma::store_matrix_sync(f_w + q * 16, ac[q], m.fld, wmma::mem_row_major);
-    __syncwarp();
-    if (iok) {
-        const long row = (long)b * L + t0 + i0 + irow;
-        write_row<T>(f_w + r * m.fld, N, lane, dc_t ? dc_t + row * ld_dbc + (long)g * N : nullptr,
-                     dc_f ? dc_f + (row * G + g) * N : nullptr);
-        if (HALF_OF(lane) == 0) dcum_dst[((long)bh * nc + c) * Q + i0 + irow] = tsum + udot;
-    }
-}
-
-// ---------------------------------------------------------------------------------------------
-// 3a' and 3b' on raw mma.sync: the same sums as bwd_dx_db and bwd_dc, with every score strip and
-// accumulator in registers (fragment layouts in tc.cuh): scores become A fragments of the next
-// product directly, so nothing goes through f32 shared memory. F8: the most n tiles of 8 an
-// accumulator holds (max(P, N) / 8 rounded up to the set instantiated).
+// 3a and 3b, with every score strip and accumulator in registers (fragment layouts in tc.cuh):
+// scores become A fragments of the next product directly. Grid (nc * row_tiles, B*H), 128
+// threads (warp w owns rows 16w..16w+15). F8: the most n tiles of 8 an accumulator holds
+// (max(P, N) / 8 rounded up to the set instantiated).
 // Loads overlap compute by cp.async. Each loop tile is used by two products at its start and
 // end (C_i in 3a', B_j in 3b'), which is double-buffered and issued a tile ahead, and by two in
 // its middle (g_i in 3a', x_j in 3b'), whose single buffer is refilled over the end of one tile
 // and the start of the next. Commit order: mid_0, ends_0, then per tile ends_{t+1}, mid_{t+1}.
-// Shared memory (mma_bwd_smem in kernels/train.rs): four [64] f32 rows (the fixed side's two,
+// Shared memory (tc_bwd_smem in kernels/train.rs): four [64] f32 rows (the fixed side's two,
 // the loop side's cumsums in two buffers), then 16-bit tiles: the fixed side's two [64][ld],
 // the loop's end tile [2][64][ldn] and middle tile [64][ldpx].
 
@@ -625,13 +125,13 @@ __device__ __forceinline__ void store_frag_rows(const float (&acc)[NT][4], int n
     }
 }
 
-// 3a'. Per (batch, head, chunk, 64 source rows j): dx, dB, ddt's x . dXd part, the source side
+// 3a. Per (batch, head, chunk, 64 source rows j): dx, dB, ddt's x . dXd part, the source side
 //      of dcum; loop over target tiles i >= j (end tile C_i with cum_i, middle tile g_i). x_j is
-//      kept unscaled and dt_j applied in registers, as in 3b': both passes must form T_ij =
+//      kept unscaled and dt_j applied in registers, as in 3b: both passes must form T_ij =
 //      M_ij dM_ij from the same roundings, since dcum takes it once with each sign and dA sums
 //      what is left (for L = 1 exactly zero).
 template <typename T, int F8>
-__device__ __forceinline__ void bwd_dx_db_mma(
+__device__ __forceinline__ void bwd_dx_db(
     const T* __restrict__ x, long ldx, const float* __restrict__ dt, const float* __restrict__ cum,
     const T* __restrict__ Bm, const T* __restrict__ Cm, long ldbc, const T* __restrict__ dy,
     const float* __restrict__ down, const float* __restrict__ D, T* __restrict__ dx, long ld_dx,
@@ -837,11 +337,11 @@ __device__ __forceinline__ void bwd_dx_db_mma(
                            ld_dbc, db_f ? db_f + (row0 * G + g) * N : nullptr, (long)G * N);
 }
 
-// 3b'. Per (batch, head, chunk, 64 target rows i): dC, the target side of dcum, dD; loop over
+// 3b. Per (batch, head, chunk, 64 target rows i): dC, the target side of dcum, dD; loop over
 //      source tiles j <= i (end tile B_j with cum_j and dt_j, middle tile x_j: dM_ij = dt_j
 //      g_i . x_j, the dt_j applied in registers).
 template <typename T, int F8>
-__device__ __forceinline__ void bwd_dc_mma(
+__device__ __forceinline__ void bwd_dc(
     const T* __restrict__ x, long ldx, const float* __restrict__ dt, const float* __restrict__ cum,
     const T* __restrict__ Bm, const T* __restrict__ Cm, long ldbc, const T* __restrict__ dy,
     const float* __restrict__ states, T* __restrict__ dc_t, float* __restrict__ dc_f, long ld_dbc,
@@ -1058,13 +558,13 @@ extern "C" __global__ void mamba2_ssd_bwd_dcum(const float* __restrict__ dcum_sr
     if (lane == 0 && dapart != 0.0f) atomicAdd(da + h, dapart);
 }
 
-#define SSD_BWD_ENTRY(T, S, F)                                                                     \
-    extern "C" __global__ void __launch_bounds__(256) mamba2_ssd_bwd_dstates_##S##_f##F(           \
+#define SSD_BWD_ENTRY(T, S, F8)                                                                \
+    extern "C" __global__ void __launch_bounds__(256) mamba2_ssd_bwd_dstates_##S##_f##F8(          \
         const T* __restrict__ dy, const float* __restrict__ cum, const T* __restrict__ Cm,          \
         long ldbc, float* __restrict__ ds, int L, int H, int G, int P, int N, int Q, int nc) {      \
-        bwd_dstates<T, F, false>(dy, cum, Cm, ldbc, ds, L, H, G, P, N, Q, nc);                      \
+        bwd_dstates<T, F8>(dy, cum, Cm, ldbc, ds, L, H, G, P, N, Q, nc);                            \
     }                                                                                               \
-    extern "C" __global__ void __launch_bounds__(128, 3) mamba2_ssd_bwd_dx_db_##S##_f##F(          \
+    extern "C" __global__ void __launch_bounds__(128, 3) mamba2_ssd_bwd_dx_db_##S##_f##F8(         \
         const T* __restrict__ x, long ldx, const float* __restrict__ dt,                            \
         const float* __restrict__ cum, const T* __restrict__ Bm, const T* __restrict__ Cm,          \
         long ldbc, const T* __restrict__ dy, const float* __restrict__ down,                        \
@@ -1072,57 +572,24 @@ extern "C" __global__ void mamba2_ssd_bwd_dcum(const float* __restrict__ dcum_sr
         float* __restrict__ db_f, long ld_dbc, float* __restrict__ ddt,                             \
         float* __restrict__ dcum_src, float* __restrict__ dcl, int L, int H, int G, int P, int N,   \
         int Q, int nc, int row_tiles) {                                                             \
-        bwd_dx_db<T, F>(x, ldx, dt, cum, Bm, Cm, ldbc, dy, down, D, dx, ld_dx, db_t, db_f, ld_dbc,  \
-                        ddt, dcum_src, dcl, L, H, G, P, N, Q, nc, row_tiles);                       \
-    }                                                                                               \
-    extern "C" __global__ void __launch_bounds__(128, 3) mamba2_ssd_bwd_dc_##S##_f##F(             \
-        const T* __restrict__ x, long ldx, const float* __restrict__ dt,                            \
-        const float* __restrict__ cum, const T* __restrict__ Bm, const T* __restrict__ Cm,          \
-        long ldbc, const T* __restrict__ dy, const float* __restrict__ states,                      \
-        T* __restrict__ dc_t, float* __restrict__ dc_f, long ld_dbc, float* __restrict__ dcum_dst,  \
-        float* __restrict__ dd, int L, int H, int G, int P, int N, int Q, int nc, int row_tiles) {  \
-        bwd_dc<T, F>(x, ldx, dt, cum, Bm, Cm, ldbc, dy, states, dc_t, dc_f, ld_dbc, dcum_dst, dd,   \
-                     L, H, G, P, N, Q, nc, row_tiles);                                              \
-    }
-// F: the most accumulator fragments a warp holds (max(P, N) / 16 in 3a / 3b, P N / 256 / 8 in
-// pass 1), in {2, 4, 5, 8}; the Rust side picks the smallest that fits.
-#define SSD_BWD_ENTRIES(T, S) \
-    SSD_BWD_ENTRY(T, S, 2) SSD_BWD_ENTRY(T, S, 4) SSD_BWD_ENTRY(T, S, 5) SSD_BWD_ENTRY(T, S, 8)
-SSD_BWD_ENTRIES(__half, f16)
-SSD_BWD_ENTRIES(__nv_bfloat16, bf16)
-
-#define SSD_BWD_MMA_ENTRY(T, S, F8)                                                                \
-    extern "C" __global__ void __launch_bounds__(256) mamba2_ssd_bwd_mma_dstates_##S##_f##F8(      \
-        const T* __restrict__ dy, const float* __restrict__ cum, const T* __restrict__ Cm,          \
-        long ldbc, float* __restrict__ ds, int L, int H, int G, int P, int N, int Q, int nc) {      \
-        bwd_dstates<T, F8, true>(dy, cum, Cm, ldbc, ds, L, H, G, P, N, Q, nc);                      \
-    }                                                                                               \
-    extern "C" __global__ void __launch_bounds__(128, 3) mamba2_ssd_bwd_mma_dx_db_##S##_f##F8(     \
-        const T* __restrict__ x, long ldx, const float* __restrict__ dt,                            \
-        const float* __restrict__ cum, const T* __restrict__ Bm, const T* __restrict__ Cm,          \
-        long ldbc, const T* __restrict__ dy, const float* __restrict__ down,                        \
-        const float* __restrict__ D, T* __restrict__ dx, long ld_dx, T* __restrict__ db_t,          \
-        float* __restrict__ db_f, long ld_dbc, float* __restrict__ ddt,                             \
-        float* __restrict__ dcum_src, float* __restrict__ dcl, int L, int H, int G, int P, int N,   \
-        int Q, int nc, int row_tiles) {                                                             \
-        bwd_dx_db_mma<T, F8>(x, ldx, dt, cum, Bm, Cm, ldbc, dy, down, D, dx, ld_dx, db_t, db_f,     \
+        bwd_dx_db<T, F8>(x, ldx, dt, cum, Bm, Cm, ldbc, dy, down, D, dx, ld_dx, db_t, db_f,     \
                              ld_dbc, ddt, dcum_src, dcl, L, H, G, P, N, Q, nc, row_tiles);          \
     }                                                                                               \
-    extern "C" __global__ void __launch_bounds__(128, 3) mamba2_ssd_bwd_mma_dc_##S##_f##F8(        \
+    extern "C" __global__ void __launch_bounds__(128, 3) mamba2_ssd_bwd_dc_##S##_f##F8(            \
         const T* __restrict__ x, long ldx, const float* __restrict__ dt,                            \
         const float* __restrict__ cum, const T* __restrict__ Bm, const T* __restrict__ Cm,          \
         long ldbc, const T* __restrict__ dy, const float* __restrict__ states,                      \
         T* __restrict__ dc_t, float* __restrict__ dc_f, long ld_dbc, float* __restrict__ dcum_dst,  \
         float* __restrict__ dd, int L, int H, int G, int P, int N, int Q, int nc, int row_tiles) {  \
-        bwd_dc_mma<T, F8>(x, ldx, dt, cum, Bm, Cm, ldbc, dy, states, dc_t, dc_f, ld_dbc, dcum_dst,  \
+        bwd_dc<T, F8>(x, ldx, dt, cum, Bm, Cm, ldbc, dy, states, dc_t, dc_f, ld_dbc, dcum_dst,  \
                           dd, L, H, G, P, N, Q, nc, row_tiles);                                     \
     }
 // F8 = max(P, N) / 8 rounded up to {4, 8, 10, 16} (the Rust side picks the smallest that fits).
-#define SSD_BWD_MMA_ENTRIES(T, S)                                                                  \
-    SSD_BWD_MMA_ENTRY(T, S, 4) SSD_BWD_MMA_ENTRY(T, S, 8) SSD_BWD_MMA_ENTRY(T, S, 10)             \
-    SSD_BWD_MMA_ENTRY(T, S, 16)
-SSD_BWD_MMA_ENTRIES(__half, f16)
-SSD_BWD_MMA_ENTRIES(__nv_bfloat16, bf16)
+#define SSD_BWD_ENTRIES(T, S)                                                                  \
+    SSD_BWD_ENTRY(T, S, 4) SSD_BWD_ENTRY(T, S, 8) SSD_BWD_ENTRY(T, S, 10)             \
+    SSD_BWD_ENTRY(T, S, 16)
+SSD_BWD_ENTRIES(__half, f16)
+SSD_BWD_ENTRIES(__nv_bfloat16, bf16)
 
 // The gate's backward, y = ypre * silu(z): dypre = dy silu(z), dz = dy ypre silu'(z); 8
 // elements a thread (n % 8 == 0).

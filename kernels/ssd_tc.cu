@@ -1,9 +1,10 @@
 // Tensor-core versions of the two heavy passes of the SSD scan (ssd.cu has the algebra and the
-// layouts): chunk_state and chunk_scan as WMMA 16x16x16 matrix products with f16/bf16 operands
-// and f32 accumulators. The cumsum, the state passing and every state stay f32, as in ssd.cu.
+// layouts): chunk_state and chunk_scan as warp-level mma.sync m16n8k16 products with f16/bf16
+// operands and f32 accumulators (fragment layouts and the warp products in tc.cuh). The cumsum,
+// the state passing and every state stay f32, as in ssd.cu.
 //
 // Why a second file rather than replacing the SIMT passes: tensor cores take f16/bf16 operands
-// only (tf32 would break the f32 path's 1e-4 parity), and WMMA wants head_dim and d_state in
+// only (tf32 would break the f32 path's 1e-4 parity), and the tiles want head_dim and d_state in
 // multiples of 16. f32 inputs and odd shapes keep the SIMT kernels; the Rust side picks
 // (`ssd_tc_supported` in src/model/mamba2/kernels/mod.rs).
 //
@@ -18,9 +19,9 @@
 
 // ---------------------------------------------------------------------------------------------
 // 1. chunk cumsum + per-chunk states: states[c] = sum_j w_j x_j B_j^T, w_j = dt_j
-//    exp(cum_last - cum_j). Grid (nc, B*H), 256 threads. Dynamic shared memory:
-//    tc_chunk_state_smem in kernels/mod.rs. x rows (per time step) are ldx elements apart, B rows
-//    ldbc (x, B, C may be column blocks of one packed xBC tensor).
+//    exp(cum_last - cum_j). Grid (nc, B*H), P / 16 warps (weighted_outer in tc.cuh); NT >= N / 8.
+//    Dynamic shared memory: tc_chunk_state_smem in kernels/mod.rs. x rows (per time step) are
+//    ldx elements apart, B rows ldbc (x, B, C may be column blocks of one packed xBC tensor).
 // The chunk's cumsum of dt A (to cum_out and s_cum) and the state weights s_w[j] = dt_j
 // exp(cum_last - cum_j), both [Q] f32 in shared memory; ends synchronised.
 __device__ __forceinline__ void chunk_cumsum_weights(const float* __restrict__ dt, float a,
@@ -56,9 +57,7 @@ __device__ __forceinline__ void chunk_cumsum_weights(const float* __restrict__ d
     __syncthreads();
 }
 
-// MMA: the product on raw mma.sync (weighted_outer_mma: P / 16 warps, F = n tiles of 8 a warp
-// holds) instead of WMMA (weighted_outer_tc: 256 threads, F fragments a warp).
-template <typename T, int F, bool MMA>
+template <typename T, int NT>
 __device__ __forceinline__ void chunk_state_tc(const T* __restrict__ x, long ldx,
                                                const float* __restrict__ dt,
                                                const float* __restrict__ A,
@@ -77,7 +76,7 @@ __device__ __forceinline__ void chunk_state_tc(const T* __restrict__ x, long ldx
 
     chunk_cumsum_weights(dt, A[h], cum_out + ((long)bh * nc + c) * Q, s_cum, s_w,
                          ((long)b * L + t0) * H + h, H, q_len);
-    weighted_outer<T, F, MMA>(x + ((long)b * L + t0) * ldx + (long)h * P, ldx, s_w,
+    weighted_outer<T, NT>(x + ((long)b * L + t0) * ldx + (long)h * P, ldx, s_w,
                               Bm + ((long)b * L + t0) * ldbc + (long)g * N, ldbc, q_len, P, N,
                               s_x, s_b, states + ((long)bh * nc + c) * P * N);
 }
@@ -86,222 +85,18 @@ __device__ __forceinline__ void chunk_state_tc(const T* __restrict__ x, long ldx
 // 3. chunk scan: per (batch, head, chunk, 64 rows), warp w owning rows 16w..16w+15:
 //      Y = diag(exp(cum_i)) C S_start^T + (mask o exp(cum_i - cum_j) o dt_j o C B^T) X,
 //    then D skip and gate in f32 (the pre-gate output also to `ypre` when given: the backward
-//    of the gate needs it). Grid (nc * row_tiles, B*H), 128 threads. Dynamic shared
-//    memory: tc_chunk_scan_smem in kernels/mod.rs.
-template <typename T, int F>
-__device__ __forceinline__ void chunk_scan_tc(const T* __restrict__ x, long ldx,
-                                              const float* __restrict__ dt,
-                                              const float* __restrict__ cum,
-                                              const T* __restrict__ Bm, const T* __restrict__ Cm,
-                                              long ldbc,
-                                              const float* __restrict__ starts,
-                                              const float* __restrict__ D,
-                                              const T* __restrict__ z, T* __restrict__ y,
-                                              T* __restrict__ ypre, int L,
-                                              int H, int G, int P, int N, int Q, int nc,
-                                              int row_tiles) {
-    extern __shared__ __align__(128) unsigned char smem_raw[];
-    // Shared memory is what bounds the blocks an SM runs (4 at P = N = 80, under 56 KiB): the
-    // score strips are f32 only TC_J wide and turn to T in place; the P-wide f32 staging of the
-    // accumulators (state term, epilogue) reuses the region of s_k and s_x when they are free.
-    const int ldc = N + TC_PAD, ldxs = P + TC_PAD, fs = TC_J + 4, fld = P + 4;
-    const int ldp = 2 * fs;  // T elements per row of a score strip converted in place
-    float* s_cumr = reinterpret_cast<float*>(smem_raw);  // [64]
-    float* s_cumj = s_cumr + TC_ROWS;                     // [64]
-    float* s_dtj = s_cumj + TC_J;                         // [64]
-    float* s_f = s_dtj + TC_J;                            // [64][fs]: per-warp score strips
-    T* s_c = reinterpret_cast<T*>(s_f + TC_ROWS * fs);    // [64][ldc]: C rows of this block
-    T* s_k = s_c + TC_ROWS * ldc;  // [max(P, 64)][ldc]: S_start (then B tiles), read col major
-    T* s_x = s_k + max(P, TC_J) * ldc;  // [64][ldxs]: x tile
-    float* s_stage = reinterpret_cast<float*>(s_k);  // [64][fld] over s_k, s_x (and beyond)
-
-    const int c = blockIdx.x / row_tiles, rt = blockIdx.x % row_tiles;
-    const int bh = blockIdx.y, b = bh / H, h = bh % H, g = h / (H / G);
-    const int t0 = c * Q, q_len = min(Q, L - t0), i0 = rt * TC_ROWS, tid = threadIdx.x;
-    if (i0 >= q_len) return;  // uniform over the block
-    const int warp = tid / 32, lane = tid % 32, fp = P / 16;
-    const float* cum_c = cum + ((long)bh * nc + c) * Q;
-    float* f_w = s_f + warp * 16 * fs;
-    T* p_w = reinterpret_cast<T*>(f_w);
-    float* st_w = s_stage + warp * 16 * fld;
-    const T* c_w = s_c + warp * 16 * ldc;
-
-    const T* cg = Cm + ((long)b * L + t0) * ldbc + (long)g * N;
-    const T* bg = Bm + ((long)b * L + t0) * ldbc + (long)g * N;
-    const T* xh = x + ((long)b * L + t0) * ldx + (long)h * P;
-    copy_tile(s_c, ldc, cg + (long)i0 * ldbc, ldbc, TC_ROWS, q_len - i0, N, tid, blockDim.x);
-    if (tid < TC_ROWS) s_cumr[tid] = i0 + tid < q_len ? cum_c[i0 + tid] : 0.0f;
-    const float* S = starts + ((long)bh * nc + c) * P * N;
-    for (int e = tid; e < P * N / 4; e += blockDim.x) {  // N % 16 == 0: rows hold whole float4s
-        const float4 v = reinterpret_cast<const float4*>(S)[e];
-        T* dst = s_k + ((4 * e) / N) * ldc + (4 * e) % N;
-        dst[0] = from_f32<T>(v.x);
-        dst[1] = from_f32<T>(v.y);
-        dst[2] = from_f32<T>(v.z);
-        dst[3] = from_f32<T>(v.w);
-    }
-    __syncthreads();
-
-    // From the state before the chunk: C S^T, then each row scaled by exp(cum_i) in f32.
-    Acc acc[F];
-#pragma unroll
-    for (int i = 0; i < F; ++i) wmma::fill_fragment(acc[i], 0.0f);
-    for (int k = 0; k < N; k += 16) {
-        wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa;
-        wmma::load_matrix_sync(fa, c_w + k, ldc);
-#pragma unroll
-        for (int i = 0; i < F; ++i) {
-            if (i < fp) {
-                wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> fb;
-                wmma::load_matrix_sync(fb, s_k + i * 16 * ldc + k, ldc);
-                wmma::mma_sync(acc[i], fa, fb, acc[i]);
-            }
-        }
-    }
-    __syncthreads();  // every warp is done with S in s_k: the staging region is free
-#pragma unroll
-    for (int i = 0; i < F; ++i)
-        if (i < fp) wmma::store_matrix_sync(st_w + i * 16, acc[i], fld, wmma::mem_row_major);
-    __syncwarp();
-    for (int e = lane; e < 16 * P; e += 32) {
-        const int r = e / P, p = e % P;
-        st_w[r * fld + p] *= decay_exp(s_cumr[warp * 16 + r]);
-    }
-    __syncwarp();
-#pragma unroll
-    for (int i = 0; i < F; ++i)
-        if (i < fp) wmma::load_matrix_sync(acc[i], st_w + i * 16, fld, wmma::mem_row_major);
-
-    // Inside the chunk, causal: source tiles up to this block's last row.
-    const int j_end = min(q_len, i0 + TC_ROWS);
-    for (int j0 = 0; j0 < j_end; j0 += TC_J) {
-        __syncthreads();  // s_k / s_x of the previous tile are consumed
-        const int valid = min(TC_J, q_len - j0);
-        copy_tile(s_k, ldc, bg + (long)j0 * ldbc, ldbc, TC_J, valid, N, tid, blockDim.x);
-        copy_tile(s_x, ldxs, xh + (long)j0 * ldx, ldx, TC_J, valid, P, tid, blockDim.x);
-        if (tid < TC_J) {
-            const bool ok = tid < valid;
-            s_cumj[tid] = ok ? cum_c[j0 + tid] : 0.0f;
-            s_dtj[tid] = ok ? dt[((long)b * L + t0 + j0 + tid) * H + h] : 0.0f;
-        }
-        __syncthreads();
-
-        // Scores of this warp's 16 rows against the tile's 64 sources: C B^T.
-        Acc sc[TC_J / 16];
-#pragma unroll
-        for (int jf = 0; jf < TC_J / 16; ++jf) wmma::fill_fragment(sc[jf], 0.0f);
-        for (int k = 0; k < N; k += 16) {
-            wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa;
-            wmma::load_matrix_sync(fa, c_w + k, ldc);
-#pragma unroll
-            for (int jf = 0; jf < TC_J / 16; ++jf) {
-                wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> fb;
-                wmma::load_matrix_sync(fb, s_k + jf * 16 * ldc + k, ldc);
-                wmma::mma_sync(sc[jf], fa, fb, sc[jf]);
-            }
-        }
-#pragma unroll
-        for (int jf = 0; jf < TC_J / 16; ++jf)
-            wmma::store_matrix_sync(f_w + jf * 16, sc[jf], fs, wmma::mem_row_major);
-        __syncwarp();
-        // Causal mask, decay and dt in f32, rounded to T once, in place: lane l holds row l / 2,
-        // half l % 2 of it, and writes its T values only after the whole warp has read.
-        {
-            const int r = lane >> 1, c0 = (lane & 1) * (TC_J / 2), i = i0 + warp * 16 + r;
-            const float cr = s_cumr[warp * 16 + r];
-            float v[TC_J / 2];
-#pragma unroll
-            for (int k = 0; k < TC_J / 2; ++k) {
-                const int jj = c0 + k, j = j0 + jj;
-                v[k] = (j <= i && i < q_len && jj < valid)
-                           ? f_w[r * fs + jj] * decay_exp_fast(cr - s_cumj[jj]) * s_dtj[jj]
-                           : 0.0f;
-            }
-            __syncwarp();
-#pragma unroll
-            for (int k = 0; k < TC_J / 2; ++k) p_w[r * ldp + c0 + k] = from_f32<T>(v[k]);
-        }
-        __syncwarp();
-#pragma unroll
-        for (int kk = 0; kk < TC_J; kk += 16) {
-            wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa;
-            wmma::load_matrix_sync(fa, p_w + kk, ldp);
-#pragma unroll
-            for (int i = 0; i < F; ++i) {
-                if (i < fp) {
-                    wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> fb;
-                    wmma::load_matrix_sync(fb, s_x + kk * ldxs + i * 16, ldxs);
-                    wmma::mma_sync(acc[i], fa, fb, acc[i]);
-                }
-            }
-        }
-    }
-
-    // D skip and gate in f32, then one rounding to T.
-    __syncthreads();  // every warp is done with the last tile: the staging region is free
-#pragma unroll
-    for (int i = 0; i < F; ++i)
-        if (i < fp) wmma::store_matrix_sync(st_w + i * 16, acc[i], fld, wmma::mem_row_major);
-    __syncwarp();
-    const float d = D ? D[h] : 0.0f;
-    const int pv = P / 8;
-    for (int e = lane; e < 16 * pv; e += 32) {  // 8 outputs a lane: 16-byte loads and stores
-        const int r = e / pv, p = (e % pv) * 8, i = i0 + warp * 16 + r;
-        if (i < q_len) {
-            const long at = ((long)b * L + t0 + i) * H * P + (long)h * P + p;  // y, z: [B, L, H, P]
-            float xv[8], zv[8], o[8];
-            unpack8<T>(*reinterpret_cast<const uint4*>(xh + (long)i * ldx + p), xv);
-            if (z) unpack8<T>(*reinterpret_cast<const uint4*>(z + at), zv);
-#pragma unroll
-            for (int k = 0; k < 8; ++k) o[k] = st_w[r * fld + p + k] + d * xv[k];
-            if (ypre) *reinterpret_cast<uint4*>(ypre + at) = pack8<T>(o);  // for the backward
-            if (z) {
-#pragma unroll
-                for (int k = 0; k < 8; ++k) o[k] *= silu_f32(zv[k]);
-            }
-            *reinterpret_cast<uint4*>(y + at) = pack8<T>(o);
-        }
-    }
-}
-
-#define SSD_TC_ENTRY(T, S, F)                                                                      \
-    extern "C" __global__ void __launch_bounds__(256) mamba2_ssd_tc_chunk_state_##S##_f##F(        \
-        const T* __restrict__ x, long ldx, const float* __restrict__ dt,                            \
-        const float* __restrict__ A, const T* __restrict__ Bm, long ldbc,                           \
-        float* __restrict__ cum_out, float* __restrict__ states, int L, int H, int G, int P, int N, \
-        int Q, int nc) {                                                                            \
-        chunk_state_tc<T, F, false>(x, ldx, dt, A, Bm, ldbc, cum_out, states, L, H, G, P, N, Q, nc);\
-    }                                                                                               \
-    extern "C" __global__ void __launch_bounds__(128, 4) mamba2_ssd_tc_chunk_scan_##S##_f##F(      \
-        const T* __restrict__ x, long ldx, const float* __restrict__ dt,                            \
-        const float* __restrict__ cum, const T* __restrict__ Bm, const T* __restrict__ Cm,          \
-        long ldbc, const float* __restrict__ starts, const float* __restrict__ D,                   \
-        const T* __restrict__ z, T* __restrict__ y, T* __restrict__ ypre, int L, int H, int G,      \
-        int P, int N, int Q, int nc, int row_tiles) {                                               \
-        chunk_scan_tc<T, F>(x, ldx, dt, cum, Bm, Cm, ldbc, starts, D, z, y, ypre, L, H, G, P, N, Q, \
-                            nc, row_tiles);                                                         \
-    }
-// F (fragments a warp holds, see tc.cuh) in {2, 4, 5, 8}; the Rust side picks the smallest that
-// fits (`tc_frags`).
-#define SSD_TC_ENTRIES(T, S) \
-    SSD_TC_ENTRY(T, S, 2) SSD_TC_ENTRY(T, S, 4) SSD_TC_ENTRY(T, S, 5) SSD_TC_ENTRY(T, S, 8)
-SSD_TC_ENTRIES(__half, f16)
-SSD_TC_ENTRIES(__nv_bfloat16, bf16)
-
-// ---------------------------------------------------------------------------------------------
-// 3'. chunk scan with raw mma.sync: the same products as chunk_scan_tc, but scores and outputs
-//     stay in registers (fragment layouts in tc.cuh), so no f32 strip goes through shared
-//     memory: C S^T scaled by exp(cum_i), scores masked / decayed / dt-scaled in registers and
-//     fed as A fragments to the product with x. NP = P / 8 output tiles a warp holds (even:
-//     P % 16 == 0). 128 threads, warp w owns rows 16w..16w+15 of a 64-row block.
+//    of the gate needs it). Grid (nc * row_tiles, B*H), 128 threads. Scores and outputs stay in
+//    registers: C S^T scaled by exp(cum_i), scores masked / decayed / dt-scaled in registers and
+//    fed as A fragments to the product with x. NP = P / 8 output tiles a warp holds (even:
+//    P % 16 == 0).
 //     Loads overlap compute by cp.async, staggered over the two products: B_{t+1} (with its
 //     cumsums and dt) lands while the scores of tile t meet x_t, and x_{t+1} while the scores of
 //     tile t+1 are formed, so one buffer each suffices. z (for the gate) comes in with C at the
 //     start; x of the block's own rows is the last tile's (the diagonal one), for the D skip.
-//     Shared memory (mma_chunk_scan_smem in kernels/mod.rs): s_cumr [64], s_cumj, s_dtj [2][64]
+//     Shared memory (tc_chunk_scan_smem in kernels/mod.rs): s_cumr [64], s_cumj, s_dtj [2][64]
 //     f32; s_c [64][ldc]; s_k [max(P, 64)][ldc] (S, then B tiles); s_x, s_z [64][ldxs].
 template <typename T, int NP>
-__device__ __forceinline__ void chunk_scan_mma(const T* __restrict__ x, long ldx,
+__device__ __forceinline__ void chunk_scan_tc(const T* __restrict__ x, long ldx,
                                                const float* __restrict__ dt,
                                                const float* __restrict__ cum,
                                                const T* __restrict__ Bm, const T* __restrict__ Cm,
@@ -452,33 +247,35 @@ __device__ __forceinline__ void chunk_scan_mma(const T* __restrict__ x, long ldx
     }
 }
 
-#define SSD_MMA_STATE_ENTRY(T, S, NT)                                                              \
-    extern "C" __global__ void __launch_bounds__(256) mamba2_ssd_mma_chunk_state_##S##_f##NT(      \
+#define SSD_TC_STATE_ENTRY(T, S, NT)                                                               \
+    extern "C" __global__ void __launch_bounds__(256) mamba2_ssd_tc_chunk_state_##S##_f##NT(       \
         const T* __restrict__ x, long ldx, const float* __restrict__ dt,                            \
         const float* __restrict__ A, const T* __restrict__ Bm, long ldbc,                           \
         float* __restrict__ cum_out, float* __restrict__ states, int L, int H, int G, int P, int N, \
         int Q, int nc) {                                                                            \
-        chunk_state_tc<T, NT, true>(x, ldx, dt, A, Bm, ldbc, cum_out, states, L, H, G, P, N, Q, nc);\
+        chunk_state_tc<T, NT>(x, ldx, dt, A, Bm, ldbc, cum_out, states, L, H, G, P, N, Q, nc);      \
     }
-// NT = N / 8 rounded up to {4, 8, 10, 16} (the Rust side picks the smallest that fits).
-SSD_MMA_STATE_ENTRY(__half, f16, 4) SSD_MMA_STATE_ENTRY(__half, f16, 8)
-SSD_MMA_STATE_ENTRY(__half, f16, 10) SSD_MMA_STATE_ENTRY(__half, f16, 16)
-SSD_MMA_STATE_ENTRY(__nv_bfloat16, bf16, 4) SSD_MMA_STATE_ENTRY(__nv_bfloat16, bf16, 8)
-SSD_MMA_STATE_ENTRY(__nv_bfloat16, bf16, 10) SSD_MMA_STATE_ENTRY(__nv_bfloat16, bf16, 16)
+// NT = N / 8 rounded up to {4, 8, 10, 16} (the Rust side picks the smallest that fits, `tc_tiles`).
+#define SSD_TC_STATE_ENTRIES(T, S)                                                                 \
+    SSD_TC_STATE_ENTRY(T, S, 4) SSD_TC_STATE_ENTRY(T, S, 8) SSD_TC_STATE_ENTRY(T, S, 10)          \
+    SSD_TC_STATE_ENTRY(T, S, 16)
+SSD_TC_STATE_ENTRIES(__half, f16)
+SSD_TC_STATE_ENTRIES(__nv_bfloat16, bf16)
 
-#define SSD_MMA_ENTRY(T, S, NP)                                                                    \
-    extern "C" __global__ void __launch_bounds__(128, 4) mamba2_ssd_mma_chunk_scan_##S##_p##NP(    \
+#define SSD_TC_SCAN_ENTRY(T, S, NP)                                                                \
+    extern "C" __global__ void __launch_bounds__(128, 4) mamba2_ssd_tc_chunk_scan_##S##_p##NP(     \
         const T* __restrict__ x, long ldx, const float* __restrict__ dt,                            \
         const float* __restrict__ cum, const T* __restrict__ Bm, const T* __restrict__ Cm,          \
         long ldbc, const float* __restrict__ starts, const float* __restrict__ D,                   \
         const T* __restrict__ z, T* __restrict__ y, T* __restrict__ ypre, int L, int H, int G,      \
         int P, int N, int Q, int nc, int row_tiles) {                                               \
-        chunk_scan_mma<T, NP>(x, ldx, dt, cum, Bm, Cm, ldbc, starts, D, z, y, ypre, L, H, G, P, N,  \
-                              Q, nc, row_tiles);                                                    \
+        chunk_scan_tc<T, NP>(x, ldx, dt, cum, Bm, Cm, ldbc, starts, D, z, y, ypre, L, H, G, P, N,   \
+                             Q, nc, row_tiles);                                                     \
     }
 // NP = P / 8 for P = 16, 32, ..., 128.
-#define SSD_MMA_ENTRIES(T, S)                                                                      \
-    SSD_MMA_ENTRY(T, S, 2) SSD_MMA_ENTRY(T, S, 4) SSD_MMA_ENTRY(T, S, 6) SSD_MMA_ENTRY(T, S, 8)    \
-    SSD_MMA_ENTRY(T, S, 10) SSD_MMA_ENTRY(T, S, 12) SSD_MMA_ENTRY(T, S, 14) SSD_MMA_ENTRY(T, S, 16)
-SSD_MMA_ENTRIES(__half, f16)
-SSD_MMA_ENTRIES(__nv_bfloat16, bf16)
+#define SSD_TC_SCAN_ENTRIES(T, S)                                                                  \
+    SSD_TC_SCAN_ENTRY(T, S, 2) SSD_TC_SCAN_ENTRY(T, S, 4) SSD_TC_SCAN_ENTRY(T, S, 6)              \
+    SSD_TC_SCAN_ENTRY(T, S, 8) SSD_TC_SCAN_ENTRY(T, S, 10) SSD_TC_SCAN_ENTRY(T, S, 12)            \
+    SSD_TC_SCAN_ENTRY(T, S, 14) SSD_TC_SCAN_ENTRY(T, S, 16)
+SSD_TC_SCAN_ENTRIES(__half, f16)
+SSD_TC_SCAN_ENTRIES(__nv_bfloat16, bf16)

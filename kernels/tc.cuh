@@ -1,25 +1,21 @@
-// Shared pieces of the tensor-core SSD kernels (ssd_tc.cu forward, ssd_bwd.cu backward): WMMA
-// 16x16x16 tiles with f16/bf16 operands and f32 accumulators, 16-byte tile copies to shared
-// memory, and the weighted outer-product sum both chunk_state and the backward's dstates are.
+// Shared pieces of the tensor-core SSD kernels (ssd_tc.cu forward, ssd_bwd.cu backward): raw
+// mma.sync m16n8k16 warp products with f16/bf16 operands and f32 accumulators (the PTX ISA's
+// documented fragment layouts, so a product's result feeds the next one from registers),
+// ldmatrix loads, cp.async tile copies, and the weighted outer-product sum both chunk_state and
+// the backward's dS are.
 #pragma once
-#include <mma.h>
-
 #include "common.cuh"
-
-using namespace nvcuda;
 
 #define TC_J 64       // time steps per shared-memory tile (the K of both products)
 #define TC_ROWS 64    // output rows per chunk-scan block: 4 warps x 16
-// The most accumulator fragments one warp holds is a template parameter F of each kernel (P / 16
-// in chunk scan, P N / 256 / 8 in chunk state, at most 8): a compile-time bound keeps the
-// register count, and so the occupancy, what the shape needs.
-#define TC_PAD 8      // row padding of every 16-bit tile (keeps WMMA loads off one bank)
+// The n tiles of 8 columns one warp's accumulator holds are a template parameter of each kernel
+// (NP = P / 8, NT or F8 >= N / 8 or max(P, N) / 8): a compile-time bound keeps the register
+// count, and so the occupancy, what the shape needs.
+#define TC_PAD 8      // row padding of every 16-bit tile (16 bytes: keeps ldmatrix rows off one bank)
 
 // exp(min(v, 0)) by the fast hardware exponential: for the decays inside a tile, whose products
 // are rounded to 16 bits right after (its ~2 ulp error is far below that rounding).
 __device__ __forceinline__ float decay_exp_fast(float v) { return __expf(fminf(v, 0.0f)); }
-
-typedef wmma::fragment<wmma::accumulator, 16, 16, 16, float> Acc;
 
 // Eight 16-bit values as one 16-byte word, to f32 and back.
 template <typename T>
@@ -62,67 +58,6 @@ __device__ __forceinline__ void load_state(T* s, int ldn, const float* src, int 
         dst[1] = from_f32<T>(v.y);
         dst[2] = from_f32<T>(v.z);
         dst[3] = from_f32<T>(v.w);
-    }
-}
-
-// out[P][N] (global, f32, row stride N) = sum_{j < q_len} w_j u_j v_j^T, with u rows (P elements,
-// row stride ldu) and v rows (N elements, row stride ldv) in global memory and the weights w in
-// shared memory. 256 threads (8 warps deal the P/16 x N/16 output fragments round robin, at
-// most F each);
-// s_u [TC_J][P + TC_PAD] and s_v [TC_J][N + TC_PAD] are shared scratch. u_j w_j is rounded to T
-// before the product.
-template <typename T, int F>
-__device__ __forceinline__ void weighted_outer_tc(const T* __restrict__ u, long ldu,
-                                                  const float* __restrict__ s_w,
-                                                  const T* __restrict__ v, long ldv, int q_len,
-                                                  int P, int N, T* s_u, T* s_v,
-                                                  float* __restrict__ out) {
-    const int tid = threadIdx.x, warp = tid / 32, nwarps = blockDim.x / 32;
-    const int ldu_s = P + TC_PAD, ldv_s = N + TC_PAD;
-    const int fn = N / 16, nfrag = (P / 16) * fn;
-    Acc acc[F];
-#pragma unroll
-    for (int i = 0; i < F; ++i) wmma::fill_fragment(acc[i], 0.0f);
-    for (int j0 = 0; j0 < q_len; j0 += TC_J) {
-        __syncthreads();  // the previous tile is consumed
-        const int pv = P / 8;
-        for (int e = tid; e < TC_J * pv; e += blockDim.x) {
-            const int jj = e / pv, p = (e % pv) * 8, j = j0 + jj;
-            float f[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-            if (j < q_len) {
-                unpack8<T>(*reinterpret_cast<const uint4*>(u + (long)j * ldu + p), f);
-                const float w = s_w[j];
-#pragma unroll
-                for (int k = 0; k < 8; ++k) f[k] *= w;
-            }
-            *reinterpret_cast<uint4*>(s_u + jj * ldu_s + p) = pack8<T>(f);
-        }
-        copy_tile(s_v, ldv_s, v + (long)j0 * ldv, ldv, TC_J, min(TC_J, q_len - j0), N, tid,
-                  blockDim.x);
-        __syncthreads();
-#pragma unroll
-        for (int i = 0; i < F; ++i) {
-            const int f = warp + nwarps * i;
-            if (f < nfrag) {
-                const int pf = f / fn, nf = f % fn;
-#pragma unroll
-                for (int k = 0; k < TC_J; k += 16) {
-                    wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::col_major> fa;
-                    wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> fb;
-                    wmma::load_matrix_sync(fa, s_u + k * ldu_s + pf * 16, ldu_s);
-                    wmma::load_matrix_sync(fb, s_v + k * ldv_s + nf * 16, ldv_s);
-                    wmma::mma_sync(acc[i], fa, fb, acc[i]);
-                }
-            }
-        }
-    }
-#pragma unroll
-    for (int i = 0; i < F; ++i) {
-        const int f = warp + nwarps * i;
-        if (f < nfrag) {
-            const int pf = f / fn, nf = f % fn;
-            wmma::store_matrix_sync(out + pf * 16 * N + nf * 16, acc[i], N, wmma::mem_row_major);
-        }
     }
 }
 
@@ -290,11 +225,14 @@ __device__ __forceinline__ void mma_atb(float (&acc)[NT][4], const T* a, int lda
     }
 }
 
-// weighted_outer_tc on raw mma.sync: P / 16 warps, warp w owns rows 16w..16w+15 of out and all
-// N columns (NT >= N / 8 tiles of 8), accumulating over the steps 16 at a time; out is written
-// straight from the fragments.
+// out[P][N] (global, f32, row stride N) = sum_{j < q_len} w_j u_j v_j^T, with u rows (P elements,
+// row stride ldu) and v rows (N elements, row stride ldv) in global memory and the weights w in
+// shared memory; u_j w_j is rounded to T before the product. P / 16 warps: warp w owns rows
+// 16w..16w+15 of out and all N columns (NT >= N / 8 tiles of 8), accumulating over the steps 16
+// at a time; out is written straight from the fragments. s_u [TC_J][P + TC_PAD] and
+// s_v [TC_J][N + TC_PAD] are shared scratch.
 template <typename T, int NT>
-__device__ __forceinline__ void weighted_outer_mma(const T* __restrict__ u, long ldu,
+__device__ __forceinline__ void weighted_outer(const T* __restrict__ u, long ldu,
                                                    const float* __restrict__ s_w,
                                                    const T* __restrict__ v, long ldv, int q_len,
                                                    int P, int N, T* s_u, T* s_v,
@@ -331,16 +269,4 @@ __device__ __forceinline__ void weighted_outer_mma(const T* __restrict__ u, long
                 *reinterpret_cast<float2*>(o + r * N + 8 * t + frag_col(lane, 0)) =
                     make_float2(acc[t][2 * rr], acc[t][2 * rr + 1]);
     }
-}
-
-template <typename T, int F, bool MMA>
-__device__ __forceinline__ void weighted_outer(const T* __restrict__ u, long ldu,
-                                               const float* __restrict__ s_w,
-                                               const T* __restrict__ v, long ldv, int q_len,
-                                               int P, int N, T* s_u, T* s_v,
-                                               float* __restrict__ out) {
-    if constexpr (MMA)
-        weighted_outer_mma<T, F>(u, ldu, s_w, v, ldv, q_len, P, N, s_u, s_v, out);
-    else
-        weighted_outer_tc<T, F>(u, ldu, s_w, v, ldv, q_len, P, N, s_u, s_v, out);
 }

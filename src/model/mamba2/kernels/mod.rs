@@ -81,24 +81,28 @@ fn tc_chunk_state_smem(head_dim: usize, d_state: usize, chunk: usize) -> usize {
     8 * chunk.next_multiple_of(32) + 2 * TC_J * (head_dim + d_state + 2 * TC_PAD)
 }
 
-/// Shared memory of the tensor-core chunk-scan kernel, in bytes (layout in ssd_tc.cu).
+/// Shared memory of the tensor-core chunk scan, in bytes (layout in ssd_tc.cu): cumsums and dt
+/// (two buffers), the C rows, S / the B tile, the x tile and the z rows.
 fn tc_chunk_scan_smem(head_dim: usize, d_state: usize) -> usize {
-    let ldc = d_state + TC_PAD;
-    let tiles = 2 * (head_dim.max(TC_J) * ldc + TC_J * (head_dim + TC_PAD));
-    let staging = 4 * TC_ROWS * (head_dim + 4);
-    4 * (TC_ROWS + 2 * TC_J + TC_ROWS * (TC_J + 4)) + 2 * TC_ROWS * ldc + tiles.max(staging)
-}
-
-/// Shared memory of the mma.sync chunk scan (ssd_tc.cu 3'), in bytes: cumsums and dt (two
-/// buffers), the C rows, S / the B tile, the x tile and the z rows.
-fn mma_chunk_scan_smem(head_dim: usize, d_state: usize) -> usize {
     let (ldc, ldx) = (d_state + TC_PAD, head_dim + TC_PAD);
     4 * (TC_ROWS + 4 * TC_J) + 2 * (TC_ROWS * ldc + head_dim.max(TC_J) * ldc + 2 * TC_J * ldx)
 }
 
+/// The n tiles of 8 columns a tensor-core accumulator covering `cols` columns holds: the smallest
+/// instantiated size (chunk state and backward entries of ssd_tc.cu / ssd_bwd.cu) that fits.
+fn tc_tiles(cols: usize) -> usize {
+    [4, 8, 10, 16].into_iter().find(|&t| 8 * t >= cols).unwrap_or(16)
+}
+
+/// Threads of a tensor-core chunk-state block (forward pass 1, backward pass 1): P / 16 warps,
+/// each with 16 state rows and all N columns.
+fn tc_chunk_state_threads(head_dim: usize) -> u32 {
+    32 * (head_dim / 16) as u32
+}
+
 /// Whether the tensor-core passes take these sizes: a 16-bit dtype (tensor cores multiply f16
 /// or bf16; f32 keeps the SIMT passes and their 1e-4 parity), head_dim and d_state multiples of
-/// 16 up to 128 (WMMA tiles, at most 8 fragments a warp), and x, B, C starting on 16 bytes (their
+/// 16 up to 128 (16 x 16 tiles, at most 16 n tiles a warp), and x, B, C starting on 16 bytes (their
 /// tiles are copied 8 elements at a time).
 fn ssd_tc_supported(dtype: DType, head_dim: usize, d_state: usize, offsets: [usize; 3]) -> bool {
     matches!(dtype, DType::F16 | DType::BF16)
@@ -114,25 +118,6 @@ fn ssd_tc_supported(dtype: DType, head_dim: usize, d_state: usize, offsets: [usi
 fn tc_enabled() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *ON.get_or_init(|| std::env::var("MATVLM_MAMBA2_TC").map_or(true, |v| v != "0"))
-}
-
-/// `MATVLM_MAMBA2_MMA` (anything but `0`: on), read once: the tensor-core chunk scan and backward
-/// tile passes on raw `mma.sync` with register-resident scores (ssd_tc.cu 3', ssd_bwd.cu 3a'/3b');
-/// `0` keeps the WMMA versions, which stage scores through shared memory (for comparison).
-fn mma_enabled() -> bool {
-    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| std::env::var("MATVLM_MAMBA2_MMA").map_or(true, |v| v != "0"))
-}
-
-/// How the chunk-state product (forward pass 1, backward pass 1) runs: on raw mma.sync (true;
-/// P / 16 warps, each with 16 state rows and all N columns) or WMMA (false), its template size
-/// and the block's threads.
-fn chunk_state_kernel(p: usize, n: usize) -> (bool, usize, u32) {
-    if mma_enabled() {
-        (true, 2 * scan::tc_frags(n, n, true), 32 * (p / 16) as u32)
-    } else {
-        (false, scan::tc_frags(p, n, false), NTHREADS)
-    }
 }
 
 /// The sizes the SSD kernels take as `int`: L, H, G, P, N, chunk, chunks (in that order).

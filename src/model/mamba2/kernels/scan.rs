@@ -54,17 +54,6 @@ pub(super) struct ScanOut<T> {
     pub(super) states: CudaSlice<f32>,
 }
 
-/// Fragments a warp of the tensor-core chunk scan (`scan`) or chunk state holds: the smallest
-/// instantiated `F` of ssd_tc.cu that fits.
-pub(super) fn tc_frags(p: usize, n: usize, scan: bool) -> usize {
-    let need = if scan {
-        p / 16
-    } else {
-        (p / 16 * (n / 16)).div_ceil(8)
-    };
-    [2, 4, 5, 8].into_iter().find(|&f| f >= need).unwrap_or(8)
-}
-
 /// The three passes of the chunked scan: chunk states (and cumsums), state passing, chunk scan;
 /// on tensor cores when `tc`, else the SIMT kernels (which need x, B, C contiguous).
 pub(super) fn scan_forward<T: CudaDType + DeviceRepr + WithDType>(
@@ -96,11 +85,9 @@ pub(super) fn scan_forward<T: CudaDType + DeviceRepr + WithDType>(
 
     // 1. chunk cumsums and per-chunk states.
     let (f1, smem1, threads1) = if tc {
-        let (mma, frags, threads) = chunk_state_kernel(p, n);
-        let kind = if mma { "mma" } else { "tc" };
-        let name = format!("mamba2_ssd_{kind}_chunk_state_{sfx}_f{frags}");
+        let name = format!("mamba2_ssd_tc_chunk_state_{sfx}_f{}", tc_tiles(n));
         let f = dev.get_or_load_custom_func(&name, "matvlm_mamba2_ssd_tc", SSD_TC_PTX)?;
-        (f, tc_chunk_state_smem(p, n, q), threads)
+        (f, tc_chunk_state_smem(p, n, q), tc_chunk_state_threads(p))
     } else {
         let name = format!("mamba2_ssd_chunk_state_{sfx}");
         let f = dev.get_or_load_custom_func(&name, "matvlm_mamba2_ssd", SSD_PTX)?;
@@ -128,7 +115,7 @@ pub(super) fn scan_forward<T: CudaDType + DeviceRepr + WithDType>(
         block_dim: (threads1, 1, 1),
         shared_mem_bytes: smem1 as u32,
     };
-    // SAFETY: argument list matches mamba2_ssd{,_tc,_mma}_chunk_state_* in kernels/ssd{,_tc}.cu.
+    // SAFETY: argument list matches mamba2_ssd{,_tc}_chunk_state_* in kernels/ssd{,_tc}.cu.
     unsafe { a1.launch(cfg1) }.w()?;
 
     // 2. state passing: each chunk's slot becomes the state before it; the final state.
@@ -153,15 +140,8 @@ pub(super) fn scan_forward<T: CudaDType + DeviceRepr + WithDType>(
     unsafe { a2.launch(cfg2) }.w()?;
 
     // 3. chunk scan: outputs.
-    // On raw mma.sync with register-resident scores unless MATVLM_MAMBA2_MMA=0 (same arguments
-    // as the WMMA one).
-    let mma = tc && mma_enabled();
-    let (f3, rows, threads3, smem3) = if mma {
-        let name = format!("mamba2_ssd_mma_chunk_scan_{sfx}_p{}", p / 8);
-        let f = dev.get_or_load_custom_func(&name, "matvlm_mamba2_ssd_tc", SSD_TC_PTX)?;
-        (f, TC_ROWS, 128, mma_chunk_scan_smem(p, n))
-    } else if tc {
-        let name = format!("mamba2_ssd_tc_chunk_scan_{sfx}_f{}", tc_frags(p, n, true));
+    let (f3, rows, threads3, smem3) = if tc {
+        let name = format!("mamba2_ssd_tc_chunk_scan_{sfx}_p{}", p / 8);
         let f = dev.get_or_load_custom_func(&name, "matvlm_mamba2_ssd_tc", SSD_TC_PTX)?;
         (f, TC_ROWS, 128, tc_chunk_scan_smem(p, n))
     } else {

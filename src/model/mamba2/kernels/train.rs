@@ -8,16 +8,9 @@ use super::*;
 
 const SSD_BWD_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/ssd_bwd.ptx"));
 
-/// Shared memory of the backward passes 3a / 3b (ssd_bwd.cu), in bytes.
+/// Shared memory of the backward passes 3a / 3b (ssd_bwd.cu), in bytes: five [64] f32 rows; the
+/// fixed side's two tiles, the loop's end tile twice and its middle tile.
 fn tc_bwd_smem(head_dim: usize, d_state: usize) -> usize {
-    let fld = head_dim.max(d_state).max(TC_J) + 4;
-    let (ldn, ldpx, ldq) = (d_state + TC_PAD, head_dim + TC_PAD, TC_J + TC_PAD);
-    4 * (3 * TC_J + TC_ROWS * fld) + 2 * (2 * TC_J * ldn + 2 * TC_J * ldpx + TC_ROWS * ldq)
-}
-
-/// Shared memory of the mma.sync passes 3a' / 3b' (ssd_bwd.cu), the larger of the two: five
-/// [64] f32 rows; the fixed side's two tiles, the loop's end tile twice and its middle tile.
-fn mma_bwd_smem(head_dim: usize, d_state: usize) -> usize {
     let (ldn, ldpx) = (d_state + TC_PAD, head_dim + TC_PAD);
     4 * 5 * TC_J + 2 * (3 * TC_J * ldn + 2 * TC_J * ldpx)
 }
@@ -250,9 +243,7 @@ impl ScanTrain {
         let bhu = u32::try_from(bh).map_err(|_| cpu_only_error("batch * heads"))?;
 
         // 1. dS^in per chunk.
-        let (mma1, frags1, threads1) = chunk_state_kernel(p, n);
-        let kind1 = if mma1 { "bwd_mma" } else { "bwd" };
-        let f1 = load(format!("mamba2_ssd_{kind1}_dstates_{sfx}_f{frags1}"))?;
+        let f1 = load(format!("mamba2_ssd_bwd_dstates_{sfx}_f{}", tc_tiles(n)))?;
         let smem1 = tc_chunk_state_smem(p, n, q);
         allow_smem(&f1, smem1)?;
         let mut a1 = f1.builder();
@@ -266,10 +257,10 @@ impl ScanTrain {
         }
         let cfg1 = LaunchConfig {
             grid_dim: (nc as u32, bhu, 1),
-            block_dim: (threads1, 1, 1),
+            block_dim: (tc_chunk_state_threads(p), 1, 1),
             shared_mem_bytes: smem1 as u32,
         };
-        // SAFETY: argument list matches mamba2_ssd_bwd{,_mma}_dstates_* in kernels/ssd_bwd.cu.
+        // SAFETY: argument list matches mamba2_ssd_bwd_dstates_* in kernels/ssd_bwd.cu.
         unsafe { a1.launch(cfg1) }.w()?;
 
         // 2. the recurrence backwards: ds becomes dOwn; W into dcl.
@@ -296,13 +287,8 @@ impl ScanTrain {
 
         // 3a / 3b. Writes go through views of dxbc at the column offsets of x, B and C (the
         // kernels write rows `conv` apart from there).
-        // On raw mma.sync (F8 n tiles of 8 per accumulator) unless MATVLM_MAMBA2_MMA=0.
-        let f3 = tc_frags(p.max(n), p.max(n), true);
-        let (kind, frags, smem3) = if mma_enabled() {
-            ("bwd_mma", 2 * f3, mma_bwd_smem(p, n))
-        } else {
-            ("bwd", f3, tc_bwd_smem(p, n))
-        };
+        let f3 = tc_tiles(p.max(n));
+        let smem3 = tc_bwd_smem(p, n);
         let row_tiles = q.div_ceil(TC_ROWS);
         let rti = i32_of(row_tiles, "row tiles")?;
         let cfg3 = LaunchConfig {
@@ -329,7 +315,7 @@ impl ScanTrain {
             (Opt::Some(db_v), Opt::Some(dc_v))
         };
 
-        let f3a = load(format!("mamba2_ssd_{kind}_dx_db_{sfx}_f{frags}"))?;
+        let f3a = load(format!("mamba2_ssd_bwd_dx_db_{sfx}_f{f3}"))?;
         allow_smem(&f3a, smem3)?;
         let mut a3 = f3a.builder();
         a3.arg(&x);
@@ -353,10 +339,10 @@ impl ScanTrain {
         for v in [&li, &hi, &gi, &pi, &ni, &qi, &nci, &rti] {
             a3.arg(v);
         }
-        // SAFETY: argument list matches mamba2_ssd_bwd{,_mma}_dx_db_* in kernels/ssd_bwd.cu.
+        // SAFETY: argument list matches mamba2_ssd_bwd_dx_db_* in kernels/ssd_bwd.cu.
         unsafe { a3.launch(cfg3) }.w()?;
 
-        let f3b = load(format!("mamba2_ssd_{kind}_dc_{sfx}_f{frags}"))?;
+        let f3b = load(format!("mamba2_ssd_bwd_dc_{sfx}_f{f3}"))?;
         allow_smem(&f3b, smem3)?;
         let mut a4 = f3b.builder();
         a4.arg(&x);
@@ -376,7 +362,7 @@ impl ScanTrain {
         for v in [&li, &hi, &gi, &pi, &ni, &qi, &nci, &rti] {
             a4.arg(v);
         }
-        // SAFETY: argument list matches mamba2_ssd_bwd{,_mma}_dc_* in kernels/ssd_bwd.cu.
+        // SAFETY: argument list matches mamba2_ssd_bwd_dc_* in kernels/ssd_bwd.cu.
         unsafe { a4.launch(cfg3) }.w()?;
 
         // 4. dcum -> ddt, dA.
