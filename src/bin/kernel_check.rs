@@ -218,6 +218,9 @@ fn inputs(k: &Case) -> candle_core::Result<Inputs> {
     })
 }
 
+/// The named gradients of one run (or why it failed).
+type Grads = matvlm::Result<Vec<Tensor>>;
+
 /// Each tensor as a fresh `Var` (a leaf the backward reaches).
 fn vars(ts: Vec<Tensor>) -> candle_core::Result<Vec<candle_core::Var>> {
     ts.iter().map(candle_core::Var::from_tensor).collect()
@@ -259,11 +262,7 @@ impl Report {
         dtype: DType,
         prefix: &str,
         names: &[String],
-        runs: (
-            matvlm::Result<Vec<Tensor>>,
-            matvlm::Result<Vec<Tensor>>,
-            matvlm::Result<Vec<Tensor>>,
-        ),
+        runs: (Grads, Grads, Grads),
         stage: Stage,
     ) {
         match runs {
@@ -325,7 +324,14 @@ fn compare_grad_runs(
 ) {
     let cpu = &Device::Cpu;
     if dtype == DType::F32 {
-        r.compare_grads(case, dtype, prefix, names, (run(gpu, dtype), run(cpu, dtype)), stage);
+        r.compare_grads(
+            case,
+            dtype,
+            prefix,
+            names,
+            (run(gpu, dtype), run(cpu, dtype)),
+            stage,
+        );
     } else {
         let runs = (run(gpu, dtype), run(cpu, DType::F32), run(cpu, dtype));
         r.compare_grads_with_peer(case, dtype, prefix, names, runs, stage);
@@ -409,7 +415,16 @@ fn check_case(k: &Case, dtype: DType, gpu: &Device, r: &mut Report) -> matvlm::R
         )?;
         grads_of(&y, &w, &v, &names)
     };
-    compare_grad_runs(r, name, dtype, "ssd grad d", &names, &run_grad, gpu, Stage::Grad);
+    compare_grad_runs(
+        r,
+        name,
+        dtype,
+        "ssd grad d",
+        &names,
+        &run_grad,
+        gpu,
+        Stage::Grad,
+    );
 
     // The same through the packed entry the mixer uses (x, B, C in one tensor).
     let (bb, l, h, p, g, n) = (k.batch, k.len, k.heads, k.head_dim, k.groups, k.d_state);
@@ -526,7 +541,7 @@ fn check_case(k: &Case, dtype: DType, gpu: &Device, r: &mut Report) -> matvlm::R
     let run_mixer_grad = |dev: &Device, in_dtype: DType| -> matvlm::Result<Vec<Tensor>> {
         let mut inputs = mixer_names[..mixer_names.len() - 1]
             .iter()
-            .map(|pname| Ok(params[pname].to_dtype(in_dtype)?.to_device(dev)?))
+            .map(|pname| params[pname].to_dtype(in_dtype)?.to_device(dev))
             .collect::<candle_core::Result<Vec<_>>>()?;
         inputs.push(act(&xin, dev)?.to_dtype(in_dtype)?);
         let v = vars(inputs)?;

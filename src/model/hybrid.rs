@@ -158,7 +158,7 @@ impl MambaConfigFile {
             }
         }
         let head_dim = self.ssm_cfg.headdim.unwrap_or(self.ssm_cfg.d_state);
-        if head_dim == 0 || d_inner % head_dim != 0 {
+        if head_dim == 0 || !d_inner.is_multiple_of(head_dim) {
             return Err(Error::Invalid(format!(
                 "mamba_config.json: head dim {head_dim} does not divide d_inner {d_inner}"
             )));

@@ -97,7 +97,7 @@ pub fn upstream_layers(ratio: f64, n_layers: usize) -> Result<Vec<usize>> {
     let stride = if (ratio - 0.125).abs() < 1e-12 {
         ((6 * n_layers) / 32).max(1)
     } else {
-        if n_layers % k != 0 {
+        if !n_layers.is_multiple_of(k) {
             return Err(Error::Invalid(format!(
                 "ratio {ratio}: {k} Mamba layers do not divide {n_layers} layers evenly"
             )));

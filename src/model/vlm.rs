@@ -158,7 +158,7 @@ impl Vlm {
         } else {
             feats
         };
-        Ok(self.connector.forward(&feats)?)
+        self.connector.forward(&feats)
     }
 
     /// Preprocess an image file into pixel values `[1, 3, H, W]`.
@@ -285,9 +285,8 @@ impl Vlm {
     /// Continue from `cache` with input embeddings (prefill or one decode step).
     pub fn step_embeds(&self, embeds: &Tensor, cache: &mut Cache) -> Result<Tensor> {
         let mut captured = Captured::new();
-        Ok(self
-            .decoder
-            .forward(embeds, cache, &Capture::none(), &mut captured)?)
+        self.decoder
+            .forward(embeds, cache, &Capture::none(), &mut captured)
     }
 
     /// The same architecture built over other tensors (same names and shapes), e.g. the map

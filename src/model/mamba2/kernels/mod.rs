@@ -91,7 +91,10 @@ fn tc_chunk_scan_smem(head_dim: usize, d_state: usize) -> usize {
 /// The n tiles of 8 columns a tensor-core accumulator covering `cols` columns holds: the smallest
 /// instantiated size (chunk state and backward entries of ssd_tc.cu / ssd_bwd.cu) that fits.
 fn tc_tiles(cols: usize) -> usize {
-    [4, 8, 10, 16].into_iter().find(|&t| 8 * t >= cols).unwrap_or(16)
+    [4, 8, 10, 16]
+        .into_iter()
+        .find(|&t| 8 * t >= cols)
+        .unwrap_or(16)
 }
 
 /// Threads of a tensor-core chunk-state block (forward pass 1, backward pass 1): P / 16 warps,
