@@ -30,4 +30,41 @@ __device__ __forceinline__ float warp_sum(float v) {
     return v;
 }
 
+// Pass 1 of the chunked scan, shared by the SIMT and tensor-core chunk states: the chunk's
+// cumsum of dt A (to cum_c and s_cum) and the state weights s_w[j] = dt_j exp(cum_last -
+// cum_j), both [q_len] f32 in shared memory; warp 0 scans 32 steps at a time with a running
+// carry. dt_at: dt's offset of the chunk's first step (steps H apart). Ends synchronised.
+__device__ __forceinline__ void chunk_cumsum_weights(const float* __restrict__ dt, float a,
+                                                     float* __restrict__ cum_c, float* s_cum,
+                                                     float* s_w, long dt_at, int H, int q_len) {
+    const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+    if (warp == 0) {  // inclusive scan of dt * A, 32 steps at a time with a running carry
+        float carry = 0.0f;
+        for (int base = 0; base < q_len; base += 32) {
+            const int i = base + lane;
+            const float d = i < q_len ? dt[dt_at + (long)i * H] : 0.0f;
+            float v = d * a;
+#pragma unroll
+            for (int off = 1; off < 32; off <<= 1) {
+                const float n = __shfl_up_sync(0xffffffffu, v, off);
+                if (lane >= off) v += n;
+            }
+            v += carry;
+            if (i < q_len) {
+                s_cum[i] = v;
+                s_w[i] = d;
+            }
+            carry = __shfl_sync(0xffffffffu, v, 31);
+        }
+    }
+    __syncthreads();
+    const float cum_last = s_cum[q_len - 1];
+    __syncthreads();  // every thread has read cum_last before s_w changes below
+    for (int i = tid; i < q_len; i += blockDim.x) {
+        cum_c[i] = s_cum[i];
+        s_w[i] *= decay_exp(cum_last - s_cum[i]);
+    }
+    __syncthreads();
+}
+
 #define FOR_EACH_DTYPE(M) M(float, f32) M(__half, f16) M(__nv_bfloat16, bf16)

@@ -35,37 +35,14 @@ __device__ __forceinline__ void chunk_state(const T* __restrict__ x, const float
                                             int L, int H, int G, int P, int N, int Q, int nc) {
     extern __shared__ float smem[];
     float* s_cum = smem;
-    float* s_dt = s_cum + Q;
-    float* s_x = s_dt + Q;      // [JT][P]: dt_j exp(cum_last - cum_j) x_j
+    float* s_w = s_cum + Q;     // dt_j exp(cum_last - cum_j)
+    float* s_x = s_w + Q;       // [JT][P]: w_j x_j
     float* s_b = s_x + JT * P;  // [JT][N]
     const int c = blockIdx.x, bh = blockIdx.y, b = bh / H, h = bh % H, g = h / (H / G);
     const int t0 = c * Q, q_len = min(Q, L - t0), tid = threadIdx.x;
 
-    // Inclusive scan of dt * A by warp 0, 32 steps at a time with a running carry.
-    if (tid < 32) {
-        const float a = A[h];
-        float carry = 0.0f;
-        for (int base = 0; base < q_len; base += 32) {
-            const int i = base + tid;
-            const float d = i < q_len ? dt[((long)b * L + t0 + i) * H + h] : 0.0f;
-            float v = d * a;
-#pragma unroll
-            for (int off = 1; off < 32; off <<= 1) {
-                const float n = __shfl_up_sync(0xffffffffu, v, off);
-                if (tid >= off) v += n;
-            }
-            v += carry;
-            if (i < q_len) {
-                s_cum[i] = v;
-                s_dt[i] = d;
-            }
-            carry = __shfl_sync(0xffffffffu, v, 31);
-        }
-    }
-    __syncthreads();
-    float* cum_c = cum_out + ((long)bh * nc + c) * Q;
-    for (int i = tid; i < q_len; i += NTHREADS) cum_c[i] = s_cum[i];
-    const float cum_last = s_cum[q_len - 1];
+    chunk_cumsum_weights(dt, A[h], cum_out + ((long)bh * nc + c) * Q, s_cum, s_w,
+                         ((long)b * L + t0) * H + h, H, q_len);
 
     // Thread (tp, tn) owns state entries p = tp + 16 a, n = tn + 16 bb.
     const int tp = tid % 16, tn = tid / 16;
@@ -81,8 +58,7 @@ __device__ __forceinline__ void chunk_state(const T* __restrict__ x, const float
             const int jj = e / P, p = e % P, j = j0 + jj;
             float v = 0.0f;
             if (j < q_len)
-                v = to_f32(x[(((long)b * L + t0 + j) * H + h) * P + p]) * s_dt[j] *
-                    decay_exp(cum_last - s_cum[j]);
+                v = to_f32(x[(((long)b * L + t0 + j) * H + h) * P + p]) * s_w[j];
             s_x[e] = v;
         }
         for (int e = tid; e < JT * N; e += NTHREADS) {

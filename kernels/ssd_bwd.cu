@@ -40,8 +40,8 @@ __device__ __forceinline__ void bwd_dstates(const T* __restrict__ dy, const floa
     const float* cum_c = cum + ((long)bh * nc + c) * Q;
     for (int i = threadIdx.x; i < q_len; i += blockDim.x) s_w[i] = decay_exp(cum_c[i]);
     weighted_outer<T, NT>(dy + ((long)b * L + t0) * H * P + (long)h * P, (long)H * P, s_w,
-                              Cm + ((long)b * L + t0) * ldbc + (long)g * N, ldbc, q_len, P, N,
-                              s_u, s_v, ds + ((long)bh * nc + c) * P * N);
+                          Cm + ((long)b * L + t0) * ldbc + (long)g * N, ldbc, q_len, P, N, s_u,
+                          s_v, ds + ((long)bh * nc + c) * P * N);
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -22,41 +22,6 @@
 //    exp(cum_last - cum_j). Grid (nc, B*H), P / 16 warps (weighted_outer in tc.cuh); NT >= N / 8.
 //    Dynamic shared memory: tc_chunk_state_smem in kernels/mod.rs. x rows (per time step) are
 //    ldx elements apart, B rows ldbc (x, B, C may be column blocks of one packed xBC tensor).
-// The chunk's cumsum of dt A (to cum_out and s_cum) and the state weights s_w[j] = dt_j
-// exp(cum_last - cum_j), both [Q] f32 in shared memory; ends synchronised.
-__device__ __forceinline__ void chunk_cumsum_weights(const float* __restrict__ dt, float a,
-                                                     float* __restrict__ cum_c, float* s_cum,
-                                                     float* s_w, long dt_at, int H, int q_len) {
-    const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
-    if (warp == 0) {  // inclusive scan of dt * A, 32 steps at a time with a running carry
-        float carry = 0.0f;
-        for (int base = 0; base < q_len; base += 32) {
-            const int i = base + lane;
-            const float d = i < q_len ? dt[dt_at + (long)i * H] : 0.0f;
-            float v = d * a;
-#pragma unroll
-            for (int off = 1; off < 32; off <<= 1) {
-                const float n = __shfl_up_sync(0xffffffffu, v, off);
-                if (lane >= off) v += n;
-            }
-            v += carry;
-            if (i < q_len) {
-                s_cum[i] = v;
-                s_w[i] = d;
-            }
-            carry = __shfl_sync(0xffffffffu, v, 31);
-        }
-    }
-    __syncthreads();
-    const float cum_last = s_cum[q_len - 1];
-    __syncthreads();  // every thread has read cum_last before s_w changes below
-    for (int i = tid; i < q_len; i += blockDim.x) {
-        cum_c[i] = s_cum[i];
-        s_w[i] *= decay_exp(cum_last - s_cum[i]);
-    }
-    __syncthreads();
-}
-
 template <typename T, int NT>
 __device__ __forceinline__ void chunk_state_tc(const T* __restrict__ x, long ldx,
                                                const float* __restrict__ dt,
@@ -77,8 +42,8 @@ __device__ __forceinline__ void chunk_state_tc(const T* __restrict__ x, long ldx
     chunk_cumsum_weights(dt, A[h], cum_out + ((long)bh * nc + c) * Q, s_cum, s_w,
                          ((long)b * L + t0) * H + h, H, q_len);
     weighted_outer<T, NT>(x + ((long)b * L + t0) * ldx + (long)h * P, ldx, s_w,
-                              Bm + ((long)b * L + t0) * ldbc + (long)g * N, ldbc, q_len, P, N,
-                              s_x, s_b, states + ((long)bh * nc + c) * P * N);
+                          Bm + ((long)b * L + t0) * ldbc + (long)g * N, ldbc, q_len, P, N, s_x,
+                          s_b, states + ((long)bh * nc + c) * P * N);
 }
 
 // ---------------------------------------------------------------------------------------------
