@@ -77,6 +77,61 @@ pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
         .unwrap()
 }
 
+/// Token ids as a `[1, n]` u32 tensor (a batch of one), as the decoder embeds them.
+pub fn ids_tensor(ids: &[i64]) -> Tensor {
+    let ids: Vec<u32> = ids.iter().map(|&i| i as u32).collect();
+    Tensor::new(ids.as_slice(), &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap()
+}
+
+/// Greedy decoding of `steps` tokens after `prompt` through `dec`'s cache (prefill, then one
+/// token a step), asserting at every step that the cached logits of the last position equal a
+/// full recomputation over the whole sequence (within 1e-5). Returns the generated ids and the
+/// cache, which then holds every token but the last generated one.
+pub fn greedy_decode_checked(
+    dec: &matvlm::model::decoder::Decoder,
+    prompt: &[i64],
+    steps: usize,
+) -> (Vec<i64>, matvlm::model::cache::Cache) {
+    use matvlm::model::decoder::{Capture, Captured};
+    let mut ids = prompt.to_vec();
+    let mut cache = dec.new_cache();
+    let mut input = dec.embed(&ids_tensor(&ids)).unwrap();
+    let mut generated = Vec::new();
+    for _ in 0..steps {
+        let logits = dec
+            .forward(&input, &mut cache, &Capture::none(), &mut Captured::new())
+            .unwrap();
+        let last = logits
+            .get(0)
+            .unwrap()
+            .get(logits.dim(1).unwrap() - 1)
+            .unwrap();
+        let full = dec
+            .forward(
+                &dec.embed(&ids_tensor(&ids)).unwrap(),
+                &mut dec.new_cache(),
+                &Capture::none(),
+                &mut Captured::new(),
+            )
+            .unwrap();
+        let full_last = full.get(0).unwrap().get(ids.len() - 1).unwrap();
+        let diff = max_abs_diff(&last, &full_last);
+        assert!(
+            diff <= 1e-5,
+            "step {}: cached logits differ from recomputation by {diff}",
+            generated.len()
+        );
+        let next = last.argmax(0).unwrap().to_scalar::<u32>().unwrap() as i64;
+        generated.push(next);
+        ids.push(next);
+        input = dec.embed(&ids_tensor(&[next])).unwrap();
+    }
+    (generated, cache)
+}
+
 pub fn ids_i64(t: &Tensor) -> Vec<i64> {
     t.to_vec1::<i64>().unwrap()
 }
