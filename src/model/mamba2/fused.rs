@@ -146,7 +146,9 @@ fn gate(y: &Tensor, z: Option<&Tensor>) -> Result<Tensor> {
 }
 
 /// The chunked SSD scan ([`ssd::chunked`]) with an optional SiLU gate `z [B, L, H, P]` on the
-/// output. On CUDA: three kernels (chunk states, state passing, chunk scan; kernels/ssd.cu).
+/// output. On CUDA: three kernels (chunk states, state passing, chunk scan; kernels/ssd.cu, on
+/// tensor cores kernels/ssd_tc.cu); under autograd, for the tensor-core shapes, also the
+/// backward kernels (kernels/ssd_bwd.cu).
 #[allow(clippy::too_many_arguments)]
 pub fn chunked_scan(
     x: &Tensor,
