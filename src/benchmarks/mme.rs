@@ -169,47 +169,73 @@ pub struct MmeScore {
 /// when all its questions are right (both, on MME).
 pub fn score_mme<S: AsRef<str>>(items: &[MmeItem], predictions: &[S]) -> Result<MmeScore> {
     check_aligned("MME", items.len(), predictions.len())?;
-    // category -> (image -> (questions, right)), each in order of first appearance
-    let mut cats: Vec<(String, Vec<(String, usize, usize)>, usize)> = Vec::new();
+    /// One image's questions in a category and how many were answered right.
+    struct ImageTally {
+        image: String,
+        questions: usize,
+        right: usize,
+    }
+    /// A category's images in order of first appearance, and its answers that parse as neither
+    /// yes nor no.
+    struct CategoryTally {
+        category: String,
+        images: Vec<ImageTally>,
+        other: usize,
+    }
+    let mut cats: Vec<CategoryTally> = Vec::new();
     for (item, pred) in items.iter().zip(predictions) {
         let parsed = mme_parse_answer(pred.as_ref());
-        let ci = match cats.iter().position(|c| c.0 == item.category) {
+        let ci = match cats.iter().position(|c| c.category == item.category) {
             Some(i) => i,
             None => {
-                cats.push((item.category.clone(), Vec::new(), 0));
+                cats.push(CategoryTally {
+                    category: item.category.clone(),
+                    images: Vec::new(),
+                    other: 0,
+                });
                 cats.len() - 1
             }
         };
-        let (_, images, other) = &mut cats[ci];
-        *other += usize::from(parsed.is_none());
-        let ii = match images.iter().position(|im| im.0 == item.image) {
+        let cat = &mut cats[ci];
+        cat.other += usize::from(parsed.is_none());
+        let ii = match cat.images.iter().position(|im| im.image == item.image) {
             Some(i) => i,
             None => {
-                images.push((item.image.clone(), 0, 0));
-                images.len() - 1
+                cat.images.push(ImageTally {
+                    image: item.image.clone(),
+                    questions: 0,
+                    right: 0,
+                });
+                cat.images.len() - 1
             }
         };
-        images[ii].1 += 1;
-        images[ii].2 += usize::from(parsed == Some(item.answer));
+        cat.images[ii].questions += 1;
+        cat.images[ii].right += usize::from(parsed == Some(item.answer));
     }
     let categories: Vec<MmeCategoryScore> = cats
         .into_iter()
-        .map(|(category, images, other)| {
-            let questions: usize = images.iter().map(|i| i.1).sum();
-            let right: usize = images.iter().map(|i| i.2).sum();
-            let all_right = images.iter().filter(|i| i.1 == i.2).count();
-            let acc = ratio(right, questions);
-            let acc_plus = ratio(all_right, images.len());
-            MmeCategoryScore {
-                category,
-                images: images.len(),
-                questions,
-                acc,
-                acc_plus,
-                score: 100.0 * (acc + acc_plus),
-                other,
-            }
-        })
+        .map(
+            |CategoryTally {
+                 category,
+                 images,
+                 other,
+             }| {
+                let questions: usize = images.iter().map(|i| i.questions).sum();
+                let right: usize = images.iter().map(|i| i.right).sum();
+                let all_right = images.iter().filter(|i| i.questions == i.right).count();
+                let acc = ratio(right, questions);
+                let acc_plus = ratio(all_right, images.len());
+                MmeCategoryScore {
+                    category,
+                    images: images.len(),
+                    questions,
+                    acc,
+                    acc_plus,
+                    score: 100.0 * (acc + acc_plus),
+                    other,
+                }
+            },
+        )
         .collect();
     let sum_of = |names: &[&str]| -> f64 {
         categories

@@ -276,6 +276,9 @@ pub fn format_error(source: &str, err: &EvalAltResult) -> String {
     format!("{prefix}{text}\n{caret}^ {msg}")
 }
 
+/// Where a script called into the function an error came from: (source, position, function).
+pub type CallSite<'a> = (Option<&'a str>, Position, String);
+
 /// An error raised inside a script function or an imported module reaches the top wrapped once
 /// per call level. This unwraps it: the innermost error, the source it was raised in (the
 /// function's or module's source, else `source`), and the call sites on the way down, outermost
@@ -283,11 +286,7 @@ pub fn format_error(source: &str, err: &EvalAltResult) -> String {
 pub fn unwrap_error<'a>(
     err: &'a EvalAltResult,
     source: Option<&'a str>,
-) -> (
-    Option<&'a str>,
-    &'a EvalAltResult,
-    Vec<(Option<&'a str>, Position, String)>,
-) {
+) -> (Option<&'a str>, &'a EvalAltResult, Vec<CallSite<'a>>) {
     let mut calls = Vec::new();
     let (mut err, mut source) = (err, source);
     loop {
