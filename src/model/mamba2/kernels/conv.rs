@@ -86,12 +86,7 @@ impl CustomOp1 for ConvFwd {
         Err(cpu_only_error(self.name()))
     }
     fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> candle_core::Result<(CudaStorage, Shape)> {
-        match s.dtype() {
-            DType::F32 => self.launch::<f32>(s, l),
-            DType::F16 => self.launch::<half::f16>(s, l),
-            DType::BF16 => self.launch::<half::bf16>(s, l),
-            other => bail!("mamba2-conv-fwd: unsupported dtype {other:?}"),
-        }
+        by_dtype!(s.dtype(), self.name(), T => self.launch::<T>(s, l))
     }
 }
 
@@ -198,12 +193,7 @@ impl InplaceOp1 for ConvStep {
         Err(cpu_only_error(self.name()))
     }
     fn cuda_fwd(&self, s: &mut CudaStorage, l: &Layout) -> candle_core::Result<()> {
-        match self.x.dtype() {
-            DType::F32 => self.launch::<f32>(s, l),
-            DType::F16 => self.launch::<half::f16>(s, l),
-            DType::BF16 => self.launch::<half::bf16>(s, l),
-            other => bail!("mamba2-conv-step: unsupported dtype {other:?}"),
-        }
+        by_dtype!(self.x.dtype(), self.name(), T => self.launch::<T>(s, l))
     }
 }
 

@@ -29,6 +29,28 @@ use candle_core::{
     Layout, Shape, Storage, StorageRef, Tensor, WithDType,
 };
 
+/// `$body` with `$t` the Rust type of `$dtype` (f32, f16 or bf16: what every kernel entry is
+/// stamped for); another dtype is an error naming the op `$op`.
+macro_rules! by_dtype {
+    ($dtype:expr, $op:expr, $t:ident => $body:expr) => {
+        match $dtype {
+            DType::F32 => {
+                type $t = f32;
+                $body
+            }
+            DType::F16 => {
+                type $t = half::f16;
+                $body
+            }
+            DType::BF16 => {
+                type $t = half::bf16;
+                $body
+            }
+            other => bail!("{}: unsupported dtype {other:?}", $op),
+        }
+    };
+}
+
 const CONV_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/conv.ptx"));
 const SSD_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/ssd.ptx"));
 const SSD_TC_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/ssd_tc.ptx"));

@@ -102,12 +102,7 @@ impl CustomOp2 for GatedNorm {
         zs: &CudaStorage,
         zl: &Layout,
     ) -> candle_core::Result<(CudaStorage, Shape)> {
-        match ys.dtype() {
-            DType::F32 => self.launch::<f32>(ys, yl, zs, zl),
-            DType::F16 => self.launch::<half::f16>(ys, yl, zs, zl),
-            DType::BF16 => self.launch::<half::bf16>(ys, yl, zs, zl),
-            other => bail!("mamba2-gated-norm: unsupported dtype {other:?}"),
-        }
+        by_dtype!(ys.dtype(), self.name(), T => self.launch::<T>(ys, yl, zs, zl))
     }
 }
 

@@ -278,12 +278,7 @@ impl CustomOp3 for Scan {
         cs: &CudaStorage,
         cl: &Layout,
     ) -> candle_core::Result<(CudaStorage, Shape)> {
-        match xs.dtype() {
-            DType::F32 => self.launch::<f32>(xs, xl, bs, bl, cs, cl),
-            DType::F16 => self.launch::<half::f16>(xs, xl, bs, bl, cs, cl),
-            DType::BF16 => self.launch::<half::bf16>(xs, xl, bs, bl, cs, cl),
-            other => bail!("mamba2-ssd: unsupported dtype {other:?}"),
-        }
+        by_dtype!(xs.dtype(), self.name(), T => self.launch::<T>(xs, xl, bs, bl, cs, cl))
     }
 }
 
