@@ -71,7 +71,7 @@ fn main() -> anyhow::Result<()> {
     std::fs::create_dir_all(&out)?;
 
     let mut bars = Vec::new();
-    for &l in &mamba {
+    for &l in mamba {
         let data = viz::attention_vs_ssm_prompt(&teacher, &hybrid, &question, Some(&image), l)?;
         if l == shown {
             for p in viz::save_attention_vs_ssm(&data, &out, &format!("attention_vs_ssm_layer{l}"))?

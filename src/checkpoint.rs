@@ -6,12 +6,12 @@
 //! Key names are never spelled here: the model files read them through [`VarBuilder`] prefixes.
 
 use std::collections::{BTreeMap, HashMap};
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 
+use crate::io::{read_json, write_atomic, write_json};
 use crate::{Error, Result};
 
 pub const CONFIG: &str = "config.json";
@@ -104,7 +104,7 @@ pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
         struct Index {
             weight_map: BTreeMap<String, String>,
         }
-        let idx: Index = crate::config::read_json(&index)?;
+        let idx: Index = read_json(&index)?;
         let mut files: Vec<String> = idx.weight_map.values().cloned().collect();
         files.sort();
         files.dedup();
@@ -156,26 +156,6 @@ pub fn load_safetensors(path: &Path, device: &Device) -> Result<HashMap<String, 
     })
 }
 
-/// Write bytes to `path` through a temporary file in the same folder and a rename, so that a
-/// crash or Ctrl-C leaves either the old file or the new one, never a torn one.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = path.parent().filter(|p| !p.as_os_str().is_empty());
-    if let Some(dir) = dir {
-        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-    }
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp = path.with_file_name(format!(".{name}.{}.tmp", std::process::id()));
-    {
-        let mut f = std::fs::File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
-        f.write_all(bytes).map_err(|e| Error::io(&tmp, e))?;
-        f.sync_all().map_err(|e| Error::io(&tmp, e))?;
-    }
-    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
-}
-
 /// Save named tensors as safetensors, atomically. With `max_shard_bytes`, larger sets are split
 /// into `model-0000k-of-0000n.safetensors` shards plus `model.safetensors.index.json`, as HF does.
 pub fn save_safetensors(
@@ -225,7 +205,7 @@ pub fn save_safetensors(
             .map(|t| t.elem_count() * t.dtype().size_in_bytes())
             .sum();
         let json = serde_json::json!({"metadata": {"total_size": total}, "weight_map": weight_map});
-        crate::config::write_json(&index, &json)?;
+        write_json(&index, &json)?;
     } else if index.exists() {
         std::fs::remove_file(&index).map_err(|e| Error::io(&index, e))?;
     }
@@ -286,7 +266,7 @@ mod hub {
             struct Index {
                 weight_map: BTreeMap<String, String>,
             }
-            let idx: Index = crate::config::read_json(index)?;
+            let idx: Index = read_json(index)?;
             let mut names: Vec<String> = idx.weight_map.into_values().collect();
             names.sort();
             names.dedup();

@@ -9,22 +9,8 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
+use crate::io::read_json;
 use crate::{Error, Result};
-
-/// Read and parse a JSON file, naming the file in any error.
-pub fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-    serde_json::from_str(&text).map_err(|e| Error::BadConfig {
-        path: path.to_path_buf(),
-        reason: e.to_string(),
-    })
-}
-
-/// Write JSON atomically (temp file + rename), so a crash never leaves half a config behind.
-pub fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<()> {
-    let text = serde_json::to_string_pretty(value).map_err(|e| Error::Other(e.to_string()))?;
-    crate::checkpoint::write_atomic(path, text.as_bytes())
-}
 
 fn d_phi_vocab() -> usize {
     51200

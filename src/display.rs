@@ -25,8 +25,9 @@ use std::fmt::Write as _;
 use base64::Engine as _;
 use candle_core::{DType, Tensor};
 
-use crate::benchmarks::Comparison;
+use crate::eval::benchmarks::Comparison;
 use crate::eval::{AgreementReport, EvalReport, SpeedReport};
+use crate::model::hybrid::MixerKind;
 use crate::model::vlm::Vlm;
 use crate::viz::Figure;
 use crate::Result;
@@ -242,7 +243,7 @@ impl Vlm {
     /// attention or Mamba-2).
     pub fn html(&self) -> String {
         let kinds = self.layer_kinds();
-        let mamba = kinds.iter().filter(|k| **k == "mamba").count();
+        let mamba = self.mamba_layers().len();
         let text = &self.config.text_config;
         let summary = html_table(
             if mamba == 0 {
@@ -275,14 +276,13 @@ impl Vlm {
             let _ = write!(map, "<th>{h}</th>");
         }
         map.push_str("</tr></thead><tbody><tr><th>mixer</th>");
-        for k in &kinds {
+        for &k in kinds {
             // Colour makes the placement readable at a glance.
-            let (label, colour) = if *k == "mamba" {
-                ("mamba", "#fde0c5")
-            } else {
-                ("attn", "#d6e6f5")
+            let colour = match k {
+                MixerKind::Mamba2 => "#fde0c5",
+                MixerKind::Attention => "#d6e6f5",
             };
-            let _ = write!(map, "<td style=\"background:{colour}\">{label}</td>");
+            let _ = write!(map, "<td style=\"background:{colour}\">{k}</td>");
         }
         map.push_str("</tr></tbody></table>");
         format!("{summary}{map}")
@@ -487,7 +487,7 @@ mod tests {
         assert!(body.contains("<th>hybrid &lt;0.25&gt;</th>"), "{body}");
         assert!(body.contains("<td>0.5000</td><td>0.2500</td>"), "{body}");
         let agree = AgreementReport {
-            positions: crate::distill::Positions::Answers,
+            positions: crate::loss::Positions::Answers,
             source: "val.json".into(),
             samples: 4,
             n_positions: 10,

@@ -4,20 +4,20 @@
 //! attention layers for Mamba-2 mixers initialised from the attention weights, distil, evaluate,
 //! generate and look inside.
 
-pub mod benchmarks;
 pub mod checkpoint;
 pub mod config;
 pub mod data;
 pub mod device;
 pub mod display;
-pub mod distill;
 pub mod error;
 pub mod eval;
 pub mod generate;
 pub mod image;
-pub mod init;
+pub mod io;
+pub mod loss;
 pub mod model;
 pub mod notebook;
+pub mod options;
 pub mod repl;
 pub mod script;
 pub mod teacher;

@@ -57,8 +57,10 @@ pub struct NotebookTeacher {
 /// [`random_teacher_dims`] initialised with `seed` over the tokenizer of the world in
 /// `world_dir` (see [`world`]). In f32 on the CPU.
 pub fn teacher_or_random(world_dir: &Path, seed: u64) -> Result<NotebookTeacher> {
-    let dir = default_teacher_path();
-    if dir.join(crate::checkpoint::CONFIG).is_file() {
+    let found = default_teacher_path()
+        .ok()
+        .filter(|dir| dir.join(crate::checkpoint::CONFIG).is_file());
+    if let Some(dir) = found {
         let spec = dir.to_string_lossy().to_string();
         let vlm = Vlm::load(&spec, DType::F32, &Device::Cpu)?;
         let description = format!(
@@ -84,10 +86,9 @@ pub fn teacher_or_random(world_dir: &Path, seed: u64) -> Result<NotebookTeacher>
     let vlm = init_vlm(&dims.config(&tok)?, &tok, seed, &Device::Cpu)?;
     let description = format!(
         "a RANDOMLY INITIALISED stand-in teacher (seed {seed}, {} parameters): the trained \
-         tiny teacher is not at {} (build it with `cargo run --release --bin train_teacher`); \
-         its answers are noise, but every step below works the same",
+         tiny teacher is not in assets/tiny-teacher (build it with `cargo run --release --bin \
+         train_teacher`); its answers are noise, but every step below works the same",
         vlm.parameter_count(),
-        dir.display()
     );
     Ok(NotebookTeacher {
         vlm,

@@ -6,7 +6,7 @@
 //! so that the 3 x 3 patches line up with the world's 3 x 3 grid; features from the hidden state
 //! before the last layer; the first patch dropped, as TinyLLaVA does), an `mlp2x_gelu` connector
 //! and a Phi-style decoder of 8 parallel blocks (so that hybrid ratios 0.125, 0.25 and 0.5 swap
-//! 1, 2 and 4 layers). The trained checkpoint lives in [`DEFAULT_TEACHER_DIR`] in the TinyLLaVA
+//! 1, 2 and 4 layers). The trained checkpoint lives in `assets/tiny-teacher` ([`default_teacher_path`]) in the TinyLLaVA
 //! layout; `cargo run --release --bin train_teacher` reproduces it.
 
 use std::collections::BTreeMap;
@@ -25,22 +25,75 @@ use crate::model::vlm::Vlm;
 use crate::tokenize::PromptTokenizer;
 use crate::{Error, Result};
 
-/// Where the committed tiny teacher lives, relative to the crate root.
-pub const DEFAULT_TEACHER_DIR: &str = "assets/tiny-teacher";
-
 /// Standard deviation of the normal initialisation of matrices and embeddings (HF's
 /// `initializer_range`).
 pub const INIT_STD: f64 = 0.02;
 
-/// The committed tiny teacher's folder, absolute (found from binaries, tests and examples alike).
-pub fn default_teacher_path() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(DEFAULT_TEACHER_DIR)
+/// The environment variable that points at the project's `assets` folder (for a binary run
+/// outside its checkout).
+pub const ASSETS_ENV: &str = "MATVLM_ASSETS";
+
+/// The project's `assets` folder, found at run time: `$MATVLM_ASSETS` when set; else `assets/`
+/// in the current directory or one of its parents; else beside the running executable or one
+/// of its parents (so `target/release/matrepl` finds its checkout). The error lists every place
+/// tried.
+pub fn assets_dir() -> Result<PathBuf> {
+    if let Some(dir) = std::env::var_os(ASSETS_ENV) {
+        let dir = PathBuf::from(dir);
+        return if dir.is_dir() {
+            Ok(dir)
+        } else {
+            Err(Error::NotFound(format!(
+                "${ASSETS_ENV} is {}, which is not a folder",
+                dir.display()
+            )))
+        };
+    }
+    let mut tried = Vec::new();
+    let starts = [
+        std::env::current_dir().ok(),
+        std::env::current_exe()
+            .ok()
+            .and_then(|e| e.parent().map(PathBuf::from)),
+    ];
+    for start in starts.into_iter().flatten() {
+        for dir in start.ancestors() {
+            let candidate = dir.join("assets");
+            if candidate.is_dir() {
+                return Ok(candidate);
+            }
+            tried.push(candidate);
+        }
+    }
+    Err(Error::NotFound(format!(
+        "no `assets` folder of matvlm found (tried {}); run from the checkout or set ${ASSETS_ENV}",
+        tried
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    )))
 }
 
-/// Where the synthetic world the teacher is trained on is generated (git-ignored; rebuild it with
-/// [`crate::data::ensure_world`] and [`teacher_world_config`]).
-pub fn default_world_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("runs/world")
+/// The committed tiny teacher's folder (`assets/tiny-teacher`, see [`assets_dir`]).
+pub fn default_teacher_path() -> Result<PathBuf> {
+    Ok(assets_dir()?.join("tiny-teacher"))
+}
+
+/// Where the synthetic world the teacher is trained on is generated: `runs/world` beside the
+/// `assets` folder (git-ignored; rebuild it with [`crate::data::ensure_world`] and
+/// [`teacher_world_config`]).
+pub fn default_world_dir() -> Result<PathBuf> {
+    Ok(project_dir()?.join("runs/world"))
+}
+
+/// The folder holding `assets` (the checkout), under which runs go by default.
+pub fn project_dir() -> Result<PathBuf> {
+    let assets = assets_dir()?;
+    Ok(assets
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .map_or_else(|| PathBuf::from("."), PathBuf::from))
 }
 
 /// The world the tiny teacher is trained and evaluated on: the default synthetic world

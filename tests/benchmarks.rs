@@ -4,7 +4,7 @@
 
 use std::io::Write;
 
-use matvlm::benchmarks::*;
+use matvlm::eval::benchmarks::*;
 use matvlm::Error;
 
 fn close(a: f64, b: f64) -> bool {

@@ -11,7 +11,7 @@ use std::collections::{BTreeMap, HashMap};
 
 use candle_core::{Device, Tensor};
 use common::*;
-use matvlm::distill::{distill_loss, DistillBatch, DistillLoss, HiddenLoss, Positions};
+use matvlm::loss::{distill_loss, DistillBatch, DistillLoss, HiddenLoss, Positions};
 use matvlm::model::decoder::Capture;
 use matvlm::model::hybrid::HybridSpec;
 use matvlm::model::vlm::Vlm;
@@ -237,11 +237,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use matvlm::data::Dataset;
+use matvlm::data::SupervisedBatch;
 use matvlm::eval::{agreement, AgreementOptions};
 use matvlm::teacher::{init_tensors_with_std, vlm_from_tensors, TeacherDims};
 use matvlm::tokenize::{PromptTokenizer, IGNORE_INDEX};
-use matvlm::train::distill::{distill, distill_step, DistillConfig, Student, Trainable};
-use matvlm::train::supervised::SupervisedBatch;
+use matvlm::train::distill::{distill, distill_step, DistillConfig, Trainable};
 use matvlm::train::{LrSchedule, ProgressMode, RunDir, StopReason, Trainer};
 
 /// A small generated world: train and val splits, the world's own tokenizer.
@@ -348,7 +348,7 @@ fn trainable_sets_select_the_expected_names() {
         (Trainable::AllButVision, all_but_vision),
     ];
     for (trainable, want) in expected {
-        let student = Student::new(&hybrid, trainable).unwrap();
+        let student = trainable.student(&hybrid).unwrap();
         let got: BTreeSet<String> = student.params.names().map(String::from).collect();
         assert_eq!(got, want, "{trainable:?}");
         for (name, t) in student.vlm.named_tensors() {
@@ -364,7 +364,7 @@ fn trainable_sets_select_the_expected_names() {
         .iter()
         .any(|n| n.contains("mlp") || n.contains("layernorm")));
     // A teacher has no mixer to train.
-    let err = Student::new(&teacher, Trainable::Mixers).err().unwrap();
+    let err = Trainable::Mixers.student(&teacher).err().unwrap();
     assert!(err.to_string().contains("no Mamba layer"), "{err}");
     // The upstream default.
     assert_eq!(
@@ -382,7 +382,7 @@ fn gradients_reach_only_the_trainable_tensors() {
     let teacher = reduced_teacher(&tok, 1);
     let hybrid = teacher.hybrid(&HybridSpec::ratio(0.5)).unwrap();
     let train = split(world.path(), "train", &tok, teacher.config.image_tokens());
-    let student = Student::new(&hybrid, Trainable::MixersConnector).unwrap();
+    let student = Trainable::MixersConnector.student(&hybrid).unwrap();
     let batch = probe(&train, &teacher, 4);
     let out = distill_step(&teacher, &student.vlm, &batch, &DistillLoss::default()).unwrap();
     let store = out.loss.backward().unwrap();
@@ -564,7 +564,7 @@ fn a_resumed_distillation_is_bit_identical_to_an_uninterrupted_one() {
     // B, first process: the loop by hand, cancelled from inside step STOP_AT.
     let dir_b = tempfile::tempdir().unwrap();
     {
-        let student = Student::new(&hybrid, cfg.trainable).unwrap();
+        let student = cfg.trainable.student(&hybrid).unwrap();
         let mut source = cfg.source(train.clone(), &student.vlm).unwrap();
         let cancel = AtomicBool::new(false);
         let mut trainer = Trainer::new(

@@ -9,12 +9,12 @@ use std::collections::HashMap;
 use candle_core::{DType, Device, Tensor};
 use common::*;
 use matvlm::config::TinyLlavaConfig;
-use matvlm::init::InitOptions;
 use matvlm::model::decoder::{Capture, Captured, Mixer};
 use matvlm::model::hybrid::HybridSpec;
+use matvlm::model::hybrid::InitOptions;
+use matvlm::model::hybrid::Placement;
 use matvlm::model::mamba2::Mamba2;
 use matvlm::model::phi::PhiAttention;
-use matvlm::model::placement::Placement;
 use matvlm::model::vlm::Vlm;
 
 fn attention(vlm: &Vlm, layer: usize) -> PhiAttention {
@@ -289,13 +289,18 @@ fn full_size_parameter_and_cache_budget() {
     assert_eq!(cfg.image_tokens(), 728);
     let build = |mamba: Option<(Vec<usize>, matvlm::model::mamba2::Mamba2Config)>| {
         let (vlm, shapes) = matvlm::model::shapes::ShapeRecorder::record(DType::BF16, |vb| {
-            Vlm::from_var_builder_hybrid(
+            let n = cfg.text_config.num_hidden_layers;
+            let plan = match &mamba {
+                Some((l, c)) => matvlm::model::hybrid::LayerPlan::hybrid(n, l, c.clone())?,
+                None => matvlm::model::hybrid::LayerPlan::attention(n),
+            };
+            Vlm::from_var_builder_with_plan(
                 vb,
                 cfg.clone(),
                 None,
                 matvlm::image::ImagePreprocessor::siglip(384),
                 "full-size shapes",
-                mamba.as_ref().map(|(l, c)| (l.as_slice(), c)),
+                &plan,
             )
         })
         .unwrap();
@@ -313,7 +318,7 @@ fn full_size_parameter_and_cache_budget() {
     );
     println!("teacher: {teacher_params} parameters, {teacher_token} cache bytes per token (bf16)");
     for ratio in [0.125, 0.25, 0.5] {
-        let layers = matvlm::model::placement::upstream_layers(ratio, 32).unwrap();
+        let layers = matvlm::model::hybrid::placement::upstream_layers(ratio, 32).unwrap();
         let (h, params) = build(Some((layers.clone(), mixer.clone())));
         assert_eq!(h.mamba_layers(), layers);
         let per_token = h.cache_bytes(1, 2) - h.cache_bytes(1, 1);

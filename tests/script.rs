@@ -91,8 +91,8 @@ fn layers_are_the_libraries_layer_kinds() {
     let kinds = strings(run("load_model(TEACHER).layers()").unwrap());
     let expected: Vec<String> = teacher()
         .layer_kinds()
-        .into_iter()
-        .map(String::from)
+        .iter()
+        .map(|k| k.name().to_string())
         .collect();
     assert_eq!(kinds, expected);
     assert!(kinds.iter().all(|k| k == "attn"), "{kinds:?}");
@@ -511,7 +511,7 @@ fn a_synthetic_dataset_is_the_librarys_world_split() {
 
 #[test]
 fn teacher_loads_or_says_how_to_build_it() {
-    let dir = matvlm::script::model::tiny_teacher_dir();
+    let dir = matvlm::teacher::default_teacher_path().unwrap();
     match run("teacher().layers()") {
         Ok(layers) => {
             assert!(dir.join("config.json").is_file());
@@ -569,9 +569,9 @@ fn shipped_example_script_runs_on_the_fixture() {
 
 #[test]
 fn hybrids_are_the_librarys_hybrids() {
-    use matvlm::init::InitOptions;
     use matvlm::model::hybrid::HybridSpec;
-    use matvlm::model::placement::Placement;
+    use matvlm::model::hybrid::InitOptions;
+    use matvlm::model::hybrid::Placement;
 
     let t = teacher();
     let lib_half = t.hybrid(&HybridSpec::ratio(0.5)).unwrap();
@@ -605,8 +605,8 @@ fn hybrids_are_the_librarys_hybrids() {
     let m: Map = out.cast();
     let expect_kinds: Vec<String> = lib_half
         .layer_kinds()
-        .into_iter()
-        .map(String::from)
+        .iter()
+        .map(|k| k.name().to_string())
         .collect();
     assert_eq!(strings(m["layers"].clone()), expect_kinds);
     assert_eq!(
@@ -673,11 +673,7 @@ fn saved_hybrids_load_back_as_hybrids() {
         &Device::Cpu,
     )
     .unwrap();
-    let expected: Vec<i64> = upstream
-        .mamba_layers()
-        .into_iter()
-        .map(|i| i as i64)
-        .collect();
+    let expected: Vec<i64> = upstream.mamba_layers().iter().map(|&i| i as i64).collect();
     assert_eq!(ints(out[2].clone()), expected);
     assert!(!expected.is_empty());
 }

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use base64::Engine as _;
 use common::*;
-use matvlm::benchmarks::Comparison;
+use matvlm::eval::benchmarks::Comparison;
 use matvlm::eval::{AgreementReport, EvalReport};
 use matvlm::model::hybrid::HybridSpec;
 use matvlm::script::{self, Session};
@@ -313,6 +313,7 @@ fn notebook_teacher_is_the_trained_one_or_a_random_stand_in() {
     let world = notebook::world(&dir.path().join("world")).unwrap();
     let nt = notebook::teacher_or_random(&world, 3).unwrap();
     let trained = matvlm::teacher::default_teacher_path()
+        .unwrap()
         .join("config.json")
         .is_file();
     assert_eq!(nt.trained, trained);

@@ -11,16 +11,16 @@ use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
 use common::load_split;
+use matvlm::data::{expand_labels, SupervisedBatch};
 use matvlm::data::{Dataset, Loader};
 use matvlm::eval::{evaluate, EvalMode, EvalOptions, EvalReport, ImageInput};
 use matvlm::generate::GenerateOptions;
+use matvlm::loss::shifted_cross_entropy;
 use matvlm::model::decoder::Capture;
 use matvlm::model::vlm::Vlm;
 use matvlm::teacher::{init_tensors, vlm_from_tensors, TeacherDims};
 use matvlm::tokenize::{PromptTokenizer, IGNORE_INDEX, IMAGE_TOKEN};
-use matvlm::train::supervised::{
-    expand_labels, shifted_cross_entropy, supervised_step, SupervisedBatch, SupervisedSource,
-};
+use matvlm::train::supervised::{supervised_step, SupervisedSource};
 use matvlm::train::{LrSchedule, ParamSet, ProgressMode, RunDir, Selection, TrainConfig, Trainer};
 
 /// A small world: a few hundred training samples, the default layout (48 px, 3 x 3 grid).
@@ -336,7 +336,7 @@ fn a_teacher_saves_and_loads_in_the_tinyllava_layout() {
 /// teacher forced; and with blank images it falls to about the question-only level.
 #[test]
 fn the_committed_teacher_knows_its_world() {
-    let teacher_dir = matvlm::teacher::default_teacher_path();
+    let teacher_dir = matvlm::teacher::default_teacher_path().unwrap();
     let teacher = Vlm::load(teacher_dir.to_str().unwrap(), DType::F32, &Device::Cpu).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let cfg = matvlm::data::WorldConfig {

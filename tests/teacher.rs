@@ -17,7 +17,12 @@ fn decoder() -> Decoder {
     let files = CheckpointFiles::from_dir(&fixture("teacher")).unwrap();
     let cfg = TinyLlavaConfig::from_file(&files.config).unwrap();
     let vb = files.var_builder(DType::F32, &Device::Cpu).unwrap();
-    Decoder::load(vb.pp("language_model"), &cfg.text_config).unwrap()
+    Decoder::load(
+        vb.pp("language_model"),
+        &cfg.text_config,
+        &matvlm::model::hybrid::LayerPlan::attention(cfg.text_config.num_hidden_layers),
+    )
+    .unwrap()
 }
 
 fn tokenizer() -> PromptTokenizer {

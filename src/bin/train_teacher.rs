@@ -27,15 +27,18 @@ use clap::{Parser, ValueEnum};
 use serde_json::json;
 
 use matvlm::data::llava::ImageCheck;
-use matvlm::data::{ensure_world, Dataset, LoadOptions, Loader, OnBadRecord};
+use matvlm::data::{ensure_world, Dataset, LoadOptions, OnBadRecord};
 use matvlm::eval::{evaluate, EvalMode, EvalOptions, EvalReport, ImageInput};
 use matvlm::model::vlm::Vlm;
 use matvlm::teacher::{self, TeacherDims};
 use matvlm::tokenize::PromptTokenizer;
-use matvlm::train::supervised::{supervised_step, SupervisedSource};
-use matvlm::train::{
-    ctrlc_flag, LrSchedule, ParamSet, RunDir, Selection, StopReason, TrainConfig, Trainer,
-};
+use matvlm::train::supervised::{train, SupervisedConfig};
+use matvlm::train::{ctrlc_flag, ProgressMode, RunDir, StopReason, TrainConfig};
+
+/// The recipe this binary runs; every option below defaults to its value.
+fn recipe() -> SupervisedConfig {
+    SupervisedConfig::tiny_teacher()
+}
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
 enum SaveDtype {
@@ -66,34 +69,37 @@ enum Size {
 #[derive(Debug, Parser)]
 #[command(version, about)]
 struct Args {
-    /// Where the finished checkpoint and eval.json go.
-    #[arg(long, default_value_os_t = teacher::default_teacher_path())]
-    out: PathBuf,
-    /// The synthetic world (generated there when missing or made from another config).
-    #[arg(long, default_value_os_t = teacher::default_world_dir())]
-    world: PathBuf,
-    /// Run directory: config, metrics.jsonl, checkpoints; a run there is resumed.
-    #[arg(long, default_value_os_t = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("runs/teacher"))]
-    run_dir: PathBuf,
+    /// Where the finished checkpoint and eval.json go (default: assets/tiny-teacher of the
+    /// checkout, found as `matrepl` finds it).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// The synthetic world (generated there when missing or made from another config; default:
+    /// runs/world of the checkout).
+    #[arg(long)]
+    world: Option<PathBuf>,
+    /// Run directory: config, metrics.jsonl, checkpoints; a run there is resumed (default:
+    /// runs/teacher of the checkout).
+    #[arg(long)]
+    run_dir: Option<PathBuf>,
     /// Optimiser steps (the whole budget; the learning-rate schedule spans them).
-    #[arg(long, default_value_t = 9000)]
+    #[arg(long, default_value_t = recipe().train.steps)]
     steps: usize,
-    #[arg(long, default_value_t = 256)]
+    #[arg(long, default_value_t = recipe().batch_size)]
     batch: usize,
     /// Peak learning rate (linear warmup, then cosine decay to a tenth of it).
-    #[arg(long, default_value_t = 1.5e-3)]
+    #[arg(long, default_value_t = recipe().train.lr)]
     lr: f64,
-    #[arg(long, default_value_t = 300)]
+    #[arg(long, default_value_t = recipe().train.warmup_steps)]
     warmup: usize,
-    #[arg(long, default_value_t = 0.05)]
+    #[arg(long, default_value_t = recipe().train.weight_decay)]
     weight_decay: f64,
     /// Gradient-norm clip.
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = recipe().train.clip.unwrap_or(0.0))]
     clip: f64,
     /// Evaluate on val (teacher forced) every this many steps.
-    #[arg(long, default_value_t = 1000)]
+    #[arg(long, default_value_t = recipe().train.eval_every)]
     eval_every: usize,
-    #[arg(long, default_value_t = 500)]
+    #[arg(long, default_value_t = recipe().train.save_every)]
     save_every: usize,
     /// Seed of the initial weights and of the data order.
     #[arg(long, default_value_t = 0)]
@@ -147,10 +153,22 @@ fn main() -> anyhow::Result<()> {
     let command: Vec<String> = std::env::args().collect();
     let device = matvlm::script::parse_device(&args.device)?;
 
+    let out = match &args.out {
+        Some(p) => p.clone(),
+        None => teacher::default_teacher_path()?,
+    };
+    let world = match &args.world {
+        Some(p) => p.clone(),
+        None => teacher::default_world_dir()?,
+    };
+    let run_dir = match &args.run_dir {
+        Some(p) => p.clone(),
+        None => teacher::project_dir()?.join("runs/teacher"),
+    };
     let world_cfg = teacher::teacher_world_config();
-    eprintln!("world: {}", args.world.display());
-    ensure_world(&args.world, &world_cfg).context("generating the synthetic world")?;
-    let tok = PromptTokenizer::from_file(&args.world.join("tokenizer.json"))?;
+    eprintln!("world: {}", world.display());
+    ensure_world(&world, &world_cfg).context("generating the synthetic world")?;
+    let tok = PromptTokenizer::from_file(&world.join("tokenizer.json"))?;
     let mut dims = match args.size {
         Size::Tiny => TeacherDims::tiny(),
         Size::Reduced => TeacherDims::reduced(),
@@ -170,83 +188,62 @@ fn main() -> anyhow::Result<()> {
             image_tokens: config.image_tokens(),
             cache_images: true,
         };
-        let path = args.world.join(format!("{split}.json"));
-        let (ds, _) = Dataset::load_with(&path, &args.world, &tok, &opts)
+        let path = world.join(format!("{split}.json"));
+        let (ds, _) = Dataset::load_with(&path, &world, &tok, &opts)
             .with_context(|| format!("loading {}", path.display()))?;
         Ok(Arc::new(ds))
     };
     if args.eval_only {
-        return eval_only(&args, &*load("test")?, &device);
+        return eval_only(&out, &run_dir, &*load("test")?, &device);
     }
-    let (train, val, test) = (load("train")?, load("val")?, load("test")?);
+    let (train_set, val, test) = (load("train")?, load("val")?, load("test")?);
     eprintln!(
         "data: {} train, {} val, {} test samples; vocab {}",
-        train.len(),
+        train_set.len(),
         val.len(),
         test.len(),
         tok.vocab_size()
     );
 
-    // Every tensor trains: the model is built over the Vars, and a detached twin sharing their
-    // storage evaluates without recording a graph.
-    // Drawn on the CPU (the same numbers whatever the device), then moved where training runs so
-    // that the Vars live there.
+    // Drawn on the CPU (the same numbers whatever the device), then moved where training runs.
     let init = teacher::init_tensors_with_std(&config, args.seed, args.init_std)?
         .into_iter()
         .map(|(name, t)| Ok((name, t.to_device(&device)?)))
         .collect::<candle_core::Result<_>>()?;
-    let (params, tensors) = ParamSet::select(&init, &Selection::all())?;
-    let vlm = teacher::vlm_from_tensors(&config, &tok, tensors, &device)?;
-    let eval_vlm = teacher::vlm_from_tensors(
-        &config,
-        &tok,
-        params.named_tensors().into_iter().collect(),
-        &device,
-    )?;
-    eprintln!("model: {} parameters, dims {dims:?}", params.num_params());
+    let initial = teacher::vlm_from_tensors(&config, &tok, init, &device)?;
+    let params = initial.parameter_count();
+    eprintln!("model: {params} parameters, dims {dims:?}");
 
-    let cfg = TrainConfig {
-        steps: args.steps,
-        lr: args.lr,
-        betas: (0.9, 0.98),
-        eps: 1e-8,
-        weight_decay: args.weight_decay,
-        clip: Some(args.clip),
-        accum: 1,
-        schedule: LrSchedule::Cosine {
-            num_cycles: 0.5,
-            min_lr_ratio: 0.1,
+    let base = recipe();
+    let cfg = SupervisedConfig {
+        train: TrainConfig {
+            steps: args.steps,
+            lr: args.lr,
+            weight_decay: args.weight_decay,
+            clip: Some(args.clip),
+            warmup_steps: args.warmup,
+            eval_every: args.eval_every,
+            save_every: args.save_every,
+            seed: args.seed,
+            progress: if args.lines {
+                ProgressMode::Lines
+            } else {
+                ProgressMode::Auto
+            },
+            ..base.train
         },
-        warmup_steps: args.warmup,
-        warmup_ratio: 0.0,
-        eval_every: args.eval_every,
-        save_every: args.save_every,
-        keep_last: 2,
-        seed: args.seed,
-        log_every: 50,
-        resume: true,
-        progress: if args.lines {
-            matvlm::train::ProgressMode::Lines
-        } else {
-            matvlm::train::ProgressMode::Auto
-        },
+        batch_size: args.batch,
+        ..base
     };
-    let loader = Loader::new(train.len(), args.batch, args.seed)?
-        .with_drop_last(true)
-        .with_length_grouping(train.lengths(), 16)?;
-    let mut source = SupervisedSource::for_model(train.clone(), loader, &vlm);
-    let run = RunDir::open(&args.run_dir)?;
     let flag = ctrlc_flag()?;
-    let val_opts = EvalOptions {
-        mode: EvalMode::TeacherForced,
-        ..EvalOptions::default()
-    };
-    let summary = {
-        let mut trainer = Trainer::new(cfg.clone(), &params, run)?
-            .with_cancel(&flag)
-            .with_eval(|_| Ok(evaluate(&eval_vlm, &val, &val_opts)?.metrics("val_")));
-        trainer.fit(&mut source, |_, batch| supervised_step(&vlm, batch))?
-    };
+    let (eval_vlm, summary) = train(
+        &initial,
+        train_set.clone(),
+        Some(val),
+        &cfg,
+        &run_dir,
+        Some(&flag),
+    )?;
     match summary.stop {
         StopReason::Completed => {}
         StopReason::Cancelled => {
@@ -254,13 +251,13 @@ fn main() -> anyhow::Result<()> {
             eprintln!(
                 "stopped at step {}; run the same command again to resume from {}",
                 summary.step,
-                args.run_dir.display()
+                run_dir.display()
             );
             std::process::exit(130);
         }
         StopReason::DataExhausted => bail!("the loader ran dry at step {}", summary.step),
     }
-    let train_s = training_seconds(&args.run_dir)?;
+    let train_s = training_seconds(&run_dir)?;
     eprintln!("trained {} steps ({train_s:.0} s of steps)", summary.step);
 
     // The f32 weights, teacher forced, as the reference for the cast.
@@ -273,9 +270,9 @@ fn main() -> anyhow::Result<()> {
     eprintln!("test, f32, teacher forced: {}", f32_tf.summary());
 
     let dtype = args.dtype.dtype();
-    eval_vlm.save(&args.out, dtype, None)?;
+    eval_vlm.save(&out, dtype, None)?;
     let shipped = Vlm::load(
-        args.out.to_str().context("non-UTF-8 output path")?,
+        out.to_str().context("non-UTF-8 output path")?,
         DType::F32,
         &device,
     )?;
@@ -297,12 +294,12 @@ fn main() -> anyhow::Result<()> {
     };
 
     write_eval(
-        &args.out,
+        &out,
         &EvalFile {
             command: &command,
             dims: &dims,
-            cfg: &cfg,
-            params: params.num_params(),
+            cfg: &cfg.train,
+            params,
             steps: summary.step,
             train_s,
             process_s: started.elapsed().as_secs_f64(),
@@ -317,7 +314,7 @@ fn main() -> anyhow::Result<()> {
     )?;
     eprintln!(
         "wrote {} ({:.1} min in this process)",
-        args.out.display(),
+        out.display(),
         started.elapsed().as_secs_f64() / 60.0
     );
     Ok(())
@@ -345,8 +342,8 @@ fn generated(
 /// `--eval-only`: evaluate the saved checkpoint on the whole test split and put the results in
 /// its eval.json (training facts already there are kept; when `--run-dir` holds the run that made
 /// the checkpoint, its configuration, step count and training seconds are recorded too).
-fn eval_only(args: &Args, test: &Dataset, device: &Device) -> anyhow::Result<()> {
-    let dir = args.out.to_str().context("non-UTF-8 output path")?;
+fn eval_only(out: &Path, run_dir: &Path, test: &Dataset, device: &Device) -> anyhow::Result<()> {
+    let dir = out.to_str().context("non-UTF-8 output path")?;
     let vlm = Vlm::load(dir, DType::F32, device)?;
     let tf = EvalOptions {
         mode: EvalMode::TeacherForced,
@@ -355,7 +352,7 @@ fn eval_only(args: &Args, test: &Dataset, device: &Device) -> anyhow::Result<()>
     let cast_tf = evaluate(&vlm, test, &tf)?;
     eprintln!("test, saved weights, teacher forced: {}", cast_tf.summary());
     let (real, blank) = generated(&vlm, test, None)?;
-    let path = args.out.join("eval.json");
+    let path = out.join("eval.json");
     let mut value: serde_json::Value = match std::fs::read_to_string(&path) {
         Ok(text) => serde_json::from_str(&text)
             .with_context(|| format!("{} is not JSON", path.display()))?,
@@ -365,13 +362,13 @@ fn eval_only(args: &Args, test: &Dataset, device: &Device) -> anyhow::Result<()>
     value["test_blank_image_generate"] = serde_json::to_value(&blank)?;
     value["test_teacher_forced_saved"] = serde_json::to_value(&cast_tf)?;
     value["eval_command"] = json!(std::env::args().collect::<Vec<_>>().join(" "));
-    if let Some(facts) = run_facts(&args.run_dir)? {
+    if let Some(facts) = run_facts(run_dir)? {
         for (key, v) in facts {
             value[key] = v;
         }
     }
     let text = serde_json::to_string_pretty(&value)?;
-    matvlm::checkpoint::write_atomic(&path, format!("{text}\n").as_bytes())?;
+    matvlm::io::write_atomic(&path, format!("{text}\n").as_bytes())?;
     eprintln!("updated {}", path.display());
     Ok(())
 }
@@ -449,6 +446,6 @@ fn write_eval(out: &Path, e: &EvalFile) -> anyhow::Result<()> {
         "blank_image": "all-black image of the same size (the world's background: an empty scene)",
     });
     let text = serde_json::to_string_pretty(&value)?;
-    matvlm::checkpoint::write_atomic(&out.join("eval.json"), format!("{text}\n").as_bytes())?;
+    matvlm::io::write_atomic(&out.join("eval.json"), format!("{text}\n").as_bytes())?;
     Ok(())
 }

@@ -8,7 +8,10 @@ use std::collections::BTreeMap;
 use candle_core::{Module, Tensor};
 use candle_nn::VarBuilder;
 
+use candle_core::{DType, Device};
+
 use super::cache::{Cache, LayerCache};
+use super::hybrid::{mixer_from_attention, InitOptions, LayerPlan, MixerKind};
 use super::layers::{LayerNorm, Linear};
 use super::mamba2::{Mamba2, Mamba2Config};
 use super::phi::{PhiAttention, PhiMlp, Rotary};
@@ -23,10 +26,10 @@ pub enum Mixer {
 }
 
 impl Mixer {
-    pub fn kind(&self) -> &'static str {
+    pub fn kind(&self) -> MixerKind {
         match self {
-            Mixer::Attention(_) => "attn",
-            Mixer::Mamba2(_) => "mamba",
+            Mixer::Attention(_) => MixerKind::Attention,
+            Mixer::Mamba2(_) => MixerKind::Mamba2,
         }
     }
 }
@@ -77,22 +80,22 @@ pub struct Decoder {
     pub lm_head: Linear,
     pub rotary: Rotary,
     pub cfg: PhiConfig,
+    /// Which mixer each block holds; kept in step with `blocks` by every constructor here.
+    plan: LayerPlan,
 }
 
 impl Decoder {
-    /// Load an all-attention decoder (a teacher). `vb` is at the `language_model` prefix.
-    pub fn load(vb: VarBuilder, cfg: &PhiConfig) -> candle_core::Result<Self> {
-        Self::load_with(vb, cfg, &[], None)
-    }
-
-    /// Load a decoder whose layers `mamba_layers` hold a Mamba-2 mixer (`...layers.{i}.mamba.*`)
-    /// and the others attention (`...layers.{i}.self_attn.*`).
-    pub fn load_with(
-        vb: VarBuilder,
-        cfg: &PhiConfig,
-        mamba_layers: &[usize],
-        mamba_cfg: Option<&Mamba2Config>,
-    ) -> candle_core::Result<Self> {
+    /// Load a decoder whose layers hold the mixers `plan` lists: attention under
+    /// `...layers.{i}.self_attn.*`, Mamba-2 under `...layers.{i}.mamba.*`. `vb` is at the
+    /// `language_model` prefix.
+    pub fn load(vb: VarBuilder, cfg: &PhiConfig, plan: &LayerPlan) -> candle_core::Result<Self> {
+        if plan.len() != cfg.num_hidden_layers {
+            candle_core::bail!(
+                "the layer plan has {} layers but the config {}",
+                plan.len(),
+                cfg.num_hidden_layers
+            );
+        }
         let m = vb.pp("model");
         let embed_tokens = m
             .pp("embed_tokens")
@@ -106,12 +109,11 @@ impl Decoder {
                     cfg.hidden_size,
                     cfg.layer_norm_eps,
                 )?,
-                mixer: match (mamba_layers.contains(&i), mamba_cfg) {
-                    (true, Some(mc)) => Mixer::Mamba2(Mamba2::load(l.pp("mamba"), mc)?),
-                    (true, None) => candle_core::bail!(
-                        "layer {i} is a Mamba layer but no Mamba config was given"
-                    ),
-                    (false, _) => Mixer::Attention(PhiAttention::load(l.pp("self_attn"), cfg)?),
+                mixer: match (plan.kind(i), plan.mixer()) {
+                    (Some(MixerKind::Mamba2), Some(mc)) => {
+                        Mixer::Mamba2(Mamba2::load(l.pp("mamba"), mc)?)
+                    }
+                    _ => Mixer::Attention(PhiAttention::load(l.pp("self_attn"), cfg)?),
                 },
                 mlp: PhiMlp::load(l.pp("mlp"), cfg)?,
             });
@@ -133,19 +135,53 @@ impl Decoder {
             lm_head,
             rotary: Rotary::new(cfg),
             cfg: cfg.clone(),
+            plan: plan.clone(),
         })
+    }
+
+    /// This decoder with layers `ids` turned into Mamba-2 layers, each mixer built from the
+    /// attention it replaces per `init` (config `mixer`, or MaTVLM's from the attention shape).
+    /// Every other tensor is shared with `self`; layers that are Mamba already stay as they are.
+    pub fn hybrid(
+        &self,
+        ids: &[usize],
+        mixer: Option<&Mamba2Config>,
+        init: &InitOptions,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
+        let mut out = self.clone();
+        let mut new_cfg: Option<Mamba2Config> = None;
+        for &i in ids {
+            let block = out
+                .blocks
+                .get_mut(i)
+                .ok_or_else(|| Error::Invalid(format!("no decoder layer {i}")))?;
+            let Mixer::Attention(attn) = &block.mixer else {
+                continue;
+            };
+            let cfg = mixer.cloned().unwrap_or_else(|| {
+                Mamba2Config::from_attention(self.cfg.hidden_size, attn.num_heads, attn.head_dim)
+            });
+            block.mixer = Mixer::Mamba2(mixer_from_attention(attn, &cfg, init, i, dtype, device)?);
+            new_cfg.get_or_insert(cfg);
+        }
+        if let Some(cfg) = new_cfg {
+            out.plan = self.plan.with_mamba(ids, &cfg)?;
+        }
+        Ok(out)
+    }
+
+    /// Which mixer each layer holds.
+    pub fn plan(&self) -> &LayerPlan {
+        &self.plan
     }
 
     /// A fresh, empty cache with one entry per block.
     pub fn new_cache(&self) -> Cache {
         Cache {
-            layers: self
-                .blocks
-                .iter()
-                .map(|b| match b.mixer {
-                    Mixer::Attention(_) => LayerCache::Attention(None),
-                    Mixer::Mamba2(_) => LayerCache::Mamba(None),
-                })
+            layers: (0..self.blocks.len())
+                .map(|i| self.new_layer_cache(i))
                 .collect(),
             seq_len: 0,
         }
@@ -247,8 +283,8 @@ impl Decoder {
 
     /// A fresh cache entry for block `i` (attention or Mamba).
     pub fn new_layer_cache(&self, i: usize) -> LayerCache {
-        match self.blocks.get(i).map(|b| &b.mixer) {
-            Some(Mixer::Mamba2(_)) => LayerCache::Mamba(None),
+        match self.plan.kind(i) {
+            Some(MixerKind::Mamba2) => LayerCache::Mamba(None),
             _ => LayerCache::Attention(None),
         }
     }
@@ -317,17 +353,13 @@ impl Decoder {
         out
     }
 
-    /// Ids of the Mamba layers.
-    pub fn mamba_layers(&self) -> Vec<usize> {
-        self.blocks
-            .iter()
-            .enumerate()
-            .filter(|(_, b)| matches!(b.mixer, Mixer::Mamba2(_)))
-            .map(|(i, _)| i)
-            .collect()
+    /// Ids of the Mamba layers, ascending.
+    pub fn mamba_layers(&self) -> &[usize] {
+        self.plan.mamba_layers()
     }
 
-    pub fn layer_kinds(&self) -> Vec<&'static str> {
-        self.blocks.iter().map(|b| b.mixer.kind()).collect()
+    /// The mixer kind of each layer, in order.
+    pub fn layer_kinds(&self) -> &[MixerKind] {
+        self.plan.kinds()
     }
 }

@@ -7,7 +7,6 @@ pub mod hybrid;
 pub mod layers;
 pub mod mamba2;
 pub mod phi;
-pub mod placement;
 pub mod shapes;
 pub mod siglip;
 pub mod vlm;

@@ -10,7 +10,8 @@ use candle_nn::VarBuilder;
 
 use super::cache::Cache;
 use super::connector::Connector;
-use super::decoder::{Capture, Captured, Decoder};
+use super::decoder::{Capture, Captured, Decoder, Mixer};
+use super::hybrid::{format, HybridSpec, LayerPlan, MixerKind};
 use super::layers::Activation;
 use super::siglip::SiglipVisionTower;
 use crate::checkpoint::CheckpointFiles;
@@ -47,37 +48,30 @@ impl Vlm {
         };
         let preprocessor = match &files.preprocessor {
             Some(p) => {
-                ImagePreprocessor::from_config(&crate::config::read_json::<PreprocessorConfig>(p)?)?
+                ImagePreprocessor::from_config(&crate::io::read_json::<PreprocessorConfig>(p)?)?
             }
             None => ImagePreprocessor::from_config(&PreprocessorConfig::siglip_default(
                 config.vision_config.image_size,
             ))?,
         };
         let vb = files.var_builder(dtype, device)?;
-        let hybrid = match &files.mamba_config {
-            Some(p) => {
-                let file = super::hybrid::MambaConfigFile::from_file(p)?;
-                let layers = super::hybrid::check_layers_against_weights(
-                    &file,
-                    |k| vb.contains_tensor(k),
-                    config.text_config.num_hidden_layers,
-                )?;
-                Some((layers, file.mixer_config()?))
-            }
-            None => None,
+        let n_layers = config.text_config.num_hidden_layers;
+        let plan = match &files.mamba_config {
+            Some(p) => format::read_plan(p, |k| vb.contains_tensor(k), n_layers)?,
+            None => LayerPlan::attention(n_layers),
         };
-        Self::from_var_builder_hybrid(
+        Self::from_var_builder_with_plan(
             vb,
             config,
             tokenizer,
             preprocessor,
             &files.location(),
-            hybrid.as_ref().map(|(l, c)| (l.as_slice(), c)),
+            &plan,
         )
     }
 
-    /// Build from any VarBuilder positioned at the checkpoint root (`location` names the source in
-    /// errors).
+    /// Build a teacher (every layer attention) from any VarBuilder positioned at the checkpoint
+    /// root (`location` names the source in errors).
     pub fn from_var_builder(
         vb: VarBuilder,
         config: TinyLlavaConfig,
@@ -85,18 +79,18 @@ impl Vlm {
         preprocessor: ImagePreprocessor,
         location: &str,
     ) -> Result<Self> {
-        Self::from_var_builder_hybrid(vb, config, tokenizer, preprocessor, location, None)
+        let plan = LayerPlan::attention(config.text_config.num_hidden_layers);
+        Self::from_var_builder_with_plan(vb, config, tokenizer, preprocessor, location, &plan)
     }
 
-    /// [`Vlm::from_var_builder`] for a hybrid: `mamba` gives the Mamba layer ids and their
-    /// mixer config.
-    pub fn from_var_builder_hybrid(
+    /// [`Vlm::from_var_builder`] with the decoder's mixers given by `plan`.
+    pub fn from_var_builder_with_plan(
         vb: VarBuilder,
         config: TinyLlavaConfig,
         tokenizer: Option<PromptTokenizer>,
         preprocessor: ImagePreprocessor,
         location: &str,
-        mamba: Option<(&[usize], &crate::model::mamba2::Mamba2Config)>,
+        plan: &LayerPlan,
     ) -> Result<Self> {
         // Check the configured activations up front so that the error is a typed one.
         Activation::from_hf(&config.text_config.hidden_act)?;
@@ -119,17 +113,8 @@ impl Vlm {
             config.text_config.hidden_size,
         )
         .map_err(reclassify)?;
-        let (mamba_layers, mamba_cfg) = match mamba {
-            Some((l, c)) => (l, Some(c)),
-            None => (&[][..], None),
-        };
-        let decoder = Decoder::load_with(
-            vb.pp("language_model"),
-            &config.text_config,
-            mamba_layers,
-            mamba_cfg,
-        )
-        .map_err(classify)?;
+        let decoder =
+            Decoder::load(vb.pp("language_model"), &config.text_config, plan).map_err(classify)?;
         Ok(Self {
             device: vb.device().clone(),
             dtype: vb.dtype(),
@@ -293,14 +278,13 @@ impl Vlm {
     /// `train::ParamSet::select` returns, whose trainable entries are `Var`s.
     pub fn rebuilt(&self, tensors: std::collections::HashMap<String, Tensor>) -> Result<Vlm> {
         let vb = VarBuilder::from_tensors(tensors, self.dtype, &self.device);
-        let mamba = self.mamba_config().map(|c| (self.mamba_layers(), c));
-        Self::from_var_builder_hybrid(
+        Self::from_var_builder_with_plan(
             vb,
             self.config.clone(),
             self.tokenizer.clone(),
             self.preprocessor.clone(),
             "rebuilt model",
-            mamba.as_ref().map(|(l, c)| (l.as_slice(), c)),
+            self.decoder.plan(),
         )
     }
 
@@ -335,8 +319,8 @@ impl Vlm {
             .map(|(k, t)| Ok((k, t.to_dtype(dtype)?)))
             .collect::<Result<_>>()?;
         crate::checkpoint::save_safetensors(dir, &tensors, max_shard_bytes)?;
-        crate::config::write_json(&dir.join(crate::checkpoint::CONFIG), &self.config)?;
-        crate::config::write_json(
+        crate::io::write_json(&dir.join(crate::checkpoint::CONFIG), &self.config)?;
+        crate::io::write_json(
             &dir.join(crate::checkpoint::PREPROCESSOR),
             &self.preprocessor.to_config(),
         )?;
@@ -345,27 +329,74 @@ impl Vlm {
                 .inner()
                 .to_string(true)
                 .map_err(|e| Error::Tokenizer(e.to_string()))?;
-            crate::checkpoint::write_atomic(
-                &dir.join(crate::checkpoint::TOKENIZER),
-                json.as_bytes(),
-            )?;
+            crate::io::write_atomic(&dir.join(crate::checkpoint::TOKENIZER), json.as_bytes())?;
         }
-        let mamba_config = dir.join(crate::checkpoint::MAMBA_CONFIG);
-        if self.mamba_config().is_some() {
-            super::hybrid::save_mamba_config(self, dir)?;
-        } else if mamba_config.exists() {
-            // Saving a teacher over a hybrid's folder: the stale layer map must go.
-            std::fs::remove_file(&mamba_config).map_err(|e| Error::io(&mamba_config, e))?;
-        }
-        Ok(())
+        format::write_plan(dir, &self.config.text_config, self.decoder.plan())
     }
 
     pub fn new_cache(&self) -> Cache {
         self.decoder.new_cache()
     }
 
-    /// "attn" or "mamba" for each decoder layer.
-    pub fn layer_kinds(&self) -> Vec<&'static str> {
+    /// The mixer kind of each decoder layer.
+    pub fn layer_kinds(&self) -> &[MixerKind] {
         self.decoder.layer_kinds()
+    }
+
+    /// A hybrid of this model: the layers chosen by `spec.placement` get a Mamba-2 mixer
+    /// initialised per `spec.init`; every other weight is shared with `self` (tensors are
+    /// reference-counted, nothing is copied). Layers that are Mamba already stay as they are.
+    pub fn hybrid(&self, spec: &HybridSpec) -> Result<Vlm> {
+        let ids = spec.placement.layers(self.decoder.blocks.len())?;
+        let decoder = self.decoder.hybrid(
+            &ids,
+            spec.mamba.as_ref(),
+            &spec.init,
+            self.dtype,
+            &self.device,
+        )?;
+        Ok(Vlm {
+            decoder,
+            ..self.clone()
+        })
+    }
+
+    /// Ids of the decoder layers holding a Mamba-2 mixer, ascending.
+    pub fn mamba_layers(&self) -> &[usize] {
+        self.decoder.mamba_layers()
+    }
+
+    /// The mixer config shared by the Mamba layers (`None` for a teacher).
+    pub fn mamba_config(&self) -> Option<&crate::model::mamba2::Mamba2Config> {
+        self.decoder.plan().mixer()
+    }
+
+    /// Number of scalar parameters.
+    pub fn parameter_count(&self) -> usize {
+        self.named_tensors()
+            .iter()
+            .map(|(_, t)| t.elem_count())
+            .sum()
+    }
+
+    /// Bytes the inference cache holds for `batch` sequences of `seq_len` positions: keys and
+    /// values (model dtype) for attention layers; conv and SSM states (f32 for half models, as
+    /// the mixer keeps them) for Mamba layers, independent of `seq_len`.
+    pub fn cache_bytes(&self, batch: usize, seq_len: usize) -> usize {
+        let elt = self.dtype.size_in_bytes();
+        let state_elt = crate::model::mamba2::compute_dtype(self.dtype).size_in_bytes();
+        self.decoder
+            .blocks
+            .iter()
+            .map(|b| match &b.mixer {
+                Mixer::Attention(a) => 2 * batch * seq_len * a.num_kv_heads * a.head_dim * elt,
+                Mixer::Mamba2(m) => {
+                    let c = &m.cfg;
+                    batch
+                        * (c.conv_dim() * c.d_conv + c.n_heads * c.head_dim * c.d_state)
+                        * state_elt
+                }
+            })
+            .sum()
     }
 }

@@ -188,6 +188,36 @@ impl<'a> Opts<'a> {
     }
 }
 
+/// An options map as JSON, for [`crate::options::merged`] (a unit value counts as not given).
+pub fn json_options(
+    what: &str,
+    map: Map,
+) -> RhaiResult<serde_json::Map<String, serde_json::Value>> {
+    let map: Map = map.into_iter().filter(|(_, v)| !v.is_unit()).collect();
+    match rhai::serde::from_dynamic(&Dynamic::from_map(map)) {
+        Ok(serde_json::Value::Object(m)) => Ok(m),
+        Ok(_) => Err(runtime_error(format!("{what}: options must be a map"))),
+        Err(e) => Err(runtime_error(format!("{what}: {}", bare_message(&e)))),
+    }
+}
+
+/// An options map read into one of the library's `Deserialize` option types: keys are its field
+/// names, an unknown key or a wrong type is an error naming `what` and the key.
+pub fn from_map<T: serde::de::DeserializeOwned>(what: &str, map: Map) -> RhaiResult<T> {
+    let map: Map = map.into_iter().filter(|(_, v)| !v.is_unit()).collect();
+    rhai::serde::from_dynamic(&Dynamic::from_map(map))
+        .map_err(|e| runtime_error(format!("{what}: {}", bare_message(&e))))
+}
+
+/// A rhai error's message without rhai's position suffix (the caller's position is added when
+/// the binding's error surfaces).
+fn bare_message(e: &EvalAltResult) -> String {
+    match e {
+        EvalAltResult::ErrorRuntime(v, _) => v.to_string(),
+        other => other.to_string(),
+    }
+}
+
 /// An integer as an index into `len` items; negative counts from the end (`-1` is the last).
 pub fn index(i: INT, len: usize, what: &str) -> RhaiResult<usize> {
     let j = if i < 0 { i + len as INT } else { i };
@@ -202,36 +232,4 @@ pub fn index(i: INT, len: usize, what: &str) -> RhaiResult<usize> {
 /// A non-negative integer as `usize` (`what` names it in the error).
 pub fn to_usize(i: INT, what: &str) -> RhaiResult<usize> {
     usize::try_from(i).map_err(|_| runtime_error(format!("{what} must be >= 0, not {i}")))
-}
-
-/// How the REPL and `matrepl -e` show a value: the API's own types by their `to_string` (also
-/// inside arrays and maps), strings quoted, everything else as rhai prints it.
-pub fn display_value(v: &Dynamic) -> String {
-    if let Some(arr) = v.read_lock::<rhai::Array>() {
-        let items: Vec<String> = arr.iter().map(display_value).collect();
-        return format!("[{}]", items.join(", "));
-    }
-    if let Some(map) = v.read_lock::<Map>() {
-        let items: Vec<String> = map
-            .iter()
-            .map(|(k, v)| format!("{:?}: {}", k.as_str(), display_value(v)))
-            .collect();
-        return format!("#{{{}}}", items.join(", "));
-    }
-    if let Some(t) = v.read_lock::<super::tensor::Tensor>() {
-        return super::tensor::describe(&t);
-    }
-    if let Some(m) = v.read_lock::<super::model::Model>() {
-        return m.to_string();
-    }
-    if let Some(d) = v.read_lock::<super::data::Data>() {
-        return d.to_string();
-    }
-    if let Some(r) = v.read_lock::<super::train::Run>() {
-        return r.to_string();
-    }
-    if v.is_string() {
-        return format!("{v:?}");
-    }
-    v.to_string()
 }

@@ -36,11 +36,6 @@ impl fmt::Display for Data {
     }
 }
 
-/// Where `dataset("synthetic")` puts the default world (the one the tiny teacher learns).
-pub fn default_world_dir() -> PathBuf {
-    crate::teacher::default_world_dir()
-}
-
 /// The options `dataset("synthetic", ...)` reads itself; every other key is a [`WorldConfig`]
 /// field.
 const SYNTHETIC_KEYS: [&str; 4] = ["dir", "split", "max_len", "tokenizer"];
@@ -56,17 +51,16 @@ fn synthetic(options: Map) -> RhaiResult<Data> {
     } else {
         crate::teacher::teacher_world_config()
     };
-    let dir = match (o.path("dir")?, custom) {
-        (Some(d), _) => d,
-        (None, false) => default_world_dir(),
-        (None, true) => {
-            return Err(runtime_error(format!(
+    let dir =
+        match (o.path("dir")?, custom) {
+            (Some(d), _) => d,
+            (None, false) => crate::teacher::default_world_dir().or_rhai()?,
+            (None, true) => return Err(runtime_error(
                 "dataset(\"synthetic\"): give `dir` for a world other than the default one, so \
-                 that it does not replace the default world in {}",
-                default_world_dir().display()
-            )))
-        }
-    };
+                 that it does not replace the default world (runs/world)"
+                    .into(),
+            )),
+        };
     let split = o.string("split")?.unwrap_or_else(|| "train".into());
     if !crate::data::synthetic::SPLITS.contains(&split.as_str()) {
         return Err(runtime_error(format!(

@@ -64,7 +64,7 @@ pub mod api {
             .map_err(|e| runtime_error(format!("save_json: {e}")))?;
         let text = serde_json::to_string_pretty(&json)
             .map_err(|e| runtime_error(format!("save_json: {e}")))?;
-        crate::checkpoint::write_atomic(Path::new(path), format!("{text}\n").as_bytes()).or_rhai()
+        crate::io::write_atomic(Path::new(path), format!("{text}\n").as_bytes()).or_rhai()
     }
 
     /// The next line of standard input without its line ending, or () at the end of input.

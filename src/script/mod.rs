@@ -33,7 +33,7 @@ use rhai::{Dynamic, Engine, EvalAltResult, Map, Scope, AST};
 
 use crate::{Error, Result};
 
-pub use convert::{display_value, RhaiResult};
+pub use convert::RhaiResult;
 
 /// What every binding of one engine shares: where models are loaded, in which dtype, and the
 /// flag that stops long calls (training, generation) at their next step.
@@ -241,4 +241,36 @@ pub fn parse_dtype(s: &str) -> Result<DType> {
 /// How scripts spell a dtype.
 pub fn dtype_name(dtype: DType) -> &'static str {
     dtype.as_str()
+}
+
+/// How the REPL and `matrepl -e` show a value: the API's own types by their `to_string` (also
+/// inside arrays and maps), strings quoted, everything else as rhai prints it.
+pub fn display_value(v: &Dynamic) -> String {
+    if let Some(arr) = v.read_lock::<rhai::Array>() {
+        let items: Vec<String> = arr.iter().map(display_value).collect();
+        return format!("[{}]", items.join(", "));
+    }
+    if let Some(map) = v.read_lock::<Map>() {
+        let items: Vec<String> = map
+            .iter()
+            .map(|(k, v)| format!("{:?}: {}", k.as_str(), display_value(v)))
+            .collect();
+        return format!("#{{{}}}", items.join(", "));
+    }
+    if let Some(t) = v.read_lock::<tensor::Tensor>() {
+        return tensor::describe(&t);
+    }
+    if let Some(m) = v.read_lock::<model::Model>() {
+        return m.to_string();
+    }
+    if let Some(d) = v.read_lock::<data::Data>() {
+        return d.to_string();
+    }
+    if let Some(r) = v.read_lock::<train::Run>() {
+        return r.to_string();
+    }
+    if v.is_string() {
+        return format!("{v:?}");
+    }
+    v.to_string()
 }

@@ -9,13 +9,11 @@ use std::sync::Arc;
 
 use rhai::{Array, Dynamic, Map, NativeCallContext, INT};
 
-use super::convert::{runtime_error, to_usize, Opts, OrRhai, RhaiResult};
+use super::convert::{from_map, runtime_error, to_usize, Opts, OrRhai, RhaiResult};
 use super::session_of;
 use super::tensor::Tensor;
 use crate::generate::GenerateOptions;
-use crate::init::InitOptions;
-use crate::model::hybrid::HybridSpec;
-use crate::model::placement::Placement;
+use crate::model::hybrid::HybridRequest;
 use crate::model::vlm::Vlm;
 use crate::tokenize::{single_turn_prompt, PHI_SYSTEM};
 
@@ -40,7 +38,7 @@ impl Model {
 impl fmt::Display for Model {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let kinds = self.vlm.layer_kinds();
-        let mamba = kinds.iter().filter(|k| **k == "mamba").count();
+        let mamba = self.vlm.mamba_layers().len();
         let kind = if mamba == 0 { "teacher" } else { "hybrid" };
         write!(
             f,
@@ -51,11 +49,6 @@ impl fmt::Display for Model {
             self.source
         )
     }
-}
-
-/// Where the embedded tiny teacher lives in this source tree.
-pub fn tiny_teacher_dir() -> PathBuf {
-    crate::teacher::default_teacher_path()
 }
 
 /// The command that trains the embedded tiny teacher (named in the error when it is missing).
@@ -70,68 +63,6 @@ pub fn templated_prompt(prompt: &str, with_image: bool, raw: bool) -> String {
     } else {
         single_turn_prompt(prompt, with_image)
     }
-}
-
-/// The [`HybridSpec`] of a `hybrid` options map, for a decoder of `n_layers` layers.
-fn hybrid_spec(options: Map, n_layers: usize) -> RhaiResult<HybridSpec> {
-    let o = Opts::new(
-        "hybrid",
-        options,
-        &[
-            "ratio",
-            "placement",
-            "mamba_layers",
-            "init",
-            "seed",
-            "copy_x",
-            "copy_b",
-            "copy_c",
-            "copy_out_proj",
-            "carry_biases",
-        ],
-    )?;
-    let placement = match (o.float("ratio")?, o.counts("mamba_layers")?) {
-        (Some(ratio), None) => {
-            let strategy = o.string("placement")?.unwrap_or_else(|| "upstream".into());
-            Placement::from_ratio(&strategy, ratio, n_layers).or_rhai()?
-        }
-        (None, Some(ids)) => Placement::Explicit(ids),
-        _ => {
-            return Err(runtime_error(
-                "hybrid: give either `ratio` or `mamba_layers` (not both)".into(),
-            ))
-        }
-    };
-    let seed = o.count("seed")?.unwrap_or(0) as u64;
-    let mut init = match o.string("init")?.as_deref() {
-        None | Some("attention") => InitOptions {
-            seed,
-            ..InitOptions::default()
-        },
-        Some("random") => InitOptions::random(seed),
-        Some(other) => {
-            return Err(runtime_error(format!(
-                "hybrid: init must be \"attention\" or \"random\", not \"{other}\""
-            )))
-        }
-    };
-    let switches: [(&str, &mut bool); 5] = [
-        ("copy_x", &mut init.copy_x),
-        ("copy_b", &mut init.copy_b),
-        ("copy_c", &mut init.copy_c),
-        ("copy_out_proj", &mut init.copy_out_proj),
-        ("carry_biases", &mut init.carry_biases),
-    ];
-    for (key, field) in switches {
-        if let Some(v) = o.bool(key)? {
-            *field = v;
-        }
-    }
-    Ok(HybridSpec {
-        placement,
-        init,
-        mamba: None,
-    })
 }
 
 /// The prompt, image and template switch of a `logits` / `generate` options map.
@@ -179,7 +110,7 @@ pub mod api {
     #[rhai_fn(return_raw)]
     pub fn teacher(ctx: NativeCallContext) -> RhaiResult<Model> {
         let s = session_of(&ctx)?;
-        let dir = tiny_teacher_dir();
+        let dir = crate::teacher::default_teacher_path().or_rhai()?;
         if !dir.join(crate::checkpoint::CONFIG).is_file() {
             return Err(runtime_error(format!(
                 "the embedded tiny teacher is not at {}; build it with `{TINY_TEACHER_COMMAND}`",
@@ -196,8 +127,8 @@ pub mod api {
     pub fn layers(m: &mut Model) -> Array {
         m.vlm
             .layer_kinds()
-            .into_iter()
-            .map(|k| Dynamic::from(k.to_string()))
+            .iter()
+            .map(|k| Dynamic::from(k.name().to_string()))
             .collect()
     }
 
@@ -210,7 +141,9 @@ pub mod api {
     /// (true) and `carry_biases` (false) switch single parts of the initialisation.
     #[rhai_fn(pure, return_raw)]
     pub fn hybrid(m: &mut Model, options: Map) -> RhaiResult<Model> {
-        let spec = hybrid_spec(options, m.vlm.layer_kinds().len())?;
+        let spec = from_map::<HybridRequest>("hybrid", options)?
+            .spec()
+            .or_rhai()?;
         let vlm = m.vlm.hybrid(&spec).or_rhai()?;
         let source = format!("{}.hybrid({:?})", m.source, spec.placement);
         Ok(Model::new(vlm, source))
@@ -221,8 +154,8 @@ pub mod api {
     pub fn mamba_layers(m: &mut Model) -> Array {
         m.vlm
             .mamba_layers()
-            .into_iter()
-            .map(|i| Dynamic::from_int(i as INT))
+            .iter()
+            .map(|&i| Dynamic::from_int(i as INT))
             .collect()
     }
 

@@ -18,15 +18,21 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use rhai::{Array, Dynamic, Map, NativeCallContext, INT};
 use serde::de::DeserializeOwned;
 
-use super::convert::{runtime_error, Opts, OrRhai, RhaiResult};
+use super::convert::{json_options, runtime_error, Opts, OrRhai, RhaiResult};
 use super::data::Data;
 use super::model::{templated_prompt, Model};
 use super::session_of;
-use crate::distill::DistillLoss;
-use crate::eval::{AgreementOptions, EvalMode, EvalOptions, ImageInput, SpeedOptions};
+use crate::eval::{AgreementOptions, EvalOptions, SpeedOptions};
+use crate::options::Layout;
 use crate::train::distill::DistillConfig;
 use crate::train::supervised::SupervisedConfig;
-use crate::train::{LrSchedule, RunDir, StopReason, TrainConfig, TrainSummary};
+use crate::train::{RunDir, StopReason, TrainSummary, OPTION_LAYOUT};
+
+/// The evaluation options' layout: `batch` for `batch_size`.
+const BATCH_ALIAS: Layout = Layout {
+    sections: &[],
+    aliases: &[("batch", "batch_size")],
+};
 
 /// The outcome of a `distill` or `train` call: the trained model, where the run lives, and its
 /// summary and metrics.
@@ -64,130 +70,9 @@ fn stop_name(stop: StopReason) -> &'static str {
     }
 }
 
-/// The options both training calls read (besides `val` and their own).
-const TRAIN_KEYS: [&str; 19] = [
-    "steps",
-    "lr",
-    "batch",
-    "accum",
-    "run_dir",
-    "val",
-    "eval_every",
-    "eval_limit",
-    "save_every",
-    "keep_last",
-    "seed",
-    "warmup_ratio",
-    "warmup_steps",
-    "weight_decay",
-    "clip",
-    "schedule",
-    "resume",
-    "progress",
-    "log_every",
-];
-
-/// The fields of [`DistillLoss`], as a `loss` map may give them.
-const LOSS_KEYS: [&str; 9] = [
-    "kl",
-    "temperature",
-    "reverse_kl",
-    "jsd",
-    "ce_teacher",
-    "ce_labels",
-    "hidden",
-    "hidden_kind",
-    "positions",
-];
-
-/// A string option read as one of the library's serde enums (`"mixers"`, `"l2_norm"`, ...);
-/// a wrong name gets serde's list of the right ones.
-fn enum_opt<T: DeserializeOwned>(o: &Opts, key: &str, what: &str) -> RhaiResult<Option<T>> {
-    match o.string(key)? {
-        None => Ok(None),
-        Some(s) => serde_json::from_value(serde_json::Value::String(s.clone()))
-            .map(Some)
-            .map_err(|e| runtime_error(format!("{what}: option `{key}`: {e}"))),
-    }
-}
-
-/// `schedule: "constant"` or `schedule: #{ kind: "cosine", min_lr_ratio: 0.1 }` (the fields of
-/// [`LrSchedule`]).
-fn schedule_opt(o: &Opts, what: &str) -> RhaiResult<Option<LrSchedule>> {
-    let Some(v) = o.value("schedule") else {
-        return Ok(None);
-    };
-    let map = if v.is_string() {
-        let mut m = Map::new();
-        m.insert("kind".into(), v);
-        Dynamic::from_map(m)
-    } else {
-        v
-    };
-    let json: serde_json::Value = rhai::serde::from_dynamic(&map)
-        .map_err(|e| runtime_error(format!("{what}: option `schedule`: {e}")))?;
-    serde_json::from_value(json)
-        .map(Some)
-        .map_err(|e| runtime_error(format!("{what}: option `schedule`: {e}")))
-}
-
-/// `base` with the options of [`TRAIN_KEYS`] that were given.
-fn train_config(o: &Opts, what: &str, mut t: TrainConfig) -> RhaiResult<TrainConfig> {
-    if let Some(v) = o.count("steps")? {
-        t.steps = v;
-    }
-    if let Some(v) = o.float("lr")? {
-        t.lr = v;
-    }
-    if let Some(v) = o.count("accum")? {
-        t.accum = v;
-    }
-    if let Some(v) = o.count("eval_every")? {
-        t.eval_every = v;
-    }
-    if let Some(v) = o.count("save_every")? {
-        t.save_every = v;
-    }
-    if let Some(v) = o.count("keep_last")? {
-        t.keep_last = v;
-    }
-    if let Some(v) = o.count("seed")? {
-        t.seed = v as u64;
-    }
-    if let Some(v) = o.float("warmup_ratio")? {
-        t.warmup_ratio = v;
-    }
-    if let Some(v) = o.count("warmup_steps")? {
-        t.warmup_steps = v;
-    }
-    if let Some(v) = o.float("weight_decay")? {
-        t.weight_decay = v;
-    }
-    // `clip: false` switches clipping off; a number is the maximum gradient norm.
-    if let Some(v) = o.value("clip") {
-        t.clip = match v.as_bool() {
-            Ok(false) => None,
-            _ => Some(o.float("clip")?.unwrap_or_default()),
-        };
-    }
-    if let Some(v) = schedule_opt(o, what)? {
-        t.schedule = v;
-    }
-    if let Some(v) = o.bool("resume")? {
-        t.resume = v;
-    }
-    if let Some(v) = enum_opt(o, "progress", what)? {
-        t.progress = v;
-    }
-    if let Some(v) = o.count("log_every")? {
-        t.log_every = v;
-    }
-    Ok(t)
-}
-
-/// The `Data` of option `key`, if given.
-fn data_opt(o: &Opts, key: &str, what: &str) -> RhaiResult<Option<Data>> {
-    match o.value(key) {
+/// Take the `Data` of option `key` out of `options`, if given.
+fn take_data(options: &mut Map, key: &str, what: &str) -> RhaiResult<Option<Data>> {
+    match options.remove(key).filter(|v| !v.is_unit()) {
         None => Ok(None),
         Some(v) => match v.read_lock::<Data>() {
             Some(d) => Ok(Some(d.clone())),
@@ -197,6 +82,33 @@ fn data_opt(o: &Opts, key: &str, what: &str) -> RhaiResult<Option<Data>> {
             ))),
         },
     }
+}
+
+/// Take the path of option `key` out of `options`, if given.
+fn take_path(options: &mut Map, key: &str, what: &str) -> RhaiResult<Option<PathBuf>> {
+    match options.remove(key).filter(|v| !v.is_unit()) {
+        None => Ok(None),
+        Some(v) => v
+            .clone()
+            .into_string()
+            .map(|s| Some(PathBuf::from(s)))
+            .map_err(|_| {
+                runtime_error(format!(
+                    "{what}: option `{key}` must be a string, not {}",
+                    v.type_name()
+                ))
+            }),
+    }
+}
+
+/// `base` with the options of `options` (see [`crate::options`]).
+fn config<T: serde::Serialize + DeserializeOwned>(
+    what: &str,
+    base: &T,
+    options: Map,
+    layout: Layout,
+) -> RhaiResult<T> {
+    crate::options::merged(what, base, json_options(what, options)?, layout).or_rhai()
 }
 
 /// A run directory no earlier call of this process used: `runs/{mode}-{unix seconds}-{pid}-{n}`
@@ -252,7 +164,8 @@ pub mod api {
     /// "answers" }, trainable: "mixers" | "mixers_connector" | "all_but_vision", run_dir, val:
     /// data, eval_every, eval_limit, save_every, keep_last, seed, warmup_ratio, warmup_steps,
     /// weight_decay, clip (a number, or false), schedule: "constant" | #{ kind: "wsd", ... },
-    /// resume: true, progress: "auto" | "bar" | "lines" | "silent", log_every }`.
+    /// resume: true, progress: "auto" | "bar" | "lines" | "silent", log_every, betas, eps }`
+    /// (the fields of `DistillConfig` and its `TrainConfig`).
     /// A `run_dir` holding a checkpoint is resumed; without `run_dir` a fresh one under `runs/`
     /// is used. Returns a Run (`run.model` is the distilled student). Ctrl-C stops it at the
     /// next step with a checkpoint and returns the Run (`run.stopped` is true).
@@ -266,36 +179,11 @@ pub mod api {
     ) -> RhaiResult<Run> {
         let s = session_of(&ctx)?;
         let what = "distill";
-        let known: Vec<&str> = TRAIN_KEYS
-            .iter()
-            .copied()
-            .chain(["loss", "trainable"])
-            .collect();
-        let o = Opts::new(what, options, &known)?;
-        let steps = o
-            .count("steps")?
-            .unwrap_or(DistillConfig::default().train.steps);
-        let mut cfg = DistillConfig::upstream(steps);
-        cfg.train = train_config(&o, what, cfg.train)?;
-        if let Some(b) = o.count("batch")? {
-            cfg.batch_size = b;
-        }
-        cfg.eval_limit = o.count("eval_limit")?;
-        if let Some(t) = enum_opt(&o, "trainable", what)? {
-            cfg.trainable = t;
-        }
-        if let Some(v) = o.value("loss") {
-            let map = v.try_cast::<Map>().ok_or_else(|| {
-                runtime_error(format!(
-                    "{what}: option `loss` must be a map of loss weights"
-                ))
-            })?;
-            cfg.loss = loss_config(map)?;
-        }
-        let val = data_opt(&o, "val", what)?;
-        let run_dir = o
-            .path("run_dir")?
-            .unwrap_or_else(|| fresh_run_dir("distill"));
+        let mut options = options;
+        let val = take_data(&mut options, "val", what)?;
+        let run_dir =
+            take_path(&mut options, "run_dir", what)?.unwrap_or_else(|| fresh_run_dir("distill"));
+        let cfg = config(what, &DistillConfig::default(), options, OPTION_LAYOUT)?;
         let (vlm, summary) = crate::train::distill::distill(
             &teacher.vlm,
             &student.vlm,
@@ -321,12 +209,11 @@ pub mod api {
         distill(ctx, teacher, student, data, Map::new())
     }
 
-    /// Train every parameter of `model` on the answers of `data` (cross-entropy), with the tiny
-    /// teacher's recipe (AdamW lr 1e-3, betas (0.9, 0.98), wd 0.05, clip 1.0, cosine to a tenth,
-    /// batch 64). Options as `distill` without `loss` and `trainable`: `#{ steps, lr, batch,
-    /// accum, run_dir, val, eval_every, eval_limit, save_every, keep_last, seed, warmup_ratio,
-    /// warmup_steps, weight_decay, clip, schedule, resume, progress, log_every }`. Returns a Run;
-    /// Ctrl-C as for `distill`.
+    /// Train every parameter of `model` on the answers of `data` (cross-entropy), starting from
+    /// the short-run settings (AdamW lr 1e-3, betas (0.9, 0.98), wd 0.05, clip 1.0, cosine to a
+    /// tenth, batch 64; `SupervisedConfig::quick`). Options as `distill` without `loss` and
+    /// `trainable`, plus `drop_last` and `length_groups`. Returns a Run; Ctrl-C as for
+    /// `distill`.
     #[rhai_fn(name = "train", return_raw)]
     pub fn train(
         ctx: NativeCallContext,
@@ -336,18 +223,11 @@ pub mod api {
     ) -> RhaiResult<Run> {
         let s = session_of(&ctx)?;
         let what = "train";
-        let o = Opts::new(what, options, &TRAIN_KEYS)?;
-        let steps = o
-            .count("steps")?
-            .unwrap_or(SupervisedConfig::default().train.steps);
-        let mut cfg = SupervisedConfig::tiny_teacher(steps);
-        cfg.train = train_config(&o, what, cfg.train)?;
-        if let Some(b) = o.count("batch")? {
-            cfg.batch_size = b;
-        }
-        cfg.eval_limit = o.count("eval_limit")?;
-        let val = data_opt(&o, "val", what)?;
-        let run_dir = o.path("run_dir")?.unwrap_or_else(|| fresh_run_dir("train"));
+        let mut options = options;
+        let val = take_data(&mut options, "val", what)?;
+        let run_dir =
+            take_path(&mut options, "run_dir", what)?.unwrap_or_else(|| fresh_run_dir("train"));
+        let cfg = config(what, &SupervisedConfig::default(), options, OPTION_LAYOUT)?;
         let (vlm, summary) = crate::train::supervised::train(
             &model.vlm,
             data.dataset.clone(),
@@ -382,22 +262,16 @@ pub mod api {
     #[rhai_fn(name = "evaluate", return_raw)]
     pub fn evaluate_with(model: Model, data: Data, options: Map) -> RhaiResult<Dynamic> {
         let what = "evaluate";
-        let o = Opts::new(
-            what,
-            options,
-            &["mode", "limit", "blank", "batch", "max_new_tokens"],
-        )?;
-        let d = EvalOptions::default();
-        let opts = EvalOptions {
-            mode: enum_opt::<EvalMode>(&o, "mode", what)?.unwrap_or(d.mode),
-            image: match o.bool("blank")? {
-                Some(true) => ImageInput::Blank,
-                _ => ImageInput::Real,
-            },
-            batch_size: o.count("batch")?.unwrap_or(d.batch_size),
-            limit: o.count("limit")?,
-            max_new_tokens: o.count("max_new_tokens")?.unwrap_or(d.max_new_tokens),
-        };
+        let mut options = options;
+        // `blank: true` is how scripts ask for `image: "blank"`.
+        if let Some(blank) = options.remove("blank").filter(|v| !v.is_unit()) {
+            let blank = blank.as_bool().map_err(|_| {
+                runtime_error(format!("{what}: option `blank` must be true or false"))
+            })?;
+            let image = if blank { "blank" } else { "real" };
+            options.insert("image".into(), Dynamic::from(image.to_string()));
+        }
+        let opts = config(what, &EvalOptions::default(), options, BATCH_ALIAS)?;
         let report = crate::eval::evaluate(&model.vlm, &data.dataset, &opts).or_rhai()?;
         to_map(&report)
     }
@@ -419,13 +293,7 @@ pub mod api {
         options: Map,
     ) -> RhaiResult<Dynamic> {
         let what = "agreement";
-        let o = Opts::new(what, options, &["positions", "limit", "batch"])?;
-        let d = AgreementOptions::default();
-        let opts = AgreementOptions {
-            positions: enum_opt(&o, "positions", what)?.unwrap_or(d.positions),
-            batch_size: o.count("batch")?.unwrap_or(d.batch_size),
-            limit: o.count("limit")?,
-        };
+        let opts = config(what, &AgreementOptions::default(), options, BATCH_ALIAS)?;
         let report =
             crate::eval::agreement(&teacher.vlm, &student.vlm, &data.dataset, &opts).or_rhai()?;
         to_map(&report)
@@ -546,33 +414,4 @@ pub mod api {
     pub fn to_debug(r: &mut Run) -> String {
         r.to_string()
     }
-}
-
-/// A `loss` map as a [`DistillLoss`]: the given fields replace the upstream defaults; unknown
-/// keys are an error.
-fn loss_config(map: Map) -> RhaiResult<DistillLoss> {
-    let what = "distill: loss";
-    let o = Opts::new(what, map, &LOSS_KEYS)?;
-    let mut loss = DistillLoss::default();
-    let weights: [(&str, &mut f64); 7] = [
-        ("kl", &mut loss.kl),
-        ("temperature", &mut loss.temperature),
-        ("reverse_kl", &mut loss.reverse_kl),
-        ("jsd", &mut loss.jsd),
-        ("ce_teacher", &mut loss.ce_teacher),
-        ("ce_labels", &mut loss.ce_labels),
-        ("hidden", &mut loss.hidden),
-    ];
-    for (key, field) in weights {
-        if let Some(v) = o.float(key)? {
-            *field = v;
-        }
-    }
-    if let Some(v) = enum_opt(&o, "hidden_kind", what)? {
-        loss.hidden_kind = v;
-    }
-    if let Some(v) = enum_opt(&o, "positions", what)? {
-        loss.positions = v;
-    }
-    Ok(loss)
 }

@@ -1,6 +1,6 @@
 //! Figures and comparisons from scripts: `plot_attention_vs_ssm`, `plot_run`, `plot_bars`,
 //! `compare`. Each writes files through [`crate::viz`] (PNG or SVG by the extension of `out`)
-//! or [`crate::benchmarks::Comparison`], and returns what it wrote.
+//! or [`crate::eval::benchmarks::Comparison`], and returns what it wrote.
 
 use std::path::{Path, PathBuf};
 
@@ -9,7 +9,7 @@ use rhai::{Array, Dynamic, Map};
 use super::convert::{runtime_error, Opts, OrRhai, RhaiResult};
 use super::model::Model;
 use super::train::Run;
-use crate::benchmarks::Comparison;
+use crate::eval::benchmarks::Comparison;
 use crate::eval::{AgreementReport, EvalReport, SpeedReport};
 use crate::viz;
 

@@ -4,10 +4,11 @@
 //!
 //! The whole loop, as [`distill`] runs it:
 //! ```text
-//! let student = Student::new(&hybrid, Trainable::MixersConnector)?;     // Vars + rebuilt model
+//! let student = Student::new(&hybrid, &cfg.trainable.selection())?;      // Vars + rebuilt model
 //! let mut source = cfg.source(train, &student.vlm)?;                      // shuffled batches
-//! let mut trainer = Trainer::new(cfg.train.clone(), &student.params, RunDir::open(dir)?)?;
-//! trainer.fit(&mut source, |_, batch| distill_step(&teacher, &student.vlm, batch, &cfg.loss))?;
+//! fit_student(&student, &cfg.train, setup, &mut source, |batch| {
+//!     distill_step(&teacher, &student.vlm, batch, &cfg.loss)
+//! })?;
 //! ```
 //! Per step, [`distill_step`] runs the teacher once without a graph (its outputs detached), the
 //! student with one, and returns the weighted loss plus every term on its own, so that
@@ -22,14 +23,14 @@ use std::sync::Arc;
 use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 
-use super::params::{ParamSet, Selection};
-use super::run::RunDir;
+use super::params::Selection;
 use super::schedule::LrSchedule;
-use super::supervised::{SupervisedBatch, SupervisedSource};
-use super::trainer::{StepOutput, TrainConfig, TrainSummary, Trainer};
-use crate::data::{Dataset, Loader};
-use crate::distill::{distill_loss_with, teacher_outputs, DistillBatch, DistillLoss};
+use super::student::{fit_student, EvalFn, RunSetup, Student};
+use super::supervised::SupervisedSource;
+use super::trainer::{StepOutput, TrainConfig, TrainSummary};
+use crate::data::{Dataset, Loader, SupervisedBatch};
 use crate::eval::{agreement, evaluate, AgreementOptions, EvalMode, EvalOptions};
+use crate::loss::{distill_loss_with, teacher_outputs, DistillBatch, DistillLoss};
 use crate::model::vlm::Vlm;
 use crate::{Error, Result};
 
@@ -65,6 +66,18 @@ impl Trainable {
             }
             Trainable::AllButVision => Selection::new([""; 0], [VISION_PATTERN]),
         }
+    }
+
+    /// `hybrid` ready to train with this set (refused when it selects mixers of a model that
+    /// has none).
+    pub fn student(self, hybrid: &Vlm) -> Result<Student> {
+        if self != Trainable::AllButVision && hybrid.mamba_layers().is_empty() {
+            return Err(Error::Invalid(format!(
+                "the student has no Mamba layer, so {self:?} selects no mixer; build it with \
+                 `Vlm::hybrid` first"
+            )));
+        }
+        Student::new(hybrid, &self.selection())
     }
 }
 
@@ -127,44 +140,6 @@ impl DistillConfig {
     pub fn source(&self, train: Arc<Dataset>, student: &Vlm) -> Result<SupervisedSource> {
         let loader = Loader::new(train.len(), self.batch_size, self.train.seed)?;
         Ok(SupervisedSource::for_model(train, loader, student))
-    }
-}
-
-/// A hybrid ready to train: its trainable tensors as `Var`s, and the model built over them
-/// (the frozen tensors are the hybrid's own, shared, never copied).
-pub struct Student {
-    pub params: ParamSet,
-    pub vlm: Vlm,
-}
-
-impl Student {
-    /// Turn the tensors of `hybrid` chosen by `trainable` into `Var`s (copies: training never
-    /// writes into `hybrid`, nor into a teacher it shares tensors with) and rebuild the model
-    /// over them.
-    pub fn new(hybrid: &Vlm, trainable: Trainable) -> Result<Self> {
-        if trainable != Trainable::AllButVision && hybrid.mamba_layers().is_empty() {
-            return Err(Error::Invalid(format!(
-                "the student has no Mamba layer, so {trainable:?} selects no mixer; build it \
-                 with `Vlm::hybrid` first"
-            )));
-        }
-        let tensors = hybrid.named_tensors().into_iter().collect();
-        let (params, tensors) = ParamSet::select(&tensors, &trainable.selection())?;
-        let vlm = hybrid.rebuilt(tensors)?;
-        Ok(Self { params, vlm })
-    }
-
-    /// The same model over detached tensors that share storage with the `Var`s: it follows the
-    /// training (every optimiser step shows in it) but never records a graph, so evaluation
-    /// through it costs no gradient bookkeeping.
-    pub fn detached(&self) -> Result<Vlm> {
-        let tensors = self
-            .vlm
-            .named_tensors()
-            .into_iter()
-            .map(|(name, t)| (name, t.detach()))
-            .collect();
-        self.vlm.rebuilt(tensors)
     }
 }
 
@@ -253,47 +228,40 @@ pub fn distill(
     cancel: Option<&AtomicBool>,
 ) -> Result<(Vlm, TrainSummary)> {
     check_pair(teacher, student_hybrid)?;
-    let student = Student::new(student_hybrid, cfg.trainable)?;
+    let student = cfg.trainable.student(student_hybrid)?;
     let mut source = cfg.source(train, &student.vlm)?;
-    let run = RunDir::open(run_dir)?;
-    if run.read_config()?.is_none() {
-        let config = serde_json::to_value(cfg)
-            .map_err(|e| Error::Other(format!("serialising the distillation config: {e}")))?;
-        run.write_config(&config)?;
-    }
 
     let eval_student = student.detached()?;
     let mut teacher_acc: Option<f64> = None;
-    let mut eval_on_val = |val: &Dataset| -> Result<Vec<(String, f64)>> {
-        let agree = AgreementOptions {
-            limit: cfg.eval_limit,
-            ..AgreementOptions::default()
-        };
-        let exact = EvalOptions {
-            mode: EvalMode::TeacherForced,
-            limit: cfg.eval_limit,
-            ..EvalOptions::default()
-        };
-        let mut values = agreement(teacher, &eval_student, val, &agree)?.metrics("val_");
-        values.extend(evaluate(&eval_student, val, &exact)?.metrics("val_"));
-        let t_acc = match teacher_acc {
-            Some(a) => a,
-            None => *teacher_acc.insert(evaluate(teacher, val, &exact)?.accuracy),
-        };
-        values.push(("val_teacher_acc".into(), t_acc));
-        Ok(values)
+    let eval = val.as_deref().map(|val| -> EvalFn<'_> {
+        Box::new(move |_| {
+            let agree = AgreementOptions {
+                limit: cfg.eval_limit,
+                ..AgreementOptions::default()
+            };
+            let exact = EvalOptions {
+                mode: EvalMode::TeacherForced,
+                limit: cfg.eval_limit,
+                ..EvalOptions::default()
+            };
+            let mut values = agreement(teacher, &eval_student, val, &agree)?.metrics("val_");
+            values.extend(evaluate(&eval_student, val, &exact)?.metrics("val_"));
+            let t_acc = match teacher_acc {
+                Some(a) => a,
+                None => *teacher_acc.insert(evaluate(teacher, val, &exact)?.accuracy),
+            };
+            values.push(("val_teacher_acc".into(), t_acc));
+            Ok(values)
+        })
+    });
+    let setup = RunSetup {
+        dir: run_dir,
+        config: cfg,
+        cancel,
+        eval,
     };
-
-    let mut trainer = Trainer::new(cfg.train.clone(), &student.params, run)?;
-    if let Some(flag) = cancel {
-        trainer = trainer.with_cancel(flag);
-    }
-    if let Some(val) = val.as_deref() {
-        trainer = trainer.with_eval(move |_| eval_on_val(val));
-    }
-    let summary = trainer.fit(&mut source, |_, batch| {
+    let summary = fit_student(&student, &cfg.train, setup, &mut source, |batch| {
         distill_step(teacher, &student.vlm, batch, &cfg.loss)
     })?;
-    drop(trainer);
     Ok((student.detached()?, summary))
 }

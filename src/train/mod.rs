@@ -5,6 +5,8 @@
 //! - [`schedule`]: learning-rate schedules with warmup, as transformers.
 //! - [`run`]: the run directory: config, metrics, atomic checkpoints.
 //! - [`trainer`]: the loop ([`Trainer::fit`]), with accumulation, evaluation, resume and cancel.
+//! - [`student`]: the model over its trainable `Var`s and [`fit_student`], the run skeleton every
+//!   mode calls.
 //! - [`supervised`], [`distill`]: the two training modes (cross-entropy; teacher -> hybrid).
 //! - [`progress`], [`cancel`]: what the user sees, and Ctrl-C.
 //!
@@ -23,6 +25,7 @@ pub mod params;
 pub mod progress;
 pub mod run;
 pub mod schedule;
+pub mod student;
 pub mod supervised;
 pub mod trainer;
 
@@ -32,7 +35,15 @@ pub use params::{glob, Grads, ParamSet, Selection};
 pub use progress::{Progress, ProgressMode, StepReport};
 pub use run::{Checkpoint, CheckpointState, RunDir};
 pub use schedule::{LrSchedule, Ramp, Schedule};
+pub use student::{fit_student, EvalFn, RunSetup, Student};
 pub use trainer::{
     BatchSource, IndexedSource, Resumable, Resumed, StepCtx, StepOutput, StopReason, TrainConfig,
     TrainSummary, Trainer,
+};
+
+/// How flat option maps (scripts, notebooks) reach a training config: the fields of its `train`
+/// section at the top level, `batch` for `batch_size`.
+pub const OPTION_LAYOUT: crate::options::Layout = crate::options::Layout {
+    sections: &["train"],
+    aliases: &[("batch", "batch_size")],
 };

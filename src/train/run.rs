@@ -24,7 +24,8 @@ use std::path::{Path, PathBuf};
 use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
-use crate::checkpoint::{load_safetensors, write_atomic};
+use crate::checkpoint::load_safetensors;
+use crate::io::write_atomic;
 use crate::{Error, Result};
 
 pub const RUN_CONFIG: &str = "config.json";
@@ -130,7 +131,7 @@ impl RunDir {
         if !path.is_file() {
             return Ok(None);
         }
-        crate::config::read_json(&path).map(Some)
+        crate::io::read_json(&path).map(Some)
     }
 
     /// Append one record to `metrics.jsonl` and flush, so a crash loses no logged line.
@@ -292,7 +293,7 @@ impl RunDir {
     /// Read one checkpoint folder, its tensors onto `device`.
     pub fn load_checkpoint(dir: &Path, device: &Device) -> Result<Checkpoint> {
         let state_path = dir.join(CKPT_STATE);
-        let state: CheckpointState = crate::config::read_json(&state_path)?;
+        let state: CheckpointState = crate::io::read_json(&state_path)?;
         if state.format != CHECKPOINT_FORMAT {
             return Err(Error::BadConfig {
                 path: state_path,

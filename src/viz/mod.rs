@@ -26,7 +26,7 @@ use plotters::prelude::*;
 use plotters::style::colors::colormaps::ViridisRGB;
 use plotters::style::text_anchor::{HPos, Pos, VPos};
 
-use crate::checkpoint::write_atomic;
+use crate::io::write_atomic;
 use crate::model::decoder::{Capture, Mixer};
 use crate::model::mamba2::{implicit_attention, state_norms};
 use crate::model::vlm::Vlm;

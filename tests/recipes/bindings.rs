@@ -103,7 +103,7 @@ fn distill_and_train_are_the_librarys_runs() {
     cfg.trainable = Trainable::Mixers;
     cfg.loss.hidden = 0.5;
     cfg.loss.ce_labels = 0.25;
-    cfg.loss.positions = matvlm::distill::Positions::Answers;
+    cfg.loss.positions = matvlm::loss::Positions::Answers;
     let dir = tempfile::tempdir().unwrap();
     let (lib_student, _) = matvlm::train::distill::distill(
         &teacher,
@@ -124,7 +124,7 @@ fn distill_and_train_are_the_librarys_runs() {
     assert_eq!(logits_of(&script_student), logits_of(&lib_student));
     assert_ne!(logits_of(&script_student), logits_of(&hybrid), "it trained");
 
-    let mut scfg = SupervisedConfig::tiny_teacher(2);
+    let mut scfg = SupervisedConfig::quick(2);
     scfg.batch_size = 4;
     scfg.train.progress = ProgressMode::Silent;
     let (lib_trained, _) = matvlm::train::supervised::train(
@@ -198,7 +198,7 @@ fn evaluate_agreement_and_speed_are_the_librarys() {
         &hybrid,
         &test,
         &AgreementOptions {
-            positions: matvlm::distill::Positions::All,
+            positions: matvlm::loss::Positions::All,
             limit: Some(5),
             ..AgreementOptions::default()
         },

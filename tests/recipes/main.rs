@@ -16,7 +16,7 @@ use matvlm::data::{ensure_world, Dataset, LoadOptions, WorldConfig};
 use matvlm::eval::{agreement, evaluate, AgreementOptions, EvalMode, EvalOptions};
 use matvlm::generate::GenerateOptions;
 use matvlm::model::hybrid::HybridSpec;
-use matvlm::model::placement::Placement;
+use matvlm::model::hybrid::Placement;
 use matvlm::model::vlm::Vlm;
 use matvlm::script::{self, Session};
 use matvlm::teacher::{init_vlm, TeacherDims};

@@ -35,7 +35,7 @@ fn train_scripts_run_end_to_end_and_report_what_the_library_measures() {
 
         let summary = read_json(&out_dir.join("summary.json"));
         let r: f64 = ratio.parse().unwrap();
-        let expected_layers = Placement::Upstream(r).layers(8).unwrap();
+        let expected_layers = Placement::ratio(r).layers(8).unwrap();
         assert_eq!(ids(&summary["mamba_layers"]), expected_layers, "{ratio}");
         assert_eq!(summary["steps"], 2);
 
@@ -126,10 +126,13 @@ fn placement_sweep_runs_every_distinct_placement() {
     assert_success(&out);
     let mut expected: Vec<Vec<usize>> = Vec::new();
     for p in ["upstream", "even", "first", "last"] {
-        let layers = Placement::from_ratio(p, 0.25, 8)
-            .unwrap()
-            .layers(8)
-            .unwrap();
+        let layers = Ok::<_, matvlm::Error>(Placement::Ratio {
+            rule: p.parse().unwrap(),
+            ratio: 0.25,
+        })
+        .unwrap()
+        .layers(8)
+        .unwrap();
         if !expected.contains(&layers) {
             expected.push(layers);
         }
@@ -370,7 +373,7 @@ fn train_script_runs_on_the_embedded_teacher_or_says_how_to_build_it() {
         dir.path(),
         "",
     );
-    let teacher_dir = matvlm::teacher::default_teacher_path();
+    let teacher_dir = matvlm::teacher::default_teacher_path().unwrap();
     if teacher_dir.join("config.json").is_file() {
         assert_success(&out);
         let summary = read_json(&out_dir.join("summary.json"));
@@ -378,7 +381,7 @@ fn train_script_runs_on_the_embedded_teacher_or_says_how_to_build_it() {
         let n = teacher.layer_kinds().len();
         assert_eq!(
             ids(&summary["mamba_layers"]),
-            Placement::Upstream(0.25).layers(n).unwrap()
+            Placement::ratio(0.25).layers(n).unwrap()
         );
         let acc = summary["teacher"]["accuracy"]["accuracy"].as_f64().unwrap();
         assert!((0.0..=1.0).contains(&acc), "{acc}");

@@ -71,11 +71,6 @@ fn repeat_heads(rows: &Tensor, n_kv: usize, rep: usize) -> Result<Tensor> {
     Ok(rows.reshape(shape)?.broadcast_as(expanded)?.reshape(out)?)
 }
 
-/// The mixer config MaTVLM derives from an attention layer, in the checkpoint's dtype.
-pub fn mixer_config_for(attn: &PhiAttention, hidden: usize) -> Mamba2Config {
-    Mamba2Config::from_attention(hidden, attn.num_heads, attn.head_dim)
-}
-
 /// Build the mixer that replaces `attn` in layer `layer`.
 pub fn mixer_from_attention(
     attn: &PhiAttention,

@@ -194,12 +194,12 @@ impl Comparison {
         } else {
             self.to_markdown()
         };
-        crate::checkpoint::write_atomic(path, text.as_bytes())
+        crate::io::write_atomic(path, text.as_bytes())
     }
 
     /// Read a comparison saved as JSON.
     pub fn load(path: &Path) -> Result<Self> {
-        crate::config::read_json(path)
+        crate::io::read_json(path)
     }
 }
 

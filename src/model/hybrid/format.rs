@@ -1,46 +1,17 @@
-//! MaTVLM hybrids: a teacher with some attention mixers swapped for Mamba-2, and the upstream
-//! checkpoint format (`mamba_config.json` beside TinyLLaVA-layout weights, Mamba layers under
-//! `language_model.model.layers.{i}.mamba.*`).
+//! The MaTVLM checkpoint format: `mamba_config.json` beside TinyLLaVA-layout weights, Mamba
+//! layers under `language_model.model.layers.{i}.mamba.*`. The only code that reads or writes
+//! that file.
 
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-use super::decoder::Mixer;
-use super::mamba2::Mamba2Config;
-use super::placement::Placement;
-use super::vlm::Vlm;
-use crate::config::{read_json, write_json, PhiConfig};
-use crate::init::{mixer_from_attention, InitOptions};
+use super::plan::LayerPlan;
+use crate::checkpoint::MAMBA_CONFIG;
+use crate::config::PhiConfig;
+use crate::io::{read_json, write_json};
+use crate::model::mamba2::Mamba2Config;
 use crate::{Error, Result};
-
-/// What to build: which layers, how to initialise them, and optionally a mixer shape other than
-/// MaTVLM's (d_state = head_dim, one head and one group per attention head, d_inner = hidden).
-#[derive(Debug, Clone)]
-pub struct HybridSpec {
-    pub placement: Placement,
-    pub init: InitOptions,
-    pub mamba: Option<Mamba2Config>,
-}
-
-impl HybridSpec {
-    /// The upstream recipe at a ratio (0.125, 0.25, 0.5), initialised from attention.
-    pub fn ratio(ratio: f64) -> Self {
-        Self {
-            placement: Placement::Upstream(ratio),
-            init: InitOptions::default(),
-            mamba: None,
-        }
-    }
-
-    pub fn layers(ids: Vec<usize>) -> Self {
-        Self {
-            placement: Placement::Explicit(ids),
-            init: InitOptions::default(),
-            mamba: None,
-        }
-    }
-}
 
 fn d_expand() -> usize {
     1
@@ -112,9 +83,10 @@ impl MambaConfigFile {
         read_json(path)
     }
 
-    /// Describe a hybrid decoder for saving.
-    pub fn describe(phi: &PhiConfig, mixer: &Mamba2Config, attn_layers: Vec<usize>) -> Self {
-        Self {
+    /// Describe a hybrid decoder for saving (`None` for a teacher's plan).
+    pub fn describe(phi: &PhiConfig, plan: &LayerPlan) -> Option<Self> {
+        let mixer = plan.mixer()?;
+        Some(Self {
             d_model: mixer.d_model,
             ssm_cfg: SsmCfg {
                 expand: mixer.d_inner / mixer.d_model.max(1),
@@ -131,14 +103,14 @@ impl MambaConfigFile {
             d_xb: Some(mixer.n_groups * mixer.d_state),
             intermediate_size: Some(phi.intermediate_size),
             hidden_act: phi.hidden_act.clone(),
-            n_layer: phi.num_hidden_layers,
-            attn_layers,
+            n_layer: plan.len(),
+            attn_layers: plan.attention_layers(),
             resid_pdrop: 0.0,
             bidirectional: false,
             is_bias: mixer.in_proj_bias,
             matvlm_mixer: Some(mixer.clone()),
             extra: Default::default(),
-        }
+        })
     }
 
     /// The mixer config of every Mamba layer.
@@ -194,86 +166,28 @@ impl MambaConfigFile {
     }
 }
 
-impl Vlm {
-    /// A hybrid of this model: the layers chosen by `spec.placement` get a Mamba-2 mixer
-    /// initialised per `spec.init`; every other weight is shared with `self` (tensors are
-    /// reference-counted, nothing is copied). Layers that are Mamba already stay as they are.
-    pub fn hybrid(&self, spec: &HybridSpec) -> Result<Vlm> {
-        let n = self.decoder.blocks.len();
-        let ids = spec.placement.layers(n)?;
-        let mut out = self.clone();
-        let hidden = self.decoder.cfg.hidden_size;
-        for &i in &ids {
-            let block = &mut out.decoder.blocks[i];
-            let Mixer::Attention(attn) = &block.mixer else {
-                continue;
-            };
-            let cfg = spec
-                .mamba
-                .clone()
-                .unwrap_or_else(|| crate::init::mixer_config_for(attn, hidden));
-            let mixer = mixer_from_attention(attn, &cfg, &spec.init, i, self.dtype, &self.device)?;
-            block.mixer = Mixer::Mamba2(mixer);
-        }
-        Ok(out)
-    }
+/// The layer plan of a checkpoint: read `path` (its `mamba_config.json`) and check that it and
+/// the weights agree on which layer is which, so a mismatch is reported as such instead of as a
+/// missing key deep inside a layer. `has` tells whether the weights hold a tensor name.
+pub fn read_plan(path: &Path, has: impl Fn(&str) -> bool, n_layers: usize) -> Result<LayerPlan> {
+    let file = MambaConfigFile::from_file(path)?;
+    let mamba = check_layers_against_weights(&file, has, n_layers)?;
+    LayerPlan::hybrid(n_layers, &mamba, file.mixer_config()?)
+}
 
-    /// Ids of the decoder layers holding a Mamba-2 mixer.
-    pub fn mamba_layers(&self) -> Vec<usize> {
-        self.decoder.mamba_layers()
-    }
-
-    /// The mixer config shared by the Mamba layers (`None` for a teacher).
-    pub fn mamba_config(&self) -> Option<Mamba2Config> {
-        self.decoder.blocks.iter().find_map(|b| match &b.mixer {
-            Mixer::Mamba2(m) => Some(m.cfg.clone()),
-            Mixer::Attention(_) => None,
-        })
-    }
-
-    /// Number of scalar parameters.
-    pub fn parameter_count(&self) -> usize {
-        self.named_tensors()
-            .iter()
-            .map(|(_, t)| t.elem_count())
-            .sum()
-    }
-
-    /// Bytes the inference cache holds for `batch` sequences of `seq_len` positions: keys and
-    /// values (model dtype) for attention layers; conv and SSM states (f32 for half models, as
-    /// the mixer keeps them) for Mamba layers, independent of `seq_len`.
-    pub fn cache_bytes(&self, batch: usize, seq_len: usize) -> usize {
-        let elt = self.dtype.size_in_bytes();
-        let state_elt = crate::model::mamba2::compute_dtype(self.dtype).size_in_bytes();
-        self.decoder
-            .blocks
-            .iter()
-            .map(|b| match &b.mixer {
-                Mixer::Attention(a) => 2 * batch * seq_len * a.num_kv_heads * a.head_dim * elt,
-                Mixer::Mamba2(m) => {
-                    let c = &m.cfg;
-                    batch
-                        * (c.conv_dim() * c.d_conv + c.n_heads * c.head_dim * c.d_state)
-                        * state_elt
-                }
-            })
-            .sum()
-    }
-
-    /// The `mamba_config.json` describing this model (`None` for a teacher).
-    pub fn mamba_config_file(&self) -> Option<MambaConfigFile> {
-        let mixer = self.mamba_config()?;
-        let mamba = self.mamba_layers();
-        let attn = (0..self.decoder.blocks.len())
-            .filter(|i| !mamba.contains(i))
-            .collect();
-        Some(MambaConfigFile::describe(&self.decoder.cfg, &mixer, attn))
+/// Write `mamba_config.json` into the checkpoint folder `dir` for a hybrid's plan; for a
+/// teacher's, remove one left there by an earlier save (a stale layer map would turn the
+/// teacher into a hybrid on the next load).
+pub fn write_plan(dir: &Path, phi: &PhiConfig, plan: &LayerPlan) -> Result<()> {
+    let path = dir.join(MAMBA_CONFIG);
+    match MambaConfigFile::describe(phi, plan) {
+        Some(file) => write_json(&path, &file),
+        None if path.exists() => std::fs::remove_file(&path).map_err(|e| Error::io(&path, e)),
+        None => Ok(()),
     }
 }
 
-/// Check that `mamba_config.json` and the weights agree on which layer is which, so a mismatch
-/// is reported as such instead of as a missing key deep inside a layer.
-pub fn check_layers_against_weights(
+fn check_layers_against_weights(
     file: &MambaConfigFile,
     has: impl Fn(&str) -> bool,
     n_layers: usize,
@@ -304,12 +218,4 @@ pub fn check_layers_against_weights(
         }
     }
     Ok(mamba)
-}
-
-/// Write `mamba_config.json` next to a saved hybrid.
-pub fn save_mamba_config(vlm: &Vlm, dir: &Path) -> Result<()> {
-    if let Some(file) = vlm.mamba_config_file() {
-        write_json(&dir.join(crate::checkpoint::MAMBA_CONFIG), &file)?;
-    }
-    Ok(())
 }

@@ -2,21 +2,58 @@
 //!
 //! MaTVLM's released models use fixed lists for Phi-2's 32 layers (0.125 -> [0, 6, 12, 18],
 //! 0.25 -> every 4th layer from 0, 0.5 -> every 2nd from 0). A researcher prototyping placements
-//! wants more: evenly spread, first-k, last-k, an explicit list, or any rule of their own.
+//! wants more: evenly spread, first, last, an explicit list, or any rule of their own.
+
+use serde::{Deserialize, Serialize};
 
 use crate::{Error, Result};
 
-/// A rule that picks the Mamba layers among `n_layers` decoder layers.
+/// How [`Placement::Ratio`] spreads its layers over the stack; scripts spell them in snake case.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Rule {
+    /// The upstream MaTVLM lists, generalised to any depth (see [`upstream_layers`]).
+    #[default]
+    Upstream,
+    /// Spread evenly, centred in equal segments of the stack.
+    #[serde(alias = "evenly")]
+    Even,
+    /// The first layers.
+    First,
+    /// The last layers.
+    Last,
+}
+
+impl std::str::FromStr for Rule {
+    type Err = Error;
+
+    /// A rule by its name, as scripts and command lines spell it.
+    fn from_str(s: &str) -> Result<Self> {
+        serde_json::from_value(serde_json::Value::String(s.to_string())).map_err(|_| {
+            Error::Invalid(format!(
+                "unknown placement rule `{s}` (upstream, even, first, last)"
+            ))
+        })
+    }
+}
+
+impl Rule {
+    /// The `k = ratio * n_layers` layers this rule picks (unsorted, unchecked).
+    fn pick(self, ratio: f64, k: usize, n_layers: usize) -> Result<Vec<usize>> {
+        Ok(match self {
+            Rule::Upstream => upstream_layers(ratio, n_layers)?,
+            Rule::Even => (0..k).map(|i| ((2 * i + 1) * n_layers) / (2 * k)).collect(),
+            Rule::First => (0..k).collect(),
+            Rule::Last => (n_layers.saturating_sub(k)..n_layers).collect(),
+        })
+    }
+}
+
+/// Which decoder layers become Mamba layers, as a rule or a list.
 #[derive(Clone)]
 pub enum Placement {
-    /// The upstream MaTVLM lists, generalised to any depth (see [`upstream_layers`]).
-    Upstream(f64),
-    /// `ratio * n` layers spread evenly, centred in equal segments of the stack.
-    Even(f64),
-    /// The first `k` layers.
-    First(usize),
-    /// The last `k` layers.
-    Last(usize),
+    /// `ratio * n_layers` layers (a whole number of them) placed by `rule`.
+    Ratio { rule: Rule, ratio: f64 },
     /// Exactly these layer ids.
     Explicit(Vec<usize>),
     /// A user rule: given the layer count, return the Mamba layer ids.
@@ -26,10 +63,7 @@ pub enum Placement {
 impl std::fmt::Debug for Placement {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Placement::Upstream(r) => write!(f, "Upstream({r})"),
-            Placement::Even(r) => write!(f, "Even({r})"),
-            Placement::First(k) => write!(f, "First({k})"),
-            Placement::Last(k) => write!(f, "Last({k})"),
+            Placement::Ratio { rule, ratio } => write!(f, "{rule:?}({ratio})"),
             Placement::Explicit(v) => write!(f, "Explicit({v:?})"),
             Placement::Custom(_) => write!(f, "Custom(..)"),
         }
@@ -37,32 +71,21 @@ impl std::fmt::Debug for Placement {
 }
 
 impl Placement {
-    /// Parse a strategy name as scripts spell it: "upstream", "even", "first", "last".
-    pub fn from_ratio(strategy: &str, ratio: f64, n_layers: usize) -> Result<Self> {
-        let k = layers_for_ratio(ratio, n_layers)?;
-        Ok(match strategy {
-            "upstream" => Placement::Upstream(ratio),
-            "even" | "evenly" => Placement::Even(ratio),
-            "first" => Placement::First(k),
-            "last" => Placement::Last(k),
-            other => {
-                return Err(Error::Invalid(format!(
-                    "unknown placement strategy `{other}` (upstream, even, first, last)"
-                )))
-            }
-        })
+    /// MaTVLM's own placement at `ratio` (the default [`Rule`]).
+    pub fn ratio(ratio: f64) -> Self {
+        Self::Ratio {
+            rule: Rule::default(),
+            ratio,
+        }
     }
 
     /// The sorted Mamba layer ids for a decoder of `n_layers` layers, checked.
     pub fn layers(&self, n_layers: usize) -> Result<Vec<usize>> {
         let mut ids = match self {
-            Placement::Upstream(r) => upstream_layers(*r, n_layers)?,
-            Placement::Even(r) => {
-                let k = layers_for_ratio(*r, n_layers)?;
-                (0..k).map(|i| ((2 * i + 1) * n_layers) / (2 * k)).collect()
+            Placement::Ratio { rule, ratio } => {
+                let k = layers_for_ratio(*ratio, n_layers)?;
+                rule.pick(*ratio, k, n_layers)?
             }
-            Placement::First(k) => (0..*k).collect(),
-            Placement::Last(k) => (n_layers.saturating_sub(*k)..n_layers).collect(),
             Placement::Explicit(v) => v.clone(),
             Placement::Custom(f) => f(n_layers)?,
         };
@@ -141,28 +164,30 @@ mod tests {
         );
     }
 
+    fn at(rule: Rule, ratio: f64) -> Placement {
+        Placement::Ratio { rule, ratio }
+    }
+
     #[test]
-    fn strategies_on_eight_layers() {
-        assert_eq!(Placement::Upstream(0.125).layers(8).unwrap(), vec![0]);
-        assert_eq!(Placement::Upstream(0.25).layers(8).unwrap(), vec![0, 4]);
-        assert_eq!(
-            Placement::Upstream(0.5).layers(8).unwrap(),
-            vec![0, 2, 4, 6]
-        );
-        assert_eq!(Placement::Even(0.25).layers(8).unwrap(), vec![2, 6]);
-        assert_eq!(Placement::First(3).layers(8).unwrap(), vec![0, 1, 2]);
-        assert_eq!(Placement::Last(2).layers(8).unwrap(), vec![6, 7]);
+    fn rules_on_eight_layers() {
+        assert_eq!(at(Rule::Upstream, 0.125).layers(8).unwrap(), vec![0]);
+        assert_eq!(Placement::ratio(0.25).layers(8).unwrap(), vec![0, 4]);
+        assert_eq!(at(Rule::Upstream, 0.5).layers(8).unwrap(), vec![0, 2, 4, 6]);
+        assert_eq!(at(Rule::Even, 0.25).layers(8).unwrap(), vec![2, 6]);
+        assert_eq!(at(Rule::First, 0.375).layers(8).unwrap(), vec![0, 1, 2]);
+        assert_eq!(at(Rule::Last, 0.25).layers(8).unwrap(), vec![6, 7]);
     }
 
     #[test]
     fn bad_placements_are_clear_errors() {
         let e = Placement::Explicit(vec![1, 9]).layers(8).unwrap_err();
         assert!(e.to_string().contains("layer id 9"), "{e}");
-        let e = Placement::Upstream(0.3).layers(8).unwrap_err();
+        let e = Placement::ratio(0.3).layers(8).unwrap_err();
         assert!(e.to_string().contains("not a whole number"), "{e}");
         let e = Placement::Explicit(vec![2, 2]).layers(8).unwrap_err();
         assert!(e.to_string().contains("twice"), "{e}");
-        let e = Placement::from_ratio("diagonal", 0.25, 8).unwrap_err();
-        assert!(e.to_string().contains("unknown placement"), "{e}");
+        let e = "diagonal".parse::<Rule>().unwrap_err();
+        assert!(e.to_string().contains("unknown placement rule"), "{e}");
+        assert_eq!("evenly".parse::<Rule>().unwrap(), Rule::Even);
     }
 }
