@@ -10,6 +10,9 @@ use crate::model::vlm::Vlm;
 use crate::tokenize::single_turn_prompt;
 use crate::{Error, Result};
 
+/// How the phi template ends a prompt that asks for the assistant's answer.
+const ANSWER_TAG: &str = "ASSISTANT:";
+
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct GenerateOptions {
     pub max_new_tokens: usize,
@@ -155,7 +158,9 @@ impl Vlm {
     }
 
     /// Generate from a raw prompt string (already in the chat template; `<image>` marks the image).
-    /// `on_text` receives the newly decoded text piece of each token.
+    /// `on_text` receives the newly decoded text piece of each token; the pieces add up to the
+    /// returned text. The answer of a templated prompt (one ending in `ASSISTANT:`) comes without
+    /// the space that separates it from the tag (`"circle"`, not `" circle"`).
     pub fn generate(
         &self,
         prompt: &str,
@@ -170,6 +175,13 @@ impl Vlm {
             Some(p) => Some(self.pixel_values(p)?),
             None => None,
         };
+        // The template writes `ASSISTANT: {answer}`, and the tokenizer keeps that space on the
+        // answer's first token (` circle`): it belongs to the template, not to the answer.
+        let separated = prompt.ends_with(ANSWER_TAG);
+        let continuation = |full: String| match full.strip_prefix(' ') {
+            Some(rest) if separated => rest.to_string(),
+            _ => full,
+        };
         let mut text = String::new();
         let mut tokens: Vec<u32> = Vec::new();
         let mut decode_err = None;
@@ -178,6 +190,7 @@ impl Vlm {
                 tokens.push(t);
                 match tok.decode(&tokens) {
                     Ok(full) => {
+                        let full = continuation(full);
                         let piece = full.get(text.len()..).unwrap_or("").to_string();
                         text = full;
                         on_text(&piece)
@@ -192,7 +205,7 @@ impl Vlm {
             return Err(e);
         }
         Ok(Generation {
-            text: tok.decode(&tokens_out)?,
+            text: continuation(tok.decode(&tokens_out)?),
             tokens: tokens_out,
             prompt_len: ids.len(),
             stop,

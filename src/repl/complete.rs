@@ -1,5 +1,6 @@
-//! Tab completion of REPL input: commands, functions, methods of the value before a dot, and
-//! the variables in scope. Pure: the terminal layer only hands over the line and cursor.
+//! Tab completion of REPL input: commands, functions, methods and properties of the value before
+//! a dot, and the variables in scope. Pure: the terminal layer only hands over the line and
+//! cursor.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -16,10 +17,12 @@ const KEYWORDS: [&str; 18] = [
 #[derive(Debug, Clone, Default)]
 pub struct Completer {
     functions: BTreeSet<String>,
-    /// Receiver type -> method names (functions whose first parameter is of that type).
+    /// Receiver type -> what completes after `x.` for a value of that type: its methods
+    /// (functions whose first parameter is of that type) as calls, `name(`, or `name()` when no
+    /// overload takes more than the receiver; its properties (getters) as bare names, since
+    /// `x.name` reads a property and `x.name()` calls a method and neither works as the other.
     methods: BTreeMap<String, BTreeSet<String>>,
-    /// Functions that take at least one parameter: the methods offered when the receiver's
-    /// type is unknown.
+    /// Every type's methods and properties: what is offered when the receiver's type is unknown.
     any_method: BTreeSet<String>,
     /// Variables in scope and their type names.
     variables: Vec<(String, String)>,
@@ -32,13 +35,32 @@ fn is_ident_char(c: char) -> bool {
 impl Completer {
     pub fn new(docs: &Docs) -> Self {
         let callable = docs.callable_names();
+        // (receiver, method) -> whether some overload takes arguments besides the receiver.
+        let mut takes_args: BTreeMap<(&str, &str), bool> = BTreeMap::new();
+        let mut properties: BTreeSet<(&str, &str)> = BTreeSet::new();
+        for f in &docs.functions {
+            let Some(r) = f.receiver.as_deref() else {
+                continue;
+            };
+            if callable.contains(&f.name) {
+                *takes_args.entry((r, f.name.as_str())).or_default() |= f.arity > 1;
+            } else if let Some(p) = Docs::property_name(f) {
+                properties.insert((r, p));
+            }
+        }
+        let calls = takes_args.into_iter().map(|((r, name), args)| {
+            let parens = if args { "(" } else { "()" };
+            (r, format!("{name}{parens}"))
+        });
+        let props = properties.into_iter().map(|(r, p)| (r, p.to_string()));
         let mut methods: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
         let mut any_method = BTreeSet::new();
-        for f in docs.functions.iter().filter(|f| callable.contains(&f.name)) {
-            if let Some(r) = &f.receiver {
-                methods.entry(r.clone()).or_default().insert(f.name.clone());
-                any_method.insert(f.name.clone());
-            }
+        for (r, text) in calls.chain(props) {
+            methods
+                .entry(r.to_string())
+                .or_default()
+                .insert(text.clone());
+            any_method.insert(text);
         }
         Self {
             functions: callable,
@@ -97,7 +119,17 @@ impl Completer {
                 .find(|(n, _)| *n == receiver)
                 .and_then(|(_, t)| self.methods.get(t));
             let pool = typed.unwrap_or(&self.any_method);
-            return (start, self.with_prefix(pool.iter(), word));
+            let mut cands = self.with_prefix(pool.iter(), word);
+            // Completing a name already followed by its parenthesis adds none.
+            if line[pos..].starts_with('(') {
+                cands = cands
+                    .into_iter()
+                    .map(|c| c.trim_end_matches(['(', ')']).to_string())
+                    .collect::<BTreeSet<_>>()
+                    .into_iter()
+                    .collect();
+            }
+            return (start, cands);
         }
         if word.is_empty() {
             return (start, Vec::new());

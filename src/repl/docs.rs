@@ -16,6 +16,8 @@ pub struct FnDoc {
     /// The type of the first parameter (`Model`, `Tensor`, ...), which a method call
     /// `x.name()` passes as `x`; `None` without parameters.
     pub receiver: Option<String>,
+    /// How many parameters it takes, the receiver included.
+    pub arity: usize,
     /// From rhai's standard library rather than matvlm's API.
     pub standard: bool,
 }
@@ -52,7 +54,7 @@ struct ParamMeta {
 }
 
 /// A name a script can type: not an operator, indexer or property accessor (`get$x`).
-fn is_identifier(name: &str) -> bool {
+pub fn is_identifier(name: &str) -> bool {
     name.chars()
         .next()
         .is_some_and(|c| c.is_alphabetic() || c == '_')
@@ -145,6 +147,7 @@ impl Docs {
             .into_iter()
             .filter(|f| !f.name.starts_with("anon$"))
             .map(|f| FnDoc {
+                arity: f.params.len(),
                 receiver: f
                     .params
                     .first()
@@ -170,6 +173,11 @@ impl Docs {
             .map(|f| f.name.clone())
             .filter(|n| is_identifier(n))
             .collect()
+    }
+
+    /// The property `x` when `f` is its getter (`get$x`, read as `value.x`).
+    pub fn property_name(f: &FnDoc) -> Option<&str> {
+        f.name.strip_prefix("get$").filter(|p| is_identifier(p))
     }
 
     /// The help text for `name`: each overload's signature and doc.

@@ -141,14 +141,28 @@ impl Repl {
         }
     }
 
-    /// Compile and run `code` in the session's scope, keeping the functions it defines. The
-    /// cancel flag is cleared first, so a Ctrl-C during the previous entry does not stop this one.
+    /// Compile and run `code` in the session's scope, keeping the functions it defines.
+    ///
+    /// A set cancel flag stops the entry, whenever it was set from the moment the entry was
+    /// handed over: it is not cleared on the way in (a Ctrl-C arriving as the entry starts would
+    /// be lost, and the entry might never end). It is cleared when the entry ends, so the
+    /// cancellation stops this entry and no later one; [`terminal::run`] also drops one that
+    /// arrives while no entry runs, before showing the prompt.
     pub fn eval(
         &mut self,
         code: &str,
         source: Option<&Path>,
     ) -> Result<Dynamic, Box<EvalAltResult>> {
+        let result = self.compile_and_run(code, source);
         self.session.cancel.store(false, Ordering::SeqCst);
+        result
+    }
+
+    fn compile_and_run(
+        &mut self,
+        code: &str,
+        source: Option<&Path>,
+    ) -> Result<Dynamic, Box<EvalAltResult>> {
         let mut ast = self.engine.compile_with_scope(&self.scope, code)?;
         if let Some(p) = source {
             ast.set_source(p.display().to_string());
@@ -157,7 +171,6 @@ impl Repl {
         let program = self.functions.merge(&ast);
         let result = self.engine.eval_ast_with_scope(&mut self.scope, &program);
         self.functions = program.clone_functions_only();
-        self.session.cancel.store(false, Ordering::SeqCst);
         result
     }
 

@@ -4,6 +4,7 @@
 
 use std::borrow::Cow;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
 
 use rhai::Engine;
 use rustyline::completion::Completer as RlCompleter;
@@ -98,6 +99,9 @@ pub fn run(mut repl: Repl, history: Option<&Path>) -> Result<()> {
     }
     println!("matvlm REPL: `:help` lists the functions, Tab completes, Ctrl-D or `:quit` leaves.");
     loop {
+        // A Ctrl-C that arrived after the last entry ended (while its output was printed) was
+        // meant for nothing that runs now; at the prompt the line editor reads Ctrl-C as a key.
+        repl.session.cancel.store(false, Ordering::SeqCst);
         match editor.readline(PROMPT) {
             Ok(entry) => {
                 if entry.trim().is_empty() {

@@ -1,11 +1,14 @@
-//! Helpers shared by the integration tests: fixture paths and models, tensor comparisons,
-//! figure checks.
+//! Helpers shared by the integration test binaries (parity, training, app): fixture paths and
+//! models, tensor comparisons, small generated worlds, script engines, the `matrepl` binary,
+//! figure checks. Each binary uses a part of them.
 #![allow(dead_code)]
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::process::Command;
 
 use candle_core::{DType, Device, Tensor};
+use rhai::{Dynamic, Engine, EvalAltResult, Scope};
 
 pub fn fixture(area: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -61,10 +64,12 @@ pub fn reference_json(area: &str, file: &str) -> serde_json::Value {
     serde_json::from_str(&text).expect("valid json")
 }
 
-pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+/// `max |a - b|` over all elements, computed in f64 (so that f64 results compare at f64
+/// precision, and f32 or half ones exactly).
+pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
     assert_eq!(a.dims(), b.dims(), "shapes differ");
-    let a = a.to_dtype(DType::F32).unwrap();
-    let b = b.to_dtype(DType::F32).unwrap();
+    let a = a.to_dtype(DType::F64).unwrap();
+    let b = b.to_dtype(DType::F64).unwrap();
     (a - b)
         .unwrap()
         .abs()
@@ -73,7 +78,7 @@ pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
         .unwrap()
         .max(0)
         .unwrap()
-        .to_scalar::<f32>()
+        .to_scalar::<f64>()
         .unwrap()
 }
 
@@ -195,4 +200,41 @@ pub fn load_split(
             .unwrap()
             .0,
     )
+}
+
+/// The elements of a rhai array of strings.
+pub fn strings(v: Dynamic) -> Vec<String> {
+    v.into_array()
+        .unwrap()
+        .into_iter()
+        .map(|x| x.into_string().unwrap())
+        .collect()
+}
+
+/// `TEACHER` (the fixture teacher's folder) and `IMAGE` (its test image): the constants scripts
+/// in the tests use to reach the fixture.
+pub fn teacher_constants() -> Vec<(&'static str, String)> {
+    let dir = fixture("teacher");
+    vec![
+        ("TEACHER", dir.display().to_string()),
+        ("IMAGE", dir.join("test_image.png").display().to_string()),
+    ]
+}
+
+/// Evaluate `code` with `engine` in a fresh scope holding the string `constants`.
+pub fn eval_with_constants(
+    engine: &Engine,
+    constants: &[(&str, String)],
+    code: &str,
+) -> Result<Dynamic, Box<EvalAltResult>> {
+    let mut scope = Scope::new();
+    for (name, value) in constants {
+        scope.push_constant(*name, value.clone());
+    }
+    engine.eval_with_scope::<Dynamic>(&mut scope, code)
+}
+
+/// The `matrepl` binary of this build.
+pub fn matrepl_command() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_matrepl"))
 }

@@ -20,9 +20,7 @@ use rand::{rngs::StdRng, Rng, SeedableRng};
 type R<T> = std::result::Result<T, Box<dyn std::error::Error>>;
 
 fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures/train")
-        .join(name)
+    crate::common::fixture("train").join(name)
 }
 
 fn load_fixture(name: &str) -> R<HashMap<String, Tensor>> {

@@ -2,16 +2,14 @@
 //! scripts/fixtures/make_teacher_fixtures.py (random weights, the exact TinyLLaVA layout).
 //! Tolerance: f32 logits max abs difference <= 1e-4.
 
-mod common;
-
+use crate::common::*;
 use candle_core::{DType, Device};
-use common::*;
 use matvlm::checkpoint::CheckpointFiles;
 use matvlm::config::TinyLlavaConfig;
 use matvlm::model::decoder::{Capture, Captured, Decoder};
 use matvlm::tokenize::{encode_conversation, PromptTokenizer, Turn};
 
-const TOL: f32 = 1e-4;
+const TOL: f64 = 1e-4;
 
 fn decoder() -> Decoder {
     let files = CheckpointFiles::from_dir(&fixture("teacher")).unwrap();

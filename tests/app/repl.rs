@@ -1,13 +1,10 @@
 //! The REPL's logic without a terminal (continuation, completion, commands, error display,
 //! Ctrl-C), and the `matrepl` binary end to end with `-e` and with a script file.
 
-mod common;
-
-use std::process::Command;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use common::fixture;
+use crate::common::{fixture, matrepl_command};
 use matvlm::repl::{format_error, is_incomplete, Outcome, Repl};
 use matvlm::script::Session;
 use rhai::Engine;
@@ -127,17 +124,39 @@ fn completion_offers_functions_methods_variables_and_commands() {
     r.handle(&format!("let m = load_model({:?});", teacher_path()));
     r.handle("let t = tensor([1.0, 2.0]);");
     r.handle("let my_count = 3;");
-    let c = r.completer();
-    // Methods of the variable's own type.
-    assert_eq!(c.complete("m.la", 4), (2, vec!["layers".to_string()]));
+    let mut c = r.completer();
+    // Methods of the variable's own type, completed as calls: `()` when no overload takes more
+    // than the receiver, an open `(` when one does.
+    assert_eq!(c.complete("m.la", 4), (2, vec!["layers()".to_string()]));
     let (_, model_methods) = c.complete("m.", 2);
-    assert!(model_methods.contains(&"generate".to_string()));
+    assert!(model_methods.contains(&"generate(".to_string()));
     assert!(
-        !model_methods.contains(&"softmax".to_string()),
+        !model_methods.iter().any(|m| m.starts_with("softmax")),
         "{model_methods:?}"
     );
     let (_, tensor_methods) = c.complete("t.so", 4);
-    assert_eq!(tensor_methods, ["softmax"]);
+    assert_eq!(tensor_methods, ["softmax("]);
+    // Already followed by its parenthesis: the name alone.
+    assert_eq!(c.complete("m.la()", 4), (2, vec!["layers".to_string()]));
+    // The completed entry runs (a bare `m.layers` is an unknown property).
+    let completed = format!("m.{}.len()", c.complete("m.la", 4).1[0]);
+    assert_eq!(output(r.handle(&completed)), "4");
+    assert!(error(r.handle("m.layers")).contains("layers"));
+    // Properties (getters) complete without parentheses.
+    c.set_variables(vec![("run".into(), "Run".into())]);
+    let (_, run_members) = c.complete("run.", 4);
+    for property in ["model", "steps", "stopped", "checkpoint"] {
+        assert!(
+            run_members.contains(&property.to_string()),
+            "{run_members:?}"
+        );
+    }
+    assert!(
+        !run_members.iter().any(|m| m.starts_with("model(")),
+        "{run_members:?}"
+    );
+    assert_eq!(c.complete("run.sto", 7).1, ["stop", "stopped"]);
+    let c = r.completer();
     // Variables in scope, beside functions and keywords.
     assert_eq!(c.complete("1 + my_c", 8), (4, vec!["my_count".to_string()]));
     let (_, cands) = c.complete("wh", 2);
@@ -204,35 +223,65 @@ fn vars_time_load_quit_and_unknown_commands() {
     assert_eq!(r.handle("   "), Outcome::Nothing);
 }
 
+/// Ctrl-C during an entry stops it at its next operation or generated token and keeps the
+/// session. The flag is set from another thread, as the Ctrl-C handler sets it, once the entry has
+/// demonstrably started (it calls `started()`); and before an entry starts. Either way the entry
+/// ends "interrupted": entering does not clear the flag, so no cancellation is lost. The REPL runs
+/// in a thread of its own (an engine is not `Send`), so a lost cancellation fails the test after a
+/// bounded wait instead of hanging it.
 #[test]
 fn ctrl_c_stops_a_long_call_and_keeps_the_session() {
-    let mut r = repl();
-    r.handle(&format!("let m = load_model({:?});", teacher_path()));
-    r.handle("let answers = [];");
-    let flag = r.session.cancel.clone();
-    let setter = std::thread::spawn(move || {
-        std::thread::sleep(Duration::from_millis(300));
-        flag.store(true, Ordering::SeqCst);
-    });
-    // Without the flag this loop never ends.
-    let msg = error(r.handle(
-        "loop {\n  answers.push(m.generate(#{ prompt: \"hi\", max_new_tokens: 40, stop_at_eos: false }));\n}",
-    ));
-    setter.join().unwrap();
-    assert!(msg.contains("interrupted"), "{msg}");
-    // The model and what was computed so far are still there, and the next entry runs.
-    let _answers_kept: i64 = output(r.handle("answers.len()")).parse().unwrap();
-    assert_eq!(output(r.handle("m.layers().len()")), "4");
-    assert!(!r.session.cancel.load(Ordering::SeqCst));
-}
+    use std::sync::mpsc::{channel, RecvTimeoutError};
+    const WAIT: Duration = Duration::from_secs(120);
+    let (flag_tx, flag_rx) = channel();
+    let (started_tx, started_rx) = channel::<()>();
+    let (done_tx, done_rx) = channel::<()>();
+    let worker = std::thread::spawn(move || {
+        let mut r = repl();
+        flag_tx.send(r.session.cancel.clone()).unwrap();
+        r.engine.register_fn("started", move || {
+            let _ = started_tx.send(());
+        });
+        r.handle(&format!("let m = load_model({:?});", teacher_path()));
+        r.handle("let answers = [];");
+        // Without the flag these loops never end.
+        let endless = "loop {\n  started();\n  answers.push(m.generate(#{ prompt: \"hi\", max_new_tokens: 40, stop_at_eos: false }));\n}";
+        let msg = error(r.handle(endless));
+        assert!(msg.contains("interrupted"), "{msg}");
+        // The model and what was computed so far are still there, and the next entry runs.
+        let _answers_kept: i64 = output(r.handle("answers.len()")).parse().unwrap();
+        assert_eq!(output(r.handle("m.layers().len()")), "4");
+        assert!(!r.session.cancel.load(Ordering::SeqCst));
 
-fn matrepl() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_matrepl"))
+        // Set before the entry starts: it stops that entry, and only that one.
+        r.session.cancel.store(true, Ordering::SeqCst);
+        let msg = error(r.handle(endless));
+        assert!(msg.contains("interrupted"), "{msg}");
+        assert!(!r.session.cancel.load(Ordering::SeqCst));
+        assert_eq!(output(r.handle("m.layers().len()")), "4");
+        done_tx.send(()).unwrap();
+    });
+    let flag = flag_rx
+        .recv_timeout(WAIT)
+        .expect("the REPL thread did not start");
+    started_rx
+        .recv_timeout(WAIT)
+        .expect("the endless entry did not start");
+    flag.store(true, Ordering::SeqCst);
+    match done_rx.recv_timeout(WAIT) {
+        Ok(()) => worker.join().unwrap(),
+        Err(RecvTimeoutError::Timeout) => {
+            panic!("the entries were not interrupted within {WAIT:?} of the cancel flag")
+        }
+        Err(RecvTimeoutError::Disconnected) => {
+            std::panic::resume_unwind(worker.join().unwrap_err())
+        }
+    }
 }
 
 #[test]
 fn binary_evaluates_an_expression() {
-    let out = matrepl()
+    let out = matrepl_command()
         .args(["-e", "let t = tensor([1.0, 2.0]); (t * 3).to_array()"])
         .output()
         .unwrap();
@@ -240,7 +289,7 @@ fn binary_evaluates_an_expression() {
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "[3.0, 6.0]");
 
     let code = format!("load_model({:?}).layers().len()", teacher_path());
-    let out = matrepl()
+    let out = matrepl_command()
         .args(["--dtype", "bf16", "-e", &code])
         .output()
         .unwrap();
@@ -257,7 +306,7 @@ fn binary_runs_a_script_with_arguments_and_reports_errors() {
         "print(steps * 2);\nprint(name);\nprint(ARGS.lr ?? 0.5);\n",
     )
     .unwrap();
-    let out = matrepl()
+    let out = matrepl_command()
         .arg(&ok)
         .args(["--steps", "21", "--name", "hi"])
         .output()
@@ -271,20 +320,20 @@ fn binary_runs_a_script_with_arguments_and_reports_errors() {
         "let a = 1;\nlet b = load_model(\"/no/such/model\");\n",
     )
     .unwrap();
-    let out = matrepl().arg(&bad).output().unwrap();
+    let out = matrepl_command().arg(&bad).output().unwrap();
     assert_eq!(out.status.code(), Some(1), "{out:?}");
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("line 2: let b = load_model"), "{err}");
     assert!(err.contains("/no/such/model"), "{err}");
 
-    let out = matrepl()
+    let out = matrepl_command()
         .args(["--dtype", "f8", "-e", "1"])
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(2), "{out:?}");
     assert!(String::from_utf8_lossy(&out.stderr).contains("f8"));
     if !cfg!(feature = "cuda") {
-        let out = matrepl()
+        let out = matrepl_command()
             .args(["--device", "cuda", "-e", "1"])
             .output()
             .unwrap();
@@ -297,7 +346,7 @@ fn binary_runs_a_script_with_arguments_and_reports_errors() {
 fn binary_runs_the_shipped_inspect_script() {
     let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/inspect.rhai");
     let image = fixture("teacher").join("test_image.png");
-    let out = matrepl()
+    let out = matrepl_command()
         .arg(&script)
         .args(["--model", &teacher_path(), "--image"])
         .arg(&image)

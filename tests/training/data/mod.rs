@@ -1,4 +1,4 @@
-//! Data side, one test binary in three parts: `llava` (the LLaVA loader: parity with TinyLLaVA on
+//! Data side, in three parts: `llava` (the LLaVA loader: parity with TinyLLaVA on
 //! a ShareGPT4V sample, bad records), `loader` (the resumable loader and batching) and `world`
 //! (the synthetic world: determinism, balance, answers that follow from what is drawn,
 //! tokenizer). Shared helpers here.
@@ -26,9 +26,7 @@ fn scratch(name: &str) -> tempfile::TempDir {
 }
 
 fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures/data")
-        .join(name)
+    crate::common::fixture("data").join(name)
 }
 
 fn small_world(seed: u64) -> WorldConfig {

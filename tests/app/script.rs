@@ -2,12 +2,10 @@
 //! its layers, compute logits and generate, and get the same numbers as the library and as HF;
 //! tensor operations against plain Rust arithmetic; errors carry the script line; arguments.
 
-mod common;
-
 use std::sync::{Arc, Mutex};
 
+use crate::common::*;
 use candle_core::{DType, Device};
-use common::*;
 use matvlm::generate::GenerateOptions;
 use matvlm::model::vlm::Vlm;
 use matvlm::script::{self, Session};
@@ -29,25 +27,7 @@ fn run(code: &str) -> Result<Dynamic, Box<EvalAltResult>> {
 }
 
 fn run_with(engine: &Engine, code: &str) -> Result<Dynamic, Box<EvalAltResult>> {
-    let mut scope = Scope::new();
-    scope.push_constant("TEACHER", fixture("teacher").display().to_string());
-    scope.push_constant(
-        "IMAGE",
-        fixture("teacher")
-            .join("test_image.png")
-            .display()
-            .to_string(),
-    );
-    engine.eval_with_scope::<Dynamic>(&mut scope, code)
-}
-
-fn teacher() -> Vlm {
-    Vlm::load(
-        fixture("teacher").to_str().unwrap(),
-        DType::F32,
-        &Device::Cpu,
-    )
-    .unwrap()
+    eval_with_constants(engine, &teacher_constants(), code)
 }
 
 fn ints(v: Dynamic) -> Vec<i64> {
@@ -67,14 +47,6 @@ fn floats(v: &Dynamic) -> Vec<f64> {
             Ok(f) => vec![f],
             Err(_) => floats(&x),
         })
-        .collect()
-}
-
-fn strings(v: Dynamic) -> Vec<String> {
-    v.into_array()
-        .unwrap()
-        .into_iter()
-        .map(|x| x.into_string().unwrap())
         .collect()
 }
 
@@ -166,7 +138,9 @@ fn greedy_generation_matches_hf() {
         .into_iter()
         .map(|i| i as u32)
         .collect();
-    let expected = teacher().tokenizer().unwrap().decode(&ids).unwrap();
+    let decoded = teacher().tokenizer().unwrap().decode(&ids).unwrap();
+    // The prompt gets the template, so the answer starts after its `ASSISTANT: ` space.
+    let expected = decoded.strip_prefix(' ').unwrap_or(&decoded);
     assert_eq!(text, expected);
 }
 
@@ -310,8 +284,10 @@ fn logits_argmax_is_the_greedy_token() {
     assert_eq!(out[0].as_int().unwrap(), ids_i64(&r["text_greedy_ids"])[0]);
     assert!((out[1].as_float().unwrap() - 1.0).abs() < 1e-5);
     assert!(out[2].as_bool().unwrap());
+    // The token carries the space that follows the template's `ASSISTANT:`; the answer does not.
+    let token = out[3].clone().into_string().unwrap();
     assert_eq!(
-        out[3].clone().into_string().unwrap(),
+        token.strip_prefix(' ').unwrap_or(&token),
         out[4].clone().into_string().unwrap()
     );
 }
@@ -509,24 +485,19 @@ fn a_synthetic_dataset_is_the_librarys_world_split() {
     assert!(err.to_string().contains("tokenizer"), "{err}");
 }
 
+/// `teacher()` is the embedded tiny teacher, which is committed (assets/tiny-teacher): the
+/// trained 8-layer teacher loads. Without that folder `teacher()` fails naming it and the command
+/// that builds it; the tests cannot reach that branch without removing a committed folder.
 #[test]
-fn teacher_loads_or_says_how_to_build_it() {
+fn teacher_loads_the_committed_embedded_teacher() {
     let dir = matvlm::teacher::default_teacher_path().unwrap();
-    match run("teacher().layers()") {
-        Ok(layers) => {
-            assert!(dir.join("config.json").is_file());
-            assert!(!strings(layers).is_empty());
-        }
-        Err(e) => {
-            let msg = e.to_string();
-            assert!(!dir.join("config.json").is_file(), "{msg}");
-            assert!(msg.contains(&dir.display().to_string()), "{msg}");
-            assert!(
-                msg.contains(matvlm::script::model::TINY_TEACHER_COMMAND),
-                "{msg}"
-            );
-        }
-    }
+    assert!(
+        dir.join("config.json").is_file(),
+        "{} is committed",
+        dir.display()
+    );
+    let layers = strings(run("teacher().layers()").unwrap());
+    assert_eq!(layers, vec!["attn"; 8]);
 }
 
 #[test]
@@ -569,9 +540,9 @@ fn shipped_example_script_runs_on_the_fixture() {
 
 #[test]
 fn hybrids_are_the_librarys_hybrids() {
-    use matvlm::model::hybrid::HybridSpec;
     use matvlm::model::hybrid::InitOptions;
-    use matvlm::model::hybrid::Placement;
+    use matvlm::model::hybrid::HybridSpec;
+    use matvlm::model::hybrid::placement::Placement;
 
     let t = teacher();
     let lib_half = t.hybrid(&HybridSpec::ratio(0.5)).unwrap();
@@ -673,7 +644,11 @@ fn saved_hybrids_load_back_as_hybrids() {
         &Device::Cpu,
     )
     .unwrap();
-    let expected: Vec<i64> = upstream.mamba_layers().iter().map(|&i| i as i64).collect();
+    let expected: Vec<i64> = upstream
+        .mamba_layers()
+        .iter()
+        .map(|&i| i as i64)
+        .collect();
     assert_eq!(ints(out[2].clone()), expected);
     assert!(!expected.is_empty());
 }

@@ -6,8 +6,8 @@
 //! cross-checked there against transformers' `Mamba2Mixer`.
 
 use std::collections::HashMap;
-use std::path::PathBuf;
 
+use crate::common::{fixture, max_abs_diff, reference_json};
 use candle_core::{DType, Device, Tensor, Var, D};
 use candle_nn::VarBuilder;
 use matvlm::model::mamba2::{naive, ssd, Mamba2, Mamba2Config, Mamba2State, Scan};
@@ -15,22 +15,6 @@ use matvlm::model::mamba2::{naive, ssd, Mamba2, Mamba2Config, Mamba2State, Scan}
 /// Max abs difference allowed between f32 results and the (f64-computed) references, on outputs
 /// and final states.
 const TOL_F32: f64 = 1e-5;
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
-    assert_eq!(a.dims(), b.dims(), "shapes differ");
-    let a = a.to_dtype(DType::F64).unwrap();
-    let b = b.to_dtype(DType::F64).unwrap();
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f64>()
-        .unwrap()
-}
 
 /// Assert `max |got - want| <= tol`; returns the difference.
 fn assert_close(what: &str, got: &Tensor, want: &Tensor, tol: f64) -> f64 {
@@ -51,11 +35,8 @@ struct Fixture {
 
 impl Fixture {
     fn load(name: &str) -> Self {
-        let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/mamba2");
-        let meta: serde_json::Value = serde_json::from_str(
-            &std::fs::read_to_string(dir.join(format!("{name}.json"))).unwrap(),
-        )
-        .unwrap();
+        let dir = fixture("mamba2");
+        let meta = reference_json("mamba2", &format!("{name}.json"));
         let cfg: Mamba2Config = serde_json::from_value(meta["config"].clone()).unwrap();
         let usizes = |v: &serde_json::Value| v.as_u64().unwrap() as usize;
         let t =

@@ -3,8 +3,9 @@
 //! `scripts/fixtures/make_teacher_fixtures.py`, which also wrote the reference outputs).
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
+use crate::common::{fixture, max_abs_diff};
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::VarBuilder;
 use matvlm::checkpoint::{load_safetensors, CheckpointFiles};
@@ -18,21 +19,20 @@ use matvlm::Error;
 type TestResult = Result<(), Box<dyn std::error::Error>>;
 
 /// Features and connector outputs must match HF to this (f32 everywhere).
-const TOL: f32 = 1e-4;
+const TOL: f64 = 1e-4;
 /// One step of the 8-bit input after normalisation with std 0.5: (1/255) / 0.5.
-const PIXEL_STEP: f32 = 2.0 / 255.0;
+const PIXEL_STEP: f64 = 2.0 / 255.0;
 /// The resize reproduces PIL's bicubic exactly, so only the f32 rounding of
 /// `(x / 255 - 0.5) / 0.5` may differ (HF rescales in f64). A tenth of a step is far below any
 /// resize discrepancy (the `image` crate's Catmull-Rom was 3 steps off on this image).
-const PIXEL_TOL: f32 = 1e-6;
+const PIXEL_TOL: f64 = 1e-6;
 
 fn dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/teacher")
+    fixture("teacher")
 }
 
 fn reference() -> HashMap<String, Tensor> {
-    load_safetensors(&dir().join("reference.safetensors"), &Device::Cpu)
-        .expect("reference.safetensors")
+    crate::common::reference("teacher", "reference.safetensors")
 }
 
 fn config() -> TinyLlavaConfig {
@@ -48,20 +48,6 @@ fn weights() -> VarBuilder<'static> {
 
 fn tower_vb(vb: &VarBuilder<'static>) -> VarBuilder<'static> {
     vb.pp("vision_tower").pp("_vision_tower").pp("vision_model")
-}
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    assert_eq!(a.dims(), b.dims(), "shapes differ");
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
 }
 
 fn load_tower(cfg: &TinyLlavaConfig) -> SiglipVisionTower {

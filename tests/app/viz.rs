@@ -3,10 +3,8 @@
 // The plots take a list of highlighted spans; a list of one span is what these tests mean.
 #![allow(clippy::single_range_in_vec_init)]
 
-mod common;
-
+use crate::common::*;
 use candle_core::{DType, Device, Tensor, D};
-use common::*;
 use matvlm::model::hybrid::HybridSpec;
 use matvlm::model::mamba2::{implicit_attention, ssd, state_norms, Mamba2, Mamba2Config};
 use matvlm::tokenize::{single_turn_prompt, IMAGE_TOKEN};
@@ -66,8 +64,8 @@ fn check_reconstruction(dtype: DType, tol: f64) {
         .unwrap()
         .to_dtype(mat.dtype())
         .unwrap();
-    let scale = max_abs_diff(&want, &want.zeros_like().unwrap()) as f64;
-    let err = max_abs_diff(&y, &want) as f64;
+    let scale = max_abs_diff(&want, &want.zeros_like().unwrap());
+    let err = max_abs_diff(&y, &want);
     assert!(scale > 1e-3, "degenerate test output (max |y| = {scale})");
     assert!(
         err <= tol * scale,

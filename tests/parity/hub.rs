@@ -1,10 +1,10 @@
 //! Hub ids resolve through the hf-hub cache without any network access when the files are cached
-//! (HF_HUB_OFFLINE=1 makes sure nothing is downloaded). Own test binary: it sets process env vars.
+//! (HF_HUB_OFFLINE=1 makes sure nothing is downloaded). This sets HF_HOME and HF_HUB_OFFLINE for the
+//! whole test process: no other test of the parity binary loads a hub id, and std orders its
+//! environment reads and writes.
 
-mod common;
-
+use crate::common::*;
 use candle_core::{DType, Device};
-use common::*;
 use matvlm::model::vlm::Vlm;
 
 #[test]

@@ -1,21 +1,22 @@
 //! The `matrepl` REPL on a real pseudo-terminal, as a user meets it: rustyline reads keys in raw
-//! mode, Tab completes, an unfinished entry continues on the next line, errors show a caret, and
+//! mode, Tab completes (a method with its parentheses), an unfinished entry continues on the next line, errors show a caret, and
 //! Ctrl-C during a training call stops it at a step boundary with the session going on.
-#![cfg(unix)]
 
-mod common;
-
-use std::process::Command;
-
-use common::fixture;
+use crate::common::{fixture, matrepl_command};
 use rexpect::session::{spawn_command, PtySession};
 
 const PROMPT: &str = "matvlm> ";
 
+/// How long any one expected text may take to appear. Every step waits for an event (a text on
+/// the terminal), never for a fixed time, and returns as soon as it comes; the bound only turns a
+/// lost event into a failure. Each event takes well under a second on an idle machine; five
+/// minutes leaves room for a 2-core machine busy with several builds.
+const WAIT_MS: u64 = 300_000;
+
 fn start(history: &std::path::Path) -> PtySession {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_matrepl"));
+    let mut cmd = matrepl_command();
     cmd.arg("--history").arg(history).arg("--threads").arg("1");
-    let mut p = spawn_command(cmd, Some(60_000)).expect("spawn matrepl on a pty");
+    let mut p = spawn_command(cmd, Some(WAIT_MS)).expect("spawn matrepl on a pty");
     p.exp_string("Tab completes").unwrap();
     p.exp_string(PROMPT).unwrap();
     p
@@ -49,6 +50,12 @@ fn completion_multi_line_caret_and_ctrl_c_on_a_terminal() {
         &format!("({teacher:?}); m.layers().len() * 1001"),
         "4004",
     );
+    // A method completes as a call: typed `m.lay`, the line runs as `m.layers()`.
+    p.send("m.lay").unwrap();
+    p.send("\t").unwrap();
+    p.flush().unwrap();
+    p.exp_string("layers()").unwrap();
+    entry(&mut p, ".len() * 1001 + 2", "4006");
 
     // A function definition over three lines: the open brace keeps the entry going.
     p.send_line("fn twice(x) {").unwrap();

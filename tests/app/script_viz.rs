@@ -2,42 +2,23 @@
 //! `compare`) against the library calls they wrap, on the fixture teacher; and what notebooks
 //! show (`evcxr_display` of figures and models) and the notebook teacher helper.
 
-mod common;
-
 use std::path::{Path, PathBuf};
 
+use crate::common::*;
 use base64::Engine as _;
-use common::*;
 use matvlm::eval::benchmarks::Comparison;
 use matvlm::eval::{AgreementReport, EvalReport};
 use matvlm::model::hybrid::HybridSpec;
 use matvlm::script::{self, Session};
 use matvlm::{display, notebook, viz};
-use rhai::{Dynamic, EvalAltResult, Scope};
+use rhai::{Dynamic, EvalAltResult};
 
 /// Run `code` with `TEACHER` (the fixture folder), `IMAGE` (its test image) and `DIR` (a
 /// scratch folder) defined.
 fn run(code: &str, dir: &Path) -> Result<Dynamic, Box<EvalAltResult>> {
-    let engine = script::engine(&Session::default());
-    let mut scope = Scope::new();
-    scope.push_constant("TEACHER", fixture("teacher").display().to_string());
-    scope.push_constant(
-        "IMAGE",
-        fixture("teacher")
-            .join("test_image.png")
-            .display()
-            .to_string(),
-    );
-    scope.push_constant("DIR", dir.display().to_string());
-    engine.eval_with_scope::<Dynamic>(&mut scope, code)
-}
-
-fn strings(v: Dynamic) -> Vec<String> {
-    v.into_array()
-        .unwrap()
-        .into_iter()
-        .map(|x| x.into_string().unwrap())
-        .collect()
+    let mut constants = teacher_constants();
+    constants.push(("DIR", dir.display().to_string()));
+    eval_with_constants(&script::engine(&Session::default()), &constants, code)
 }
 
 #[test]
@@ -307,23 +288,27 @@ fn figures_and_models_display_inline() {
     }
 }
 
+/// The notebooks' teacher is the committed trained one (assets/tiny-teacher), not the random
+/// stand-in they fall back to without it.
 #[test]
-fn notebook_teacher_is_the_trained_one_or_a_random_stand_in() {
+fn notebook_teacher_is_the_committed_trained_one() {
     let dir = tempfile::tempdir().unwrap();
     let world = notebook::world(&dir.path().join("world")).unwrap();
     let nt = notebook::teacher_or_random(&world, 3).unwrap();
-    let trained = matvlm::teacher::default_teacher_path()
-        .unwrap()
-        .join("config.json")
-        .is_file();
-    assert_eq!(nt.trained, trained);
-    if !trained {
-        assert_eq!(
-            nt.vlm.layer_kinds().len(),
-            notebook::random_teacher_dims().layers
-        );
-        assert!(nt.markdown().contains("RANDOMLY INITIALISED"));
-    }
+    let committed = matvlm::teacher::default_teacher_path().unwrap();
+    assert!(
+        committed.join("config.json").is_file(),
+        "{}",
+        committed.display()
+    );
+    assert!(nt.trained, "{}", nt.description);
+    assert!(
+        nt.description.contains(&committed.display().to_string()),
+        "{}",
+        nt.description
+    );
+    assert_eq!(nt.vlm.layer_kinds().len(), 8);
+    assert!(!nt.markdown().contains("RANDOMLY INITIALISED"));
     let md = block_body(&nt.display_string(), "text/markdown");
     assert_eq!(md, nt.markdown());
     let val = notebook::load_split(&nt.vlm, &world, "val").unwrap();

@@ -3,33 +3,26 @@
 //! every parameter, the loss falling over a few steps, evaluation reports, and the save/load
 //! round trip of a teacher-shaped VLM.
 
-mod common;
-
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::sync::Arc;
 
+use crate::common::load_split;
 use candle_core::{DType, Device, Tensor};
-use common::load_split;
-use matvlm::data::{expand_labels, SupervisedBatch};
-use matvlm::data::{Dataset, Loader};
+use matvlm::data::Loader;
 use matvlm::eval::{evaluate, EvalMode, EvalOptions, EvalReport, ImageInput};
 use matvlm::generate::GenerateOptions;
-use matvlm::loss::shifted_cross_entropy;
 use matvlm::model::decoder::Capture;
 use matvlm::model::vlm::Vlm;
 use matvlm::teacher::{init_tensors, vlm_from_tensors, TeacherDims};
 use matvlm::tokenize::{PromptTokenizer, IGNORE_INDEX, IMAGE_TOKEN};
+use matvlm::data::{expand_labels, SupervisedBatch};
+use matvlm::loss::shifted_cross_entropy;
 use matvlm::train::supervised::{supervised_step, SupervisedSource};
 use matvlm::train::{LrSchedule, ParamSet, ProgressMode, RunDir, Selection, TrainConfig, Trainer};
 
 /// A small world: a few hundred training samples, the default layout (48 px, 3 x 3 grid).
 fn small_world(dir: &Path) -> PromptTokenizer {
-    common::small_world(dir, 7, (256, 24, 36))
-}
-
-fn load(dir: &Path, split: &str, tok: &PromptTokenizer, image_tokens: usize) -> Arc<Dataset> {
-    load_split(dir, split, tok, image_tokens)
+    crate::common::small_world(dir, 7, (256, 24, 36))
 }
 
 /// A reduced teacher over Vars, its parameter set and its config.
@@ -114,7 +107,7 @@ fn a_reduced_teacher_learns() {
     let world = tempfile::tempdir().unwrap();
     let tok = small_world(world.path());
     let (vlm, params) = reduced(&tok, 1);
-    let train = load(world.path(), "train", &tok, vlm.config.image_tokens());
+    let train = load_split(world.path(), "train", &tok, vlm.config.image_tokens());
 
     let probe_idx: Vec<usize> = (0..32).collect();
     let probe = SupervisedBatch::from_batch(
@@ -184,7 +177,7 @@ fn evaluation_reports_and_paths_agree() {
     let config = TeacherDims::reduced().config(&tok).unwrap();
     let init = init_tensors(&config, 3).unwrap();
     let vlm = vlm_from_tensors(&config, &tok, init.into_iter().collect(), &Device::Cpu).unwrap();
-    let test = load(world.path(), "test", &tok, config.image_tokens());
+    let test = load_split(world.path(), "test", &tok, config.image_tokens());
 
     let mut reports: Vec<EvalReport> = Vec::new();
     for (mode, image) in [

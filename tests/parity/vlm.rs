@@ -2,19 +2,17 @@
 //! fixture checkpoint) against HF transformers, generation, and the errors a user meets when a
 //! checkpoint, a config, an image or a prompt is wrong. Tolerance: f32 logits <= 1e-4.
 
-mod common;
-
 use std::collections::HashMap;
 use std::path::Path;
 
+use crate::common::*;
 use candle_core::{DType, Device, Tensor};
-use common::*;
 use matvlm::generate::GenerateOptions;
 use matvlm::model::vlm::Vlm;
 use matvlm::tokenize::single_turn_prompt;
 use matvlm::Error;
 
-const TOL: f32 = 1e-4;
+const TOL: f64 = 1e-4;
 
 fn load(dir: &Path) -> matvlm::Result<Vlm> {
     Vlm::load(dir.to_str().unwrap(), DType::F32, &Device::Cpu)
@@ -113,6 +111,62 @@ fn sampling_is_seeded_and_streams_every_token() {
         })
         .unwrap();
     assert_eq!(d.tokens.len(), 2);
+}
+
+/// The answer of a templated prompt is the answer alone: the space that the template puts after
+/// `ASSISTANT:` travels on the answer's first token (` red`) but is not part of the text, nor of
+/// the streamed pieces. On the committed tiny teacher, which answers colour questions of its
+/// world without error: the text is exactly the expected answer.
+#[test]
+fn generated_answers_come_without_the_templates_space() {
+    use matvlm::data::synthetic::{generate_world, read_world_split, QuestionType};
+    let world = tempfile::tempdir().unwrap();
+    let cfg = matvlm::data::WorldConfig {
+        seed: 5,
+        train: 50,
+        val: 0,
+        test: 24,
+        ..matvlm::data::WorldConfig::default()
+    };
+    generate_world(&cfg, world.path()).unwrap();
+    let records = read_world_split(&world.path().join("test.json")).unwrap();
+    let record = records
+        .iter()
+        .find(|r| r.question_type == QuestionType::Color)
+        .expect("a colour question among 24");
+    let vlm = Vlm::load(
+        matvlm::teacher::default_teacher_path().unwrap().to_str().unwrap(),
+        DType::F32,
+        &Device::Cpu,
+    )
+    .unwrap();
+    let image = world.path().join(&record.image);
+    let prompt = single_turn_prompt(record.question(), true);
+    assert!(prompt.ends_with("ASSISTANT:"), "{prompt:?}");
+    let mut streamed = String::new();
+    let g = vlm
+        .generate(
+            &prompt,
+            Some(&image),
+            &GenerateOptions::default(),
+            &mut |piece| {
+                streamed.push_str(piece);
+                true
+            },
+        )
+        .unwrap();
+    assert_eq!(g.text, record.answer(), "{}", record.question());
+    assert_eq!(streamed, g.text);
+    let tokens = vlm.tokenizer().unwrap().decode(&g.tokens).unwrap();
+    assert_eq!(
+        tokens,
+        format!(" {}", g.text),
+        "the space is on the first token"
+    );
+    let asked = vlm
+        .ask(record.question(), Some(&image), &GenerateOptions::default())
+        .unwrap();
+    assert_eq!(asked, g.text);
 }
 
 #[test]

@@ -3,14 +3,15 @@
 //! a small synthetic world; their numbers checked against the library computing the same
 //! things (`scripts`). Then the training and evaluation bindings against the library, unknown
 //! options, Ctrl-C during training (`bindings`), and how script errors are reported (`errors`).
-//! One test binary; the shared fixture and helpers are here.
+//! The shared fixture and helpers are here.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
+use crate::common::{eval_with_constants, matrepl_command};
 use candle_core::{DType, Device};
 use matvlm::data::{ensure_world, Dataset, LoadOptions, WorldConfig};
 use matvlm::eval::{agreement, evaluate, AgreementOptions, EvalMode, EvalOptions};
@@ -21,7 +22,7 @@ use matvlm::model::vlm::Vlm;
 use matvlm::script::{self, Session};
 use matvlm::teacher::{init_vlm, TeacherDims};
 use matvlm::tokenize::PromptTokenizer;
-use rhai::{Dynamic, Map, Scope};
+use rhai::{Dynamic, Map};
 use serde_json::Value;
 
 /// A small world and a random teacher that knows its tokenizer, in a temporary folder.
@@ -109,7 +110,7 @@ fn script_path(name: &str) -> PathBuf {
 /// Run `matrepl SCRIPT ARGS` in `cwd` with `stdin`, and report how long it took.
 fn matrepl(script: &Path, args: &[String], cwd: &Path, stdin: &str) -> Output {
     let started = Instant::now();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_matrepl"))
+    let mut child = matrepl_command()
         .arg(script)
         .args(args)
         .current_dir(cwd)

@@ -1,0 +1,15 @@
+//! The application side, one test binary: the rhai API (`script`, `script_viz`), the recipe
+//! scripts end to end (`recipes`), the REPL without a terminal (`repl`) and on a
+//! pseudo-terminal (`repl_pty`), figures (`viz`) and benchmark scoring (`benchmarks`).
+
+#[path = "../common/mod.rs"]
+mod common;
+
+mod benchmarks;
+mod recipes;
+mod repl;
+#[cfg(unix)]
+mod repl_pty;
+mod script;
+mod script_viz;
+mod viz;

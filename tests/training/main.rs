@@ -1,0 +1,15 @@
+//! Training, one test binary:
+//!
+//! - `train`: the trainer (AdamW and schedules against torch / transformers, the loop, resume);
+//! - `supervised`: supervised training and evaluation of a reduced teacher;
+//! - `distill`: the distillation losses (against independent computations) and the
+//!   distillation mode of the trainer;
+//! - `data`: the LLaVA loader, the resumable batch loader and the synthetic world.
+
+#[path = "../common/mod.rs"]
+mod common;
+
+mod data;
+mod distill;
+mod supervised;
+mod train;
