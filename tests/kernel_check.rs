@@ -16,8 +16,9 @@
 //!
 //! Build here: `scripts/gpu/kernels.sh prepare` (or `cargo test --release --features cuda --test
 //! kernel_check --no-run`); run on the GPU machine: `kernel_check` (`--quick`: the small shapes
-//! only; `--no-long`: skip the 4096- and 8192-token cases). Through cargo on a machine with a
-//! GPU: `cargo test --release --features cuda --test kernel_check`.
+//! only; `--no-long`: skip the 4096- and 8192-token cases; `--budget-s S`: start no case (per
+//! dtype) after S seconds, listing each one not run as `skipped` and in the summary). Through
+//! cargo on a machine with a GPU: `cargo test --release --features cuda --test kernel_check`.
 
 use candle_core::{DType, Device, Tensor};
 use matvlm::model::mamba2::{fused, Mamba2, Mamba2Config, Mamba2State};
@@ -789,6 +790,11 @@ fn main() -> std::process::ExitCode {
     let args: Vec<String> = std::env::args().collect();
     let flag = |f: &str| args.iter().any(|a| a == f);
     let (quick, no_long) = (flag("--quick"), flag("--no-long"));
+    let budget = args
+        .iter()
+        .position(|a| a == "--budget-s")
+        .and_then(|i| args.get(i + 1)?.parse::<f64>().ok());
+    let mut skipped = 0;
     let gpu = match matvlm::device::cuda(0) {
         Ok(d) => d,
         Err(e) => {
@@ -808,6 +814,14 @@ fn main() -> std::process::ExitCode {
             Long => &[DType::F32, DType::BF16],
         };
         for &dtype in dtypes {
+            if budget.is_some_and(|b| start.elapsed().as_secs_f64() > b) {
+                skipped += 1;
+                println!(
+                    r#"{{"skipped":"{}","dtype":"{dtype:?}","why":"--budget-s spent"}}"#,
+                    k.name
+                );
+                continue;
+            }
             let t = std::time::Instant::now();
             if let Err(e) = check_case(k, dtype, &gpu, &mut r) {
                 r.error(k.name, dtype, "setup", e);
@@ -820,7 +834,7 @@ fn main() -> std::process::ExitCode {
         }
     }
     println!(
-        r#"{{"summary":"kernel_check","comparisons":{},"failures":{},"generic_both":{},"generic_both_failures":{},"with_kernel":{},"with_kernel_failures":{},"floor_used":{},"floor_capped":{},"floor_cap":{FLOOR_CAP},"seconds":{:.1}}}"#,
+        r#"{{"summary":"kernel_check","comparisons":{},"failures":{},"generic_both":{},"generic_both_failures":{},"with_kernel":{},"with_kernel_failures":{},"floor_used":{},"floor_capped":{},"floor_cap":{FLOOR_CAP},"skipped_cases":{skipped},"seconds":{:.1}}}"#,
         r.total,
         r.failures,
         r.generic_both,
