@@ -795,11 +795,17 @@ fn main() -> std::process::ExitCode {
         .position(|a| a == "--budget-s")
         .and_then(|i| args.get(i + 1)?.parse::<f64>().ok());
     let mut skipped = 0;
-    let gpu = match matvlm::device::cuda(0) {
-        Ok(d) => d,
-        Err(e) => {
-            eprintln!("kernel_check: no CUDA device: {e}");
-            return std::process::ExitCode::from(2);
+    // `--harness-on-cpu`: the "GPU" side on the CPU too, so every path is generic on both
+    // sides; checks the harness itself (shapes, states, tallies) on a machine without a GPU.
+    let gpu = if flag("--harness-on-cpu") {
+        Device::Cpu
+    } else {
+        match matvlm::device::cuda(0) {
+            Ok(d) => d,
+            Err(e) => {
+                eprintln!("kernel_check: no CUDA device: {e}");
+                return std::process::ExitCode::from(2);
+            }
         }
     };
     fused::set_policy(fused::KernelPolicy::ALL);
