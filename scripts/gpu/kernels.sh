@@ -27,7 +27,9 @@
 #      (stderr of all: PASS/FAIL lines, per-case seconds, the kernels' fallback notes).
 #      Exit status: kernel_check's (1 if any comparison failed, 2 without a GPU).
 #   Budget (H200, 2026-11-30, before the long cases): kernel_check ~1 min, kernel_bench ~2 min,
-#   peer a,b ~3 min with a cold Triton cache.
+#   peer a,b ~3 min with a cold Triton cache. The 4096/8192-token cases add the most CPU time
+#   (their CPU references: 13 min on 2 cores here for the whole check, most of it Phi-2's shape
+#   in bf16); pass --check-args "--budget-s S" to stop starting cases after S seconds.
 set -u
 cd "$(dirname "$0")/../.."
 mode="${1:-run}"
