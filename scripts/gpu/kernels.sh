@@ -3,42 +3,86 @@
 # (kernel_bench) and the peer mamba_ssm Triton benchmark (sections a, b) in ONE run, so every
 # ratio comes from one machine and one call.
 #
+# The two programs are cargo targets with their own main, built only with the `cuda` feature
+# (Cargo.toml: the test `kernel_check`, tests/kernel_check.rs; the bench `kernel_bench`,
+# benches/kernel_bench.rs); `prepare` builds them here and packs their executables, which run
+# there with no cargo.
+#
 # Steps (see ../shared/gpu/device-run.md):
-#   1. Here, build (source cuda-env.sh every time, same environment, or candle's kernels rebuild):
-#        source ../shared/gpu/cuda-env.sh
-#        cargo build --release --features cuda --bin kernel_check --bin kernel_bench
-#      (inside a worktree that shares the lead's CUDA target dir, add
-#       CARGO_TARGET_DIR=/work/main/target/cuda and --config 'profile.release.package.matvlm.codegen-units=N')
-#   2. Here, pack what travels into the git-ignored .gpu/ (binaries stripped + xz'd, the loader
-#      path helper, the peer benchmark with its vendored Triton sources):
+#   1. Here, build and pack what travels into the git-ignored .gpu/ (both executables stripped +
+#      xz'd, the commit they were built at, the loader path helper, the peer benchmark with its
+#      vendored Triton sources):
 #        TARGET_DIR=/work/main/target/cuda bash scripts/gpu/kernels.sh prepare
-#   3. There, with `.gpu` carried (run tool: carry [".gpu"], timeout_s 600):
-#        bash scripts/gpu/kernels.sh run
-#      Results under $OUT (at most 8 files come back): env.txt, kernel_check.jsonl,
-#      kernel_bench.jsonl, peer.jsonl, peer_summary.txt, ratios.txt, run.log.
-#      Exit status: kernel_check's (non-zero if any comparison failed).
-#   Budget: kernel_check ~1 min, kernel_bench ~2 min, peer a,b ~3 min with a cold Triton cache.
+#      It sources ../shared/gpu/cuda-env.sh unless CUDA_ROOT is set (source it every time, same
+#      environment, or candle's kernels rebuild) and runs
+#        cargo test --release --features cuda --test kernel_check --bench kernel_bench --no-run
+#      (the bench built in the release profile, as `cargo bench` would).
+#   2. There, with `.gpu` carried (run tool: carry [".gpu"], timeout_s 600):
+#        bash scripts/gpu/kernels.sh run [--no-peer] [--bench-quick] [--no-bench] [--check-args "..."]
+#      --no-peer: skip the Triton peer benchmark and ratios.txt (~3 min with a cold Triton cache);
+#      --bench-quick: kernel_bench --quick --kernels-only; --no-bench: no kernel_bench;
+#      --check-args: extra arguments for kernel_check (e.g. "--no-long").
+#      Results under $OUT (at most 8 files come back): env.txt (card, driver, commit),
+#      kernel_check.jsonl, kernel_bench.jsonl, peer.jsonl, peer_summary.txt, ratios.txt, run.log
+#      (stderr of all: PASS/FAIL lines, per-case seconds, the kernels' fallback notes).
+#      Exit status: kernel_check's (1 if any comparison failed, 2 without a GPU).
+#   Budget (H200, 2026-11-30, before the long cases): kernel_check ~1 min, kernel_bench ~2 min,
+#   peer a,b ~3 min with a cold Triton cache. The 4096/8192-token cases add the most CPU time
+#   (their CPU references: 13 min on 2 cores here for the whole check, most of it Phi-2's shape
+#   in bf16); pass --check-args "--budget-s S" to stop starting cases after S seconds.
 set -u
 cd "$(dirname "$0")/../.."
 mode="${1:-run}"
 
 if [ "$mode" = prepare ]; then
   set -e
-  target="${TARGET_DIR:-${CARGO_TARGET_DIR:-target}}/release"
   shared="${SHARED:-$(cd .. && pwd)/shared}"
   [ -d "$shared/gpu" ] || shared=/work/shared
+  if [ -z "${CUDA_ROOT:-}" ]; then
+    set +eu
+    # shellcheck disable=SC1091
+    source "$shared/gpu/cuda-env.sh"
+    set -eu
+  fi
+  export CARGO_TARGET_DIR="${TARGET_DIR:-${CARGO_TARGET_DIR:-target/cuda}}"
   mkdir -p .gpu
   grep -qx '/.gpu/' .git/info/exclude 2>/dev/null || grep -qx '/.gpu' .gitignore 2>/dev/null || echo '/.gpu/' >> "$(git rev-parse --git-common-dir)/info/exclude"
+  # The executables of the two targets, from cargo's own report (their names carry a hash).
+  cargo test --release --features cuda --test kernel_check --bench kernel_bench --no-run \
+      --message-format=json-render-diagnostics > .gpu/cargo.json
   for b in kernel_check kernel_bench; do
-    strip -o ".gpu/$b" "$target/$b"
+    exe=$(python3 -c '
+import json, sys
+for line in open(sys.argv[1]):
+    m = json.loads(line)
+    if m.get("reason") == "compiler-artifact" and m["target"]["name"] == sys.argv[2] and m.get("executable"):
+        print(m["executable"])' .gpu/cargo.json "$b" | tail -n 1)
+    [ -n "$exe" ] || { echo "kernels.sh: cargo reported no executable for $b" >&2; exit 1; }
+    echo "$b: $exe"
+    strip -o ".gpu/$b" "$exe"
     xz -f -T2 ".gpu/$b"
   done
+  rm -f .gpu/cargo.json
+  { git rev-parse --short HEAD; git status --porcelain --untracked-files=no | grep -q . && echo "(with uncommitted changes)"; } > .gpu/commit.txt || true
   cp "$shared/gpu/device-libpath.sh" .gpu/
   rm -rf .gpu/peer && cp -r "$shared/peer" .gpu/peer && chmod -R u+w .gpu/peer
   [ -d .gpu/peer/vendor/mamba_ssm ] || bash .gpu/peer/fetch-vendor.sh .gpu/peer
   du -sh .gpu
   exit 0
 fi
+
+peer=1 bench=1 bench_args="" check_args=""
+shift || true
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --no-peer) peer=0 ;;
+    --no-bench) bench=0 ;;
+    --bench-quick) bench_args="--quick --kernels-only" ;;
+    --check-args) check_args="$2"; shift ;;
+    *) echo "kernels.sh: unknown option $1" >&2; exit 2 ;;
+  esac
+  shift
+done
 
 OUT="${OUT:-$PWD/out}"
 mkdir -p "$OUT"
@@ -48,16 +92,26 @@ for b in kernel_check kernel_bench; do
 done
 export LD_LIBRARY_PATH="$(bash .gpu/device-libpath.sh)"
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv > "$OUT/env.txt" 2>&1
+{ echo "commit: $(tr '\n' ' ' < .gpu/commit.txt 2>/dev/null)"; echo "date: $(date -u +%FT%TZ)"; echo "kernels.sh run $*: peer=$peer bench=$bench bench_args=$bench_args check_args=$check_args"; } >> "$OUT/env.txt"
 
 echo "== kernel_check" | tee -a "$log"
-.gpu/kernel_check > "$OUT/kernel_check.jsonl" 2>> "$log"
+# shellcheck disable=SC2086
+.gpu/kernel_check $check_args > "$OUT/kernel_check.jsonl" 2>> "$log"
 check_rc=$?
 echo "kernel_check rc=$check_rc" | tee -a "$log"
 grep -c '"pass":false' "$OUT/kernel_check.jsonl" | sed 's/^/failures: /' | tee -a "$log"
+grep '"summary"' "$OUT/kernel_check.jsonl" | tee -a "$log"
 
-echo "== kernel_bench" | tee -a "$log"
-.gpu/kernel_bench > "$OUT/kernel_bench.jsonl" 2>> "$log"
-echo "kernel_bench rc=$?" | tee -a "$log"
+if [ "$bench" = 1 ]; then
+  echo "== kernel_bench $bench_args" | tee -a "$log"
+  # shellcheck disable=SC2086
+  .gpu/kernel_bench $bench_args > "$OUT/kernel_bench.jsonl" 2>> "$log"
+  echo "kernel_bench rc=$?" | tee -a "$log"
+fi
+if [ "$peer" = 0 ]; then
+  echo "== peer skipped (--no-peer): no ratios" | tee -a "$log"
+  exit $check_rc
+fi
 
 echo "== peer (mamba_ssm Triton, sections a,b)" | tee -a "$log"
 peer_out=$(mktemp -d)

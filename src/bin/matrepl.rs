@@ -121,6 +121,8 @@ fn script_failure(source: &str, err: &EvalAltResult) -> Failure {
 
 fn run(cli: Cli) -> Result<(), Failure> {
     let usage = |e: matvlm::Error| Failure::Usage(e.to_string());
+    // The one place the kernel switches are read (`MATVLM_MAMBA2_KERNELS=0`, `MATVLM_MAMBA2_TC=0`).
+    matvlm::model::mamba2::fused::set_policy(matvlm::model::mamba2::fused::KernelPolicy::from_env());
     let device = script::parse_device(&cli.device).map_err(usage)?;
     let dtype = script::parse_dtype(&cli.dtype).map_err(usage)?;
     // Ctrl-C sets this flag instead of killing the process: training and generation stop at

@@ -540,9 +540,9 @@ fn shipped_example_script_runs_on_the_fixture() {
 
 #[test]
 fn hybrids_are_the_librarys_hybrids() {
-    use matvlm::model::hybrid::InitOptions;
-    use matvlm::model::hybrid::HybridSpec;
     use matvlm::model::hybrid::placement::Placement;
+    use matvlm::model::hybrid::HybridSpec;
+    use matvlm::model::hybrid::InitOptions;
 
     let t = teacher();
     let lib_half = t.hybrid(&HybridSpec::ratio(0.5)).unwrap();
@@ -644,11 +644,7 @@ fn saved_hybrids_load_back_as_hybrids() {
         &Device::Cpu,
     )
     .unwrap();
-    let expected: Vec<i64> = upstream
-        .mamba_layers()
-        .iter()
-        .map(|&i| i as i64)
-        .collect();
+    let expected: Vec<i64> = upstream.mamba_layers().iter().map(|&i| i as i64).collect();
     assert_eq!(ints(out[2].clone()), expected);
     assert!(!expected.is_empty());
 }

@@ -135,7 +135,10 @@ fn generated_answers_come_without_the_templates_space() {
         .find(|r| r.question_type == QuestionType::Color)
         .expect("a colour question among 24");
     let vlm = Vlm::load(
-        matvlm::teacher::default_teacher_path().unwrap().to_str().unwrap(),
+        matvlm::teacher::default_teacher_path()
+            .unwrap()
+            .to_str()
+            .unwrap(),
         DType::F32,
         &Device::Cpu,
     )

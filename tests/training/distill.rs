@@ -294,11 +294,11 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use matvlm::data::Dataset;
+use matvlm::data::SupervisedBatch;
 use matvlm::eval::{agreement, AgreementOptions};
 use matvlm::teacher::{init_tensors_with_std, vlm_from_tensors, TeacherDims};
 use matvlm::tokenize::{PromptTokenizer, IGNORE_INDEX};
 use matvlm::train::distill::{distill, distill_step, DistillConfig, Trainable};
-use matvlm::data::SupervisedBatch;
 use matvlm::train::{LrSchedule, ProgressMode, RunDir, StopReason, Trainer};
 
 /// A small generated world: train and val splits, the world's own tokenizer.

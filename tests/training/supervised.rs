@@ -9,14 +9,14 @@ use std::path::Path;
 use crate::common::load_split;
 use candle_core::{DType, Device, Tensor};
 use matvlm::data::Loader;
+use matvlm::data::{expand_labels, SupervisedBatch};
 use matvlm::eval::{evaluate, EvalMode, EvalOptions, EvalReport, ImageInput};
 use matvlm::generate::GenerateOptions;
+use matvlm::loss::shifted_cross_entropy;
 use matvlm::model::decoder::Capture;
 use matvlm::model::vlm::Vlm;
 use matvlm::teacher::{init_tensors, vlm_from_tensors, TeacherDims};
 use matvlm::tokenize::{PromptTokenizer, IGNORE_INDEX, IMAGE_TOKEN};
-use matvlm::data::{expand_labels, SupervisedBatch};
-use matvlm::loss::shifted_cross_entropy;
 use matvlm::train::supervised::{supervised_step, SupervisedSource};
 use matvlm::train::{LrSchedule, ParamSet, ProgressMode, RunDir, Selection, TrainConfig, Trainer};
 

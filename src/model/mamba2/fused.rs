@@ -2,8 +2,8 @@
 //! device-generic candle code of [`super::conv`], [`super::ssd`] and [`super::norm`].
 //!
 //! The kernels run when the `cuda` feature is built in, every tensor is on a CUDA device, the
-//! dtype is f32, f16 or bf16, the sizes fit the kernels, kernels are not switched off
-//! ([`set_kernels`], or `MATVLM_MAMBA2_KERNELS=0`), and no input tracks gradients.
+//! dtype is f32, f16 or bf16, the sizes fit the kernels, the process's [`KernelPolicy`] allows
+//! them ([`set_policy`]; on by default), and no input tracks gradients.
 //!
 //! Backward: under autograd (any input tracks an op, as in distillation where the mixer's
 //! parameters are `Var`s) the SSD scan runs as one differentiable op with backward kernels
@@ -12,41 +12,138 @@
 //! candle's differentiable ops on the same device. The conv and the gated norm always take the
 //! generic path under autograd (they are cheap beside the scan).
 //!
+//! Every call on CUDA tensors that the policy would give to a kernel but that runs a slower path
+//! says so on stderr, once per process for each op and reason, with the first shape
+//! ([`fallback`]).
+//! [`traced`] lists the paths a closure's calls took (the parity check reports them).
+//!
 //! Without the feature, or on the CPU, every function here is the generic code (plus the SiLU
 //! or gate the kernels fuse), so the CPU tests exercise this dispatch too.
 
+use std::cell::RefCell;
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::Mutex;
 
 use candle_core::{DType, Tensor};
 
 use super::{compute_dtype, conv, norm, ssd};
 use crate::Result;
 
-/// 0: follow `MATVLM_MAMBA2_KERNELS`; 1: on; 2: off.
-static OVERRIDE: AtomicU8 = AtomicU8::new(0);
-
-/// Force the kernels on (`Some(true)`) or off (`Some(false)`), or follow the environment
-/// variable `MATVLM_MAMBA2_KERNELS` (`None`; anything but `0` means on). For benchmarks and
-/// parity checks that run both paths in one process.
-pub fn set_kernels(on: Option<bool>) {
-    OVERRIDE.store(
-        match on {
-            None => 0,
-            Some(true) => 1,
-            Some(false) => 2,
-        },
-        Ordering::Relaxed,
-    );
+/// Which CUDA kernels the mixer's ops may use: one value for the whole process, set by
+/// [`set_policy`] (the library reads no environment variable; binaries that offer a switch read
+/// theirs once, e.g. with [`KernelPolicy::from_env`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KernelPolicy {
+    /// The CUDA kernels at all (off: the generic candle path everywhere, also on CUDA).
+    pub kernels: bool,
+    /// The tensor-core scan passes where they apply (off: the SIMT passes for inference and the
+    /// generic path under autograd, which has no SIMT backward).
+    pub tensor_cores: bool,
 }
 
-/// Whether the kernels are built in and switched on (they still need CUDA tensors to run).
-pub fn kernels_enabled() -> bool {
-    cfg!(feature = "cuda")
-        && match OVERRIDE.load(Ordering::Relaxed) {
-            1 => true,
-            2 => false,
-            _ => std::env::var("MATVLM_MAMBA2_KERNELS").map_or(true, |v| v != "0"),
+impl KernelPolicy {
+    /// Every kernel where it applies: the default.
+    pub const ALL: Self = Self {
+        kernels: true,
+        tensor_cores: true,
+    };
+    /// The generic candle path only.
+    pub const GENERIC: Self = Self {
+        kernels: false,
+        tensor_cores: false,
+    };
+
+    /// The policy the variables `MATVLM_MAMBA2_KERNELS` and `MATVLM_MAMBA2_TC` ask for (each
+    /// `0` switches its part off; unset or anything else leaves it on). For a binary's `main`,
+    /// read once.
+    pub fn from_env() -> Self {
+        let on = |var: &str| std::env::var(var).map_or(true, |v| v != "0");
+        Self {
+            kernels: on("MATVLM_MAMBA2_KERNELS"),
+            tensor_cores: on("MATVLM_MAMBA2_TC"),
         }
+    }
+
+    fn bits(self) -> u8 {
+        u8::from(self.kernels) | (u8::from(self.tensor_cores) << 1)
+    }
+
+    fn from_bits(b: u8) -> Self {
+        Self {
+            kernels: b & 1 != 0,
+            tensor_cores: b & 2 != 0,
+        }
+    }
+}
+
+impl Default for KernelPolicy {
+    fn default() -> Self {
+        Self::ALL
+    }
+}
+
+static POLICY: AtomicU8 = AtomicU8::new(3);
+
+/// Set the process's kernel policy (benchmarks and parity checks switch it between runs).
+pub fn set_policy(p: KernelPolicy) {
+    POLICY.store(p.bits(), Ordering::Relaxed);
+}
+
+/// The process's kernel policy ([`KernelPolicy::ALL`] unless [`set_policy`] changed it).
+pub fn policy() -> KernelPolicy {
+    KernelPolicy::from_bits(POLICY.load(Ordering::Relaxed))
+}
+
+/// Whether the kernels are built in and allowed by the policy (they still need CUDA tensors).
+pub fn kernels_enabled() -> bool {
+    cfg!(feature = "cuda") && policy().kernels
+}
+
+thread_local! {
+    static TRACE: RefCell<Option<Vec<&'static str>>> = const { RefCell::new(None) };
+}
+
+/// Run `f` and list the paths its calls of this module took, in first-seen order, each once:
+/// `op:path` with op `conv`, `conv-step`, `scan`, `scan-step`, `norm` and path `kernel`,
+/// `simt`, `tc` (tensor-core forward), `tc-train` (tensor-core forward and backward kernels)
+/// or `generic`. Calls nested in `f` on this thread only.
+pub fn traced<R>(f: impl FnOnce() -> R) -> (R, Vec<&'static str>) {
+    let outer = TRACE.with(|t| t.borrow_mut().replace(Vec::new()));
+    let r = f();
+    let seen = TRACE.with(|t| std::mem::replace(&mut *t.borrow_mut(), outer));
+    (r, seen.unwrap_or_default())
+}
+
+/// Record the path a call took (for [`traced`]; nothing when no trace is open).
+fn took(path: &'static str) {
+    TRACE.with(|t| {
+        if let Some(v) = t.borrow_mut().as_mut() {
+            if !v.contains(&path) {
+                v.push(path);
+            }
+        }
+    });
+}
+
+/// Say on stderr, once per process for each distinct `op`, `path` and `why`, that a call on
+/// CUDA tensors took a slower path than the kernels, naming the first `shape` seen (keyed
+/// without it, so prompts of many lengths do not repeat the line).
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+fn fallback(op: &str, path: &str, why: &str, shape: String) {
+    static SEEN: Mutex<Option<HashSet<String>>> = Mutex::new(None);
+    let key = format!("{op} takes the {path} path: {why}");
+    let mut seen = SEEN.lock().unwrap_or_else(|e| e.into_inner());
+    if seen.get_or_insert_with(HashSet::new).insert(key.clone()) {
+        eprintln!("matvlm mamba2 kernels: {key} (first at {shape})");
+    }
+}
+
+/// Whether these tensors are all on CUDA with kernels allowed (where a slower path is a
+/// fallback worth reporting).
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+fn kernels_wanted(ts: &[Option<&Tensor>]) -> bool {
+    kernels_enabled() && ts.iter().flatten().all(|t| t.device().is_cuda())
 }
 
 /// Whether the kernels may take these tensors: enabled, all on CUDA, none tracking gradients,
@@ -56,12 +153,25 @@ fn use_kernels(ts: &[Option<&Tensor>]) -> bool {
     let Some(Some(first)) = ts.first() else {
         return false;
     };
-    kernels_enabled()
+    kernels_wanted(ts)
         && matches!(first.dtype(), DType::F32 | DType::F16 | DType::BF16)
-        && ts
-            .iter()
-            .flatten()
-            .all(|t| t.device().is_cuda() && !t.track_op())
+        && ts.iter().flatten().all(|t| !t.track_op())
+}
+
+/// Why [`use_kernels`] refuses tensors the policy would give to a kernel (`None` if it does
+/// not refuse them, or they are not for the kernels at all).
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+fn refusal(ts: &[Option<&Tensor>]) -> Option<&'static str> {
+    let first = ts.first().copied().flatten()?;
+    if !kernels_wanted(ts) {
+        None
+    } else if !matches!(first.dtype(), DType::F32 | DType::F16 | DType::BF16) {
+        Some("dtype not f32/f16/bf16")
+    } else if ts.iter().flatten().any(|t| t.track_op()) {
+        Some("under autograd, no backward kernel")
+    } else {
+        None
+    }
 }
 
 #[cfg(feature = "cuda")]
@@ -78,25 +188,36 @@ pub fn conv_silu(
     state: Option<&Tensor>,
 ) -> Result<(Tensor, Tensor)> {
     #[cfg(feature = "cuda")]
-    if use_kernels(&[Some(x), Some(weight), bias, state]) && x.rank() == 3 && x.dim(1)? > 0 {
-        let (c, k) = conv::weight_dims(weight)?;
-        let (batch, _, cx) = x.dims3()?;
-        if cx == c && k <= super::kernels::MAX_D_CONV {
-            if let Some(s) = state {
-                conv::check_state(s, batch, c, k)?;
+    {
+        let all = [Some(x), Some(weight), bias, state];
+        if use_kernels(&all) && x.rank() == 3 && x.dim(1)? > 0 {
+            let (c, k) = conv::weight_dims(weight)?;
+            let (batch, _, cx) = x.dims3()?;
+            if cx == c && k <= super::kernels::MAX_D_CONV {
+                if let Some(s) = state {
+                    conv::check_state(s, batch, c, k)?;
+                }
+                let w = f32c(&weight.reshape((c, k))?)?;
+                let b = bias.map(f32c).transpose()?;
+                let s = state.map(f32c).transpose()?;
+                took("conv:kernel");
+                return Ok(super::kernels::conv_fwd(
+                    x,
+                    &w,
+                    b.as_ref(),
+                    s.as_ref(),
+                    true,
+                )?);
             }
-            let w = f32c(&weight.reshape((c, k))?)?;
-            let b = bias.map(f32c).transpose()?;
-            let s = state.map(f32c).transpose()?;
-            return Ok(super::kernels::conv_fwd(
-                x,
-                &w,
-                b.as_ref(),
-                s.as_ref(),
-                true,
-            )?);
+            if cx == c {
+                let why = format!("d_conv {k} > {}", super::kernels::MAX_D_CONV);
+                fallback("conv", "generic", &why, format!("x {:?}", x.dims()));
+            }
+        } else if let Some(why) = refusal(&all) {
+            fallback("conv", "generic", why, format!("x {:?}", x.dims()));
         }
     }
+    took("conv:generic");
     let (y, s) = conv::causal_depthwise(x, weight, bias, state)?;
     Ok((y.silu()?, s))
 }
@@ -110,20 +231,38 @@ pub fn conv_silu_step(
     state: &mut Tensor,
 ) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
-    if use_kernels(&[Some(x), Some(weight), bias, Some(state)])
-        && state.dtype() == DType::F32
-        && state.is_contiguous()
-        && x.rank() == 2
     {
-        let (c, k) = conv::weight_dims(weight)?;
-        let (batch, cx) = x.dims2()?;
-        if cx == c && k <= super::kernels::MAX_D_CONV {
-            conv::check_state(state, batch, c, k)?;
-            let w = f32c(&weight.reshape((c, k))?)?;
-            let b = bias.map(f32c).transpose()?;
-            return Ok(super::kernels::conv_step(x, &w, b.as_ref(), state, true)?);
+        let all = [Some(x), Some(weight), bias, Some(&*state)];
+        if use_kernels(&all) && x.rank() == 2 {
+            let (c, k) = conv::weight_dims(weight)?;
+            let (batch, cx) = x.dims2()?;
+            let why = if state.dtype() != DType::F32 || !state.is_contiguous() {
+                Some("conv state not f32 and contiguous".to_string())
+            } else if k > super::kernels::MAX_D_CONV {
+                Some(format!("d_conv {k} > {}", super::kernels::MAX_D_CONV))
+            } else {
+                None
+            };
+            if cx == c {
+                match why {
+                    None => {
+                        conv::check_state(state, batch, c, k)?;
+                        let w = f32c(&weight.reshape((c, k))?)?;
+                        let b = bias.map(f32c).transpose()?;
+                        took("conv-step:kernel");
+                        return Ok(super::kernels::conv_step(x, &w, b.as_ref(), state, true)?);
+                    }
+                    Some(why) => {
+                        let shape = format!("x {:?}, state {:?}", x.dims(), state.dims());
+                        fallback("conv step", "generic", &why, shape);
+                    }
+                }
+            }
+        } else if let Some(why) = refusal(&all) {
+            fallback("conv step", "generic", why, format!("x {:?}", x.dims()));
         }
     }
+    took("conv-step:generic");
     let (y, s) = conv::step(x, weight, bias, state)?;
     *state = s;
     Ok(y.silu()?)
@@ -145,10 +284,47 @@ fn gate(y: &Tensor, z: Option<&Tensor>) -> Result<Tensor> {
     Ok((y.to_dtype(cd)? * z.to_dtype(cd)?.silu()?)?.to_dtype(y.dtype())?)
 }
 
+/// The shape a fallback message names for a scan.
+#[cfg(feature = "cuda")]
+fn scan_shape(x: &Tensor, b: &Tensor, chunk: usize) -> String {
+    format!(
+        "x {:?} {:?}, B {:?}, chunk {chunk}",
+        x.dims(),
+        x.dtype(),
+        b.dims()
+    )
+}
+
+/// Why the backward kernels do not take a scan under autograd (`None`: they do, or the policy
+/// keeps them off).
+#[cfg(feature = "cuda")]
+fn train_refusal(dtype: DType, p: usize, n: usize, initial: Option<&Tensor>) -> Option<String> {
+    if !policy().tensor_cores {
+        None
+    } else if !matches!(dtype, DType::F16 | DType::BF16) {
+        Some(format!(
+            "under autograd in {dtype:?}: the backward kernels take f16/bf16"
+        ))
+    } else if !super::kernels::ssd_train_supported(dtype, p, n) {
+        Some(format!(
+            "under autograd: the backward kernels need head_dim and d_state multiples of 16 \
+             up to 128, not {p} and {n}"
+        ))
+    } else if initial.is_some_and(|t| t.track_op()) {
+        Some(
+            "under autograd: the initial state needs a gradient, which the kernels do not give"
+                .into(),
+        )
+    } else {
+        None
+    }
+}
+
 /// The chunked SSD scan ([`ssd::chunked`]) with an optional SiLU gate `z [B, L, H, P]` on the
-/// output. On CUDA: three kernels (chunk states, state passing, chunk scan; kernels/ssd.cu, on
-/// tensor cores kernels/ssd_tc.cu); under autograd, for the tensor-core shapes, also the
-/// backward kernels (kernels/ssd_bwd.cu).
+/// output. On CUDA: three kernels (chunk states, state passing, chunk scan; on tensor cores
+/// kernels/ssd_tc.cu for f16/bf16 with head_dim and d_state multiples of 16 up to 128, else
+/// the SIMT kernels/ssd.cu); under autograd, for the tensor-core shapes, also the backward
+/// kernels (kernels/ssd_bwd.cu).
 #[allow(clippy::too_many_arguments)]
 pub fn chunked_scan(
     x: &Tensor,
@@ -162,49 +338,161 @@ pub fn chunked_scan(
     initial: Option<&Tensor>,
 ) -> Result<(Tensor, Tensor)> {
     #[cfg(feature = "cuda")]
-    if let Some(out) = train_scan(x, dt, a, b, c, d, z, chunk_size, initial)? {
-        return Ok(out);
-    }
-    #[cfg(feature = "cuda")]
-    if use_kernels(&[Some(x), Some(dt), Some(a), Some(b), Some(c), d, z, initial]) {
-        let dims = ssd::scan_dims(x, dt, a, b, c, d, initial)?;
-        let same_dtype = b.dtype() == x.dtype()
-            && c.dtype() == x.dtype()
-            && z.is_none_or(|z| z.dtype() == x.dtype() && z.dims() == x.dims());
-        let q = chunk_size.min(dims.len);
-        if dims.len > 0
-            && chunk_size > 0
-            && same_dtype
-            && super::kernels::ssd_supported(dims.head_dim, dims.d_state, q)
-        {
-            let cont = |t: &Tensor| -> Result<Tensor> { Ok(t.contiguous()?) };
-            let (d32, z_c, init) = (
-                d.map(f32c).transpose()?,
-                z.map(cont).transpose()?,
-                initial.map(f32c).transpose()?,
-            );
-            return Ok(super::kernels::ssd_chunked(
-                &cont(x)?,
-                &f32c(dt)?,
-                &f32c(a)?,
-                &cont(b)?,
-                &cont(c)?,
-                d32.as_ref(),
-                z_c.as_ref(),
-                chunk_size,
-                init.as_ref(),
-            )?);
+    {
+        if let Some(out) = train_scan(x, dt, a, b, c, d, z, chunk_size, initial)? {
+            return Ok(out);
+        }
+        let all = [Some(x), Some(dt), Some(a), Some(b), Some(c), d, z, initial];
+        if use_kernels(&all) {
+            if let Some(out) = kernel_scan(x, dt, a, b, c, d, z, chunk_size, initial)? {
+                return Ok(out);
+            }
+        } else if kernels_wanted(&all) && all.iter().flatten().any(|t| t.track_op()) {
+            let dims = ssd::scan_dims(x, dt, a, b, c, d, initial)?;
+            if let Some(why) = train_refusal(x.dtype(), dims.head_dim, dims.d_state, initial) {
+                fallback(
+                    "scan",
+                    "generic autograd",
+                    &why,
+                    scan_shape(x, b, chunk_size),
+                );
+            }
+        } else if let Some(why) = refusal(&all) {
+            fallback("scan", "generic", why, scan_shape(x, b, chunk_size));
         }
     }
+    took("scan:generic");
     let (y, s) = ssd::chunked(x, dt, a, b, c, d, chunk_size, initial)?;
     Ok((gate(&y, z)?, s))
 }
 
+/// The inference scan on the kernels: the tensor-core passes where they apply (chosen first:
+/// they also take sizes whose SIMT tiles exceed shared memory, e.g. head_dim = d_state = 128),
+/// else the SIMT passes. `None` (after saying why) when neither takes these tensors.
+#[cfg(feature = "cuda")]
+#[allow(clippy::too_many_arguments)]
+fn kernel_scan(
+    x: &Tensor,
+    dt: &Tensor,
+    a: &Tensor,
+    b: &Tensor,
+    c: &Tensor,
+    d: Option<&Tensor>,
+    z: Option<&Tensor>,
+    chunk_size: usize,
+    initial: Option<&Tensor>,
+) -> Result<Option<(Tensor, Tensor)>> {
+    use super::kernels as k;
+    let dims = ssd::scan_dims(x, dt, a, b, c, d, initial)?;
+    if dims.len == 0 || chunk_size == 0 {
+        return Ok(None);
+    }
+    let (p, n, q) = (dims.head_dim, dims.d_state, chunk_size.min(dims.len));
+    let shape = || scan_shape(x, b, chunk_size);
+    let same_dtype = b.dtype() == x.dtype()
+        && c.dtype() == x.dtype()
+        && z.is_none_or(|z| z.dtype() == x.dtype() && z.dims() == x.dims());
+    if !same_dtype {
+        fallback(
+            "scan",
+            "generic",
+            "B, C or z differ from x in dtype or shape",
+            shape(),
+        );
+        return Ok(None);
+    }
+    let tc_shape = k::ssd_tc_shape(x.dtype(), p, n);
+    let tc = policy().tensor_cores && tc_shape;
+    if !tc && !k::ssd_supported(p, n, q) {
+        let why = format!(
+            "head_dim {p}, d_state {n}, chunk {q} exceed the SIMT kernels' tiles or shared memory{}",
+            if tc_shape { " (tensor cores off by policy)" } else { "" }
+        );
+        fallback("scan", "generic", &why, shape());
+        return Ok(None);
+    }
+    if !tc && policy().tensor_cores && matches!(x.dtype(), DType::F16 | DType::BF16) {
+        let why = format!(
+            "tensor cores need head_dim and d_state multiples of 16 up to 128, not {p} and {n}"
+        );
+        fallback("scan", "SIMT passes", &why, shape());
+    }
+    // The tensor-core passes copy tiles 8 elements (16 bytes) at a time from the start of x, B
+    // and C: a view that starts off that grid is copied.
+    let cont = |t: &Tensor| -> Result<Tensor> {
+        let t = t.contiguous()?;
+        Ok(if tc && t.layout().start_offset() % 8 != 0 {
+            t.copy()?
+        } else {
+            t
+        })
+    };
+    let (d32, z_c, init) = (
+        d.map(f32c).transpose()?,
+        z.map(|z| z.contiguous()).transpose()?,
+        initial.map(f32c).transpose()?,
+    );
+    took(if tc { "scan:tc" } else { "scan:simt" });
+    Ok(Some(k::ssd_chunked(
+        &cont(x)?,
+        &f32c(dt)?,
+        &f32c(a)?,
+        &cont(b)?,
+        &cont(c)?,
+        d32.as_ref(),
+        z_c.as_ref(),
+        chunk_size,
+        init.as_ref(),
+        tc,
+    )?))
+}
+
+/// The shapes [`chunked_scan_packed`] needs, checked before any kernel reads a buffer: `dt [B,
+/// L, H]`, `a [H]`, `d [H]`, `z [B, L, H, P]`, `initial [B, H, P, N]`, heads a multiple of
+/// groups. Errors name the tensor and both shapes.
+fn check_packed(
+    xbc: &Tensor,
+    dims: (usize, usize, usize, usize),
+    dt: &Tensor,
+    a: &Tensor,
+    d: Option<&Tensor>,
+    z: Option<&Tensor>,
+    initial: Option<&Tensor>,
+) -> Result<()> {
+    let (h, p, g, n) = dims;
+    let (bsz, len, conv) = xbc.dims3()?;
+    if conv != h * p + 2 * g * n {
+        return Err(crate::Error::Invalid(format!(
+            "ssd: packed xBC has {conv} channels, heads x head_dim + 2 x groups x d_state = {}",
+            h * p + 2 * g * n
+        )));
+    }
+    if g == 0 || !h.is_multiple_of(g) {
+        return Err(crate::Error::Invalid(format!(
+            "ssd: packed scan with {h} heads is not a multiple of {g} groups"
+        )));
+    }
+    let expect = |name: &str, t: Option<&Tensor>, want: &[usize]| -> Result<()> {
+        match t {
+            Some(t) if t.dims() != want => Err(crate::Error::Invalid(format!(
+                "ssd: packed scan's {name} has shape {:?}, expected {want:?}",
+                t.dims()
+            ))),
+            _ => Ok(()),
+        }
+    };
+    expect("dt", Some(dt), &[bsz, len, h])?;
+    expect("A", Some(a), &[h])?;
+    expect("D", d, &[h])?;
+    expect("gate z", z, &[bsz, len, h, p])?;
+    expect("initial SSM state", initial, &[bsz, h, p, n])
+}
+
 /// [`chunked_scan`] over x, B and C packed in one tensor `xbc [B, L, H*P + 2*G*N]`, as the
-/// mixer's conv output has them; `dims` = (H, P, G, N). On CUDA with f16/bf16 activations and
-/// head_dim, d_state multiples of 16 (<= 128) the kernels read xbc in place, forward and (under
-/// autograd) backward, with the gate fused; otherwise xbc is split into views for
-/// [`chunked_scan`].
+/// mixer's conv output has them; `dims` = (H, P, G, N). Every shape is checked first (an error
+/// names the tensor). On CUDA with f16/bf16 activations and head_dim, d_state multiples of 16
+/// (<= 128) the kernels read xbc in place, forward and (under autograd) backward, with the gate
+/// fused; otherwise xbc is split into views for [`chunked_scan`].
 #[allow(clippy::too_many_arguments)]
 pub fn chunked_scan_packed(
     xbc: &Tensor,
@@ -216,14 +504,9 @@ pub fn chunked_scan_packed(
     chunk_size: usize,
     initial: Option<&Tensor>,
 ) -> Result<(Tensor, Tensor)> {
+    check_packed(xbc, dims, dt, a, d, z, initial)?;
     let (h, p, g, n) = dims;
-    let (bsz, len, conv) = xbc.dims3()?;
-    if conv != h * p + 2 * g * n {
-        return Err(crate::Error::Invalid(format!(
-            "ssd: packed xBC has {conv} channels, heads x head_dim + 2 x groups x d_state = {}",
-            h * p + 2 * g * n
-        )));
-    }
+    let (bsz, len, _) = xbc.dims3()?;
     #[cfg(feature = "cuda")]
     if let Some(out) = packed_kernels(xbc, dims, dt, a, d, z, chunk_size, initial)? {
         return Ok(out);
@@ -237,10 +520,11 @@ pub fn chunked_scan_packed(
 }
 
 /// The packed scan op of the kernels ([`super::kernels::ssd_chunked_train`]: tensor-core forward,
-/// backward kernels), when it takes these tensors: kernels on, everything on CUDA, f16/bf16
-/// activations with head_dim and d_state multiples of 16 (<= 128), an initial state (if any)
-/// that needs no gradient. dt, A and D go in as one f32 tensor (candle's custom ops take three
-/// differentiable inputs: xbc, the gate and that). `None` when the generic path must run.
+/// backward kernels), when it takes these tensors: kernels and tensor cores on, everything on
+/// CUDA, f16/bf16 activations with head_dim and d_state multiples of 16 (<= 128), an initial
+/// state (if any) that needs no gradient. dt, A and D go in as one f32 tensor (candle's custom
+/// ops take three differentiable inputs: xbc, the gate and that). Shapes checked by the caller.
+/// `None` when another path must run.
 #[cfg(feature = "cuda")]
 #[allow(clippy::too_many_arguments)]
 fn packed_kernels(
@@ -255,8 +539,8 @@ fn packed_kernels(
 ) -> Result<Option<(Tensor, Tensor)>> {
     let (h, p, _, n) = dims;
     let all = [Some(xbc), Some(dt), Some(a), d, z, initial];
-    if !kernels_enabled()
-        || !all.iter().flatten().all(|t| t.device().is_cuda())
+    if !kernels_wanted(&all)
+        || !policy().tensor_cores
         || initial.is_some_and(|t| t.track_op())
         || chunk_size == 0
         || xbc.dim(1)? == 0
@@ -264,15 +548,6 @@ fn packed_kernels(
         || !super::kernels::ssd_train_supported(xbc.dtype(), p, n)
     {
         return Ok(None);
-    }
-    let (bsz, len, _) = xbc.dims3()?;
-    if dt.dims() != [bsz, len, h] || a.dims() != [h] || d.is_some_and(|d| d.dims() != [h]) {
-        return Ok(None); // the generic path reports the shape error
-    }
-    if let Some(z) = z {
-        if z.dims() != [bsz, len, h, p] {
-            return Ok(None);
-        }
     }
     let d = match d {
         Some(d) => d.to_dtype(DType::F32)?,
@@ -288,6 +563,7 @@ fn packed_kernels(
     )?;
     let z = z.map(|z| z.contiguous()).transpose()?;
     let init = initial.map(f32c).transpose()?;
+    took("scan:tc-train");
     Ok(Some(super::kernels::ssd_chunked_train(
         &xbc.contiguous()?,
         z.as_ref(),
@@ -328,6 +604,9 @@ fn train_scan(
     }
     let (bsz, len, h, p) = x.dims4()?;
     let (g, n) = (b.dim(2)?, b.dim(3)?);
+    if z.is_some_and(|z| z.dims() != [bsz, len, h, p]) {
+        return Ok(None); // the generic path reports the gate's shape
+    }
     let xbc = Tensor::cat(
         &[
             &x.reshape((bsz, len, h * p))?,
@@ -353,48 +632,61 @@ pub fn scan_step(
     state: &mut Tensor,
 ) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
-    if use_kernels(&[
-        Some(x),
-        Some(dt),
-        Some(a),
-        Some(b),
-        Some(c),
-        d,
-        z,
-        Some(state),
-    ]) && state.dtype() == DType::F32
-        && state.is_contiguous()
-        && x.rank() == 3
-        && b.rank() == 3
-        && c.rank() == 3
     {
-        let dims = ssd::scan_dims(
-            &x.unsqueeze(1)?,
-            &dt.unsqueeze(1)?,
-            a,
-            &b.unsqueeze(1)?,
-            &c.unsqueeze(1)?,
+        let all = [
+            Some(x),
+            Some(dt),
+            Some(a),
+            Some(b),
+            Some(c),
             d,
-            Some(state),
-        )?;
-        let same_dtype = b.dtype() == x.dtype()
-            && c.dtype() == x.dtype()
-            && z.is_none_or(|z| z.dtype() == x.dtype() && z.dims() == x.dims());
-        if same_dtype && dims.batch > 0 {
-            let cont = |t: &Tensor| -> Result<Tensor> { Ok(t.contiguous()?) };
-            let (d32, z_c) = (d.map(f32c).transpose()?, z.map(cont).transpose()?);
-            return Ok(super::kernels::ssd_state_update(
-                &cont(x)?,
-                &f32c(dt)?,
-                &f32c(a)?,
-                &cont(b)?,
-                &cont(c)?,
-                d32.as_ref(),
-                z_c.as_ref(),
-                state,
-            )?);
+            z,
+            Some(&*state),
+        ];
+        let shape = || format!("x {:?} {:?}, state {:?}", x.dims(), x.dtype(), state.dims());
+        if use_kernels(&all) && x.rank() == 3 && b.rank() == 3 && c.rank() == 3 {
+            let dims = ssd::scan_dims(
+                &x.unsqueeze(1)?,
+                &dt.unsqueeze(1)?,
+                a,
+                &b.unsqueeze(1)?,
+                &c.unsqueeze(1)?,
+                d,
+                Some(state),
+            )?;
+            let same_dtype = b.dtype() == x.dtype()
+                && c.dtype() == x.dtype()
+                && z.is_none_or(|z| z.dtype() == x.dtype() && z.dims() == x.dims());
+            if state.dtype() != DType::F32 || !state.is_contiguous() {
+                fallback(
+                    "scan step",
+                    "generic",
+                    "state not f32 and contiguous",
+                    shape(),
+                );
+            } else if !same_dtype {
+                let why = "B, C or z differ from x in dtype or shape";
+                fallback("scan step", "generic", why, shape());
+            } else if dims.batch > 0 {
+                let cont = |t: &Tensor| -> Result<Tensor> { Ok(t.contiguous()?) };
+                let (d32, z_c) = (d.map(f32c).transpose()?, z.map(cont).transpose()?);
+                took("scan-step:kernel");
+                return Ok(super::kernels::ssd_state_update(
+                    &cont(x)?,
+                    &f32c(dt)?,
+                    &f32c(a)?,
+                    &cont(b)?,
+                    &cont(c)?,
+                    d32.as_ref(),
+                    z_c.as_ref(),
+                    state,
+                )?);
+            }
+        } else if let Some(why) = refusal(&all) {
+            fallback("scan step", "generic", why, shape());
         }
     }
+    took("scan-step:generic");
     let (y, s) = ssd::step(x, dt, a, b, c, d, state)?;
     *state = s;
     gate(&y, z)
@@ -409,29 +701,135 @@ pub fn gated_rms_norm(
     eps: f64,
 ) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
-    if use_kernels(&[Some(y), Some(z), Some(weight)]) && z.dtype() == y.dtype() && y.rank() >= 1 {
-        norm::check(y, z, weight, group_size)?;
-        let w = f32c(weight)?;
-        // The kernel reads rows with one stride (z is a column slice of in_proj's output, read
-        // in place); a tensor laid out otherwise is copied first.
-        let rows = |t: &Tensor| -> Result<Tensor> {
-            let (st, d) = (t.stride(), t.dims());
-            let one_stride = st.last() == Some(&1)
-                && (0..d.len().saturating_sub(2))
-                    .all(|i| d[i] <= 1 || st[i] == st[i + 1] * d[i + 1]);
-            Ok(if one_stride {
-                t.clone()
-            } else {
-                t.contiguous()?
-            })
-        };
-        return Ok(super::kernels::gated_norm(
-            &rows(y)?,
-            &rows(z)?,
-            &w,
-            group_size,
-            eps,
-        )?);
+    {
+        let all = [Some(y), Some(z), Some(weight)];
+        if use_kernels(&all) && z.dtype() == y.dtype() && y.rank() >= 1 {
+            norm::check(y, z, weight, group_size)?;
+            let w = f32c(weight)?;
+            // The kernel reads rows with one stride (z is a column slice of in_proj's output,
+            // read in place); a tensor laid out otherwise is copied first.
+            let rows = |t: &Tensor| -> Result<Tensor> {
+                let (st, d) = (t.stride(), t.dims());
+                let one_stride = st.last() == Some(&1)
+                    && (0..d.len().saturating_sub(2))
+                        .all(|i| d[i] <= 1 || st[i] == st[i + 1] * d[i + 1]);
+                Ok(if one_stride {
+                    t.clone()
+                } else {
+                    t.contiguous()?
+                })
+            };
+            took("norm:kernel");
+            return Ok(super::kernels::gated_norm(
+                &rows(y)?,
+                &rows(z)?,
+                &w,
+                group_size,
+                eps,
+            )?);
+        } else if let Some(why) = refusal(&all) {
+            fallback(
+                "norm",
+                "generic",
+                why,
+                format!("y {:?} {:?}", y.dims(), y.dtype()),
+            );
+        }
     }
+    took("norm:generic");
     norm::gated_rms_norm(y, z, weight, group_size, eps)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    fn randn(shape: &[usize], seed: u64) -> Tensor {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let n: usize = shape.iter().product();
+        let v: Vec<f32> = (0..n).map(|_| rng.random_range(-1.0..1.0)).collect();
+        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+    }
+
+    /// A cached state of another batch (or any side input of the wrong shape) is an error that
+    /// names the tensor and both shapes, before any path (a kernel would read out of bounds).
+    #[test]
+    fn packed_scan_refuses_wrong_shapes_by_name() {
+        let (b, len, h, p, g, n) = (2, 5, 4, 3, 2, 4);
+        let xbc = randn(&[b, len, h * p + 2 * g * n], 1);
+        let dt = randn(&[b, len, h], 2).abs().unwrap();
+        let a = randn(&[h], 3);
+        let d = randn(&[h], 4);
+        let z = randn(&[b, len, h, p], 5);
+        let scan = |dt: &Tensor, d: &Tensor, z: &Tensor, init: &Tensor| {
+            chunked_scan_packed(&xbc, (h, p, g, n), dt, &a, Some(d), Some(z), 4, Some(init))
+        };
+        let init = randn(&[b, h, p, n], 6);
+        assert!(scan(&dt, &d, &z, &init).is_ok());
+        let cases = [
+            (
+                scan(&dt, &d, &z, &randn(&[1, h, p, n], 7)),
+                "initial SSM state has shape [1, 4, 3, 4], expected [2, 4, 3, 4]",
+            ),
+            (
+                scan(&randn(&[b, len - 1, h], 8), &d, &z, &init),
+                "dt has shape [2, 4, 4], expected [2, 5, 4]",
+            ),
+            (
+                scan(&dt, &randn(&[h + 1], 9), &z, &init),
+                "D has shape [5], expected [4]",
+            ),
+            (
+                scan(&dt, &d, &randn(&[b, len, h, p + 1], 10), &init),
+                "gate z has shape [2, 5, 4, 4], expected [2, 5, 4, 3]",
+            ),
+        ];
+        for (got, want) in cases {
+            let err = got.expect_err(want).to_string();
+            assert!(err.contains(want), "{err}");
+        }
+    }
+
+    /// `traced` lists each path once in first-seen order, and a nested trace leaves the outer
+    /// one as it was.
+    #[test]
+    fn traced_lists_the_paths_taken() {
+        let (b, len, h, p, g, n) = (1, 6, 2, 2, 1, 3);
+        let x = randn(&[b, len, h, p], 1);
+        let dt = randn(&[b, len, h], 2).abs().unwrap();
+        let a = randn(&[h], 3);
+        let bm = randn(&[b, len, g, n], 4);
+        let cm = randn(&[b, len, g, n], 5);
+        let scan = || chunked_scan(&x, &dt, &a, &bm, &cm, None, None, 4, None).unwrap();
+        let ((_, inner), outer) = traced(|| {
+            scan();
+            let inner = traced(|| {
+                let y = Tensor::ones((b, h * p), DType::F32, &Device::Cpu).unwrap();
+                let w = Tensor::ones(h * p, DType::F32, &Device::Cpu).unwrap();
+                gated_rms_norm(&y, &y, &w, h * p, 1e-5).unwrap()
+            });
+            scan();
+            inner
+        });
+        assert_eq!(outer, ["scan:generic"]);
+        assert_eq!(inner, ["norm:generic"]);
+        assert_eq!(traced(|| ()).1, Vec::<&str>::new());
+    }
+
+    #[test]
+    fn policy_is_set_and_read_back() {
+        for p in [
+            KernelPolicy::ALL,
+            KernelPolicy::GENERIC,
+            KernelPolicy {
+                kernels: true,
+                tensor_cores: false,
+            },
+        ] {
+            assert_eq!(KernelPolicy::from_bits(p.bits()), p);
+        }
+        assert_eq!(policy(), KernelPolicy::default());
+    }
 }

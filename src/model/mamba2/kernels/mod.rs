@@ -127,22 +127,32 @@ fn tc_chunk_state_threads(head_dim: usize) -> u32 {
 
 /// Whether the tensor-core passes take these sizes: a 16-bit dtype (tensor cores multiply f16
 /// or bf16; f32 keeps the SIMT passes and their 1e-4 parity), head_dim and d_state multiples of
-/// 16 up to 128 (16 x 16 tiles, at most 16 n tiles a warp), and x, B, C starting on 16 bytes (their
-/// tiles are copied 8 elements at a time).
-fn ssd_tc_supported(dtype: DType, head_dim: usize, d_state: usize, offsets: [usize; 3]) -> bool {
+/// 16 up to 128 (16 x 16 tiles, at most 16 n tiles a warp).
+pub fn ssd_tc_shape(dtype: DType, head_dim: usize, d_state: usize) -> bool {
     matches!(dtype, DType::F16 | DType::BF16)
         && head_dim.is_multiple_of(16)
         && d_state.is_multiple_of(16)
         && head_dim <= 128
         && d_state <= 128
-        && offsets.iter().all(|o| o % 8 == 0)
-        && tc_enabled()
 }
 
-/// `MATVLM_MAMBA2_TC` (anything but `0`: on), read once: this sits on every scan call.
-fn tc_enabled() -> bool {
-    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| std::env::var("MATVLM_MAMBA2_TC").map_or(true, |v| v != "0"))
+/// [`ssd_tc_shape`], and x, B, C starting on 16 bytes (their tiles are copied 8 elements at a
+/// time).
+fn ssd_tc_supported(dtype: DType, head_dim: usize, d_state: usize, offsets: [usize; 3]) -> bool {
+    ssd_tc_shape(dtype, head_dim, d_state) && offsets.iter().all(|o| o % 8 == 0)
+}
+
+/// An error unless `t` (the side input `name` of `op`) holds `want` elements, which the kernel
+/// will read: a wrong shape must fail here, not read out of bounds.
+fn check_elems(t: &Tensor, want: usize, op: &str, name: &str) -> candle_core::Result<()> {
+    if t.elem_count() != want {
+        bail!(
+            "{op}: {name} has shape {:?} ({} elements), the kernel reads {want}",
+            t.dims(),
+            t.elem_count()
+        );
+    }
+    Ok(())
 }
 
 /// The sizes the SSD kernels take as `int`: L, H, G, P, N, chunk, chunks (in that order).

@@ -16,6 +16,8 @@ struct Scan {
     z: Option<Tensor>,
     initial: Option<Tensor>,
     chunk: usize,
+    /// The tensor-core passes where they apply (the caller's policy).
+    tensor_cores: bool,
     final_state: Mutex<Option<Tensor>>,
 }
 
@@ -215,7 +217,34 @@ impl Scan {
             }
         };
         let offsets = [offset(xl, "x")?, offset(bl, "B")?, offset(cl, "C")?];
-        let tc = ssd_tc_supported(T::DTYPE, p, n, offsets);
+        if cl.shape() != bl.shape() || bl.dims()[..2] != [batch, len] {
+            bail!(
+                "mamba2-ssd: B has shape {:?} and C {:?}, expected [{batch}, {len}, G, N]",
+                bl.dims(),
+                cl.dims()
+            );
+        }
+        let op = "mamba2-ssd";
+        check_elems(&self.dt, batch * len * h, op, "dt")?;
+        check_elems(&self.a, h, op, "A")?;
+        if let Some(d) = &self.d {
+            check_elems(d, h, op, "D")?;
+        }
+        if let Some(z) = &self.z {
+            check_elems(z, batch * len * h * p, op, "gate z")?;
+        }
+        if let Some(s) = &self.initial {
+            check_elems(s, batch * h * p * n, op, "initial state")?;
+        }
+        let tc = self.tensor_cores && ssd_tc_supported(T::DTYPE, p, n, offsets);
+        if !tc && !ssd_supported(p, n, self.chunk.min(len)) {
+            bail!(
+                "mamba2-ssd: head_dim {p}, d_state {n}, chunk {} do not fit the SIMT kernels \
+                 and the tensor-core passes do not apply (dtype {:?}, offsets {offsets:?})",
+                self.chunk,
+                T::DTYPE
+            );
+        }
         let dt = Side::new(&self.dt, "dt");
         let a = Side::new(&self.a, "A");
         let d = self.d.as_ref().map(|t| Side::new(t, "D"));
@@ -284,7 +313,10 @@ impl CustomOp3 for Scan {
 
 /// The chunked SSD scan: `x [B, L, H, P]`, `b`, `c [B, L, G, N]` (x's dtype, contiguous);
 /// `dt [B, L, H]`, `a [H]`, `d [H]`, `initial [B, H, P, N]` f32 contiguous; `z [B, L, H, P]`
-/// (x's dtype) gates the output with SiLU. `L >= 1`. Returns `(y in x's dtype, final state f32)`.
+/// (x's dtype) gates the output with SiLU. `L >= 1`. On tensor cores when `tensor_cores` and
+/// they apply (f16/bf16, head_dim and d_state multiples of 16 up to 128, x, B, C on 16 bytes),
+/// else the SIMT passes (an error if the sizes exceed them). Returns `(y in x's dtype, final
+/// state f32)`.
 #[allow(clippy::too_many_arguments)]
 pub fn ssd_chunked(
     x: &Tensor,
@@ -296,6 +328,7 @@ pub fn ssd_chunked(
     z: Option<&Tensor>,
     chunk: usize,
     initial: Option<&Tensor>,
+    tensor_cores: bool,
 ) -> candle_core::Result<(Tensor, Tensor)> {
     let op = Scan {
         dt: dt.clone(),
@@ -304,6 +337,7 @@ pub fn ssd_chunked(
         z: z.cloned(),
         initial: initial.cloned(),
         chunk,
+        tensor_cores,
         final_state: Mutex::new(None),
     };
     let y = x.apply_op3_no_bwd(b, c, &op)?;

@@ -18,7 +18,7 @@ fn tc_bwd_smem(head_dim: usize, d_state: usize) -> usize {
 /// Whether the training scan (tensor-core forward + backward kernels) takes these sizes: those
 /// of the tensor-core forward.
 pub fn ssd_train_supported(dtype: DType, head_dim: usize, d_state: usize) -> bool {
-    ssd_tc_supported(dtype, head_dim, d_state, [0; 3])
+    ssd_tc_shape(dtype, head_dim, d_state)
 }
 
 /// What the training op hands from its forward to its backward, and to the caller.
@@ -77,6 +77,19 @@ impl ScanTrain {
                 dl.shape().elem_count(),
                 blh + 2 * h
             );
+        }
+        let op = "mamba2-ssd-train";
+        if g == 0 || h % g != 0 {
+            bail!("{op}: {h} heads are not a multiple of {g} groups");
+        }
+        if self.gated && zl.shape().elem_count() != batch * len * hp {
+            bail!(
+                "{op}: gate z has shape {:?}, expected [{batch}, {len}, {h}, {p}]",
+                zl.dims()
+            );
+        }
+        if let Some(s) = &self.initial {
+            check_elems(s, batch * h * p * n, op, "initial state")?;
         }
         let xo = contiguous_start(xl, "xbc")?;
         let zo = contiguous_start(zl, "z")?;

@@ -1,4 +1,5 @@
-//! Timings of the Mamba-2 CUDA kernels on the GPU (`cuda` feature), one JSON line per figure,
+//! Timings of the Mamba-2 CUDA kernels on the GPU (`cuda` feature; a bench target with its own
+//! `main`, built only with the feature), one JSON line per figure,
 //! at the shapes of issue 7 and of the peer benchmark (../shared/peer, section a/b): 32 heads
 //! x 80, d_state 80, 32 groups, chunk 256, bf16 activations, f32 dt/A/D/state.
 //!
@@ -19,16 +20,25 @@
 //! `--warmup`; decode runs `--inner` steps per repetition. GB/s counts the bytes each op must
 //! move at least (inputs read once, outputs written once; the state read and written).
 //!
-//! Run: `kernel_bench [--quick] [--kernels-only] [--reps N] [--warmup N] [--inner N]`
-//! (`--quick`: L = 2048 only; `--kernels-only`: skip the generic and unpacked references, which
-//! take most of the run's time, when iterating on the kernels).
+//! Each line names the paths the timed calls took (`paths`, `fused::traced`). `impl` = `kernel`
+//! runs under `KernelPolicy::from_env()` with the kernels on (`MATVLM_MAMBA2_TC=0`: the SIMT
+//! passes), read once at start.
+//!
+//! Build here: `scripts/gpu/kernels.sh prepare` (or `cargo bench --features cuda --bench
+//! kernel_bench --no-run`). Run on the GPU machine: `kernel_bench [--quick] [--kernels-only]
+//! [--reps N] [--warmup N] [--inner N]` (`--quick`: L = 2048 only; `--kernels-only`: skip the
+//! generic and unpacked references, which take most of the run's time, when iterating on the
+//! kernels); through cargo on a machine with a GPU: `cargo bench --features cuda --bench
+//! kernel_bench -- --quick`.
 
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor, Var};
-use matvlm::model::mamba2::fused;
+use matvlm::model::mamba2::fused::{self, KernelPolicy};
 
 struct Opts {
+    /// The policy of `impl` = `kernel` (kernels on; tensor cores as the environment says).
+    kernel: KernelPolicy,
     reps: usize,
     warmup: usize,
     inner: usize,
@@ -46,6 +56,10 @@ fn opts() -> Opts {
             .unwrap_or(default)
     };
     Opts {
+        kernel: KernelPolicy {
+            kernels: true,
+            ..KernelPolicy::from_env()
+        },
         reps: num("--reps", 10),
         warmup: num("--warmup", 3),
         inner: num("--inner", 50),
@@ -126,6 +140,21 @@ fn emit(rec: String) {
     println!("{rec}");
 }
 
+/// The kernel policy of an `impl` (`generic*`: the generic path).
+fn use_policy(o: &Opts, imp: &str) {
+    fused::set_policy(if imp.starts_with("generic") {
+        KernelPolicy::GENERIC
+    } else {
+        o.kernel
+    });
+}
+
+/// `,"paths":[...]` for a JSON line.
+fn paths_json(paths: &[&str]) -> String {
+    let list: Vec<String> = paths.iter().map(|p| format!("{p:?}")).collect();
+    format!(r#","paths":[{}]"#, list.join(","))
+}
+
 fn prefill(dev: &Device, o: &Opts) -> matvlm::Result<()> {
     let dt_ = DType::BF16;
     let lens: &[usize] = if o.quick {
@@ -150,25 +179,28 @@ fn prefill(dev: &Device, o: &Opts) -> matvlm::Result<()> {
                     if o.kernels_only && imp != "kernel" {
                         continue;
                     }
-                    fused::set_kernels(Some(imp == "kernel"));
+                    use_policy(o, imp);
                     let zz = with_z.then_some(&z);
                     let mut out = None;
-                    let r = time_ms(dev, o, || {
-                        out = Some(fused::chunked_scan(
-                            &x,
-                            &dt,
-                            &a,
-                            &b,
-                            &c,
-                            Some(&d),
-                            zz,
-                            Q,
-                            None,
-                        )?);
-                        Ok(())
+                    let (r, paths) = fused::traced(|| {
+                        time_ms(dev, o, || {
+                            out = Some(fused::chunked_scan(
+                                &x,
+                                &dt,
+                                &a,
+                                &b,
+                                &c,
+                                Some(&d),
+                                zz,
+                                Q,
+                                None,
+                            )?);
+                            Ok(())
+                        })
                     });
                     let base = format!(
-                        r#""section":"a","name":"scan_fwd","impl":"{imp}","batch":{batch},"seqlen":{len},"nheads":{H},"headdim":{P},"dstate":{N},"ngroups":{G},"chunk":{Q},"dtype":"bf16","with_z":{with_z}"#
+                        r#""section":"a","name":"scan_fwd","impl":"{imp}","batch":{batch},"seqlen":{len},"nheads":{H},"headdim":{P},"dstate":{N},"ngroups":{G},"chunk":{Q},"dtype":"bf16","with_z":{with_z}{}"#,
+                        paths_json(&paths)
                     );
                     match (r, out) {
                         (Ok((med, min)), Some((y, s))) => {
@@ -198,48 +230,52 @@ fn prefill(dev: &Device, o: &Opts) -> matvlm::Result<()> {
                 if o.kernels_only && imp != "kernel" {
                     continue;
                 }
-                fused::set_kernels(Some(imp != "generic-autograd"));
-                let base = format!(
-                    r#""section":"a","name":"scan_fwd_bwd","impl":"{imp}","batch":{batch},"seqlen":{len},"dtype":"bf16","with_z":true"#
-                );
+                use_policy(o, imp);
                 let vars: matvlm::Result<Vec<Var>> = [&x, &dt, &a, &b, &c, &d, &z, &xbc]
                     .iter()
                     .map(|t| Ok(Var::from_tensor(t)?))
                     .collect();
-                let r = vars.and_then(|v| {
-                    let dout = Tensor::randn(0f32, 1.0, (batch, len, H, P), dev)?.to_dtype(dt_)?;
-                    time_ms(dev, o, || {
-                        let t = |i: usize| v[i].as_tensor();
-                        // `kernel`: x, B, C packed as the mixer's conv output has them (what
-                        // the mixer calls); the others take them as three tensors.
-                        let (y, _) = if imp == "kernel" {
-                            fused::chunked_scan_packed(
-                                t(7),
-                                (H, P, G, N),
-                                t(1),
-                                t(2),
-                                Some(t(5)),
-                                Some(t(6)),
-                                Q,
-                                None,
-                            )?
-                        } else {
-                            fused::chunked_scan(
-                                t(0),
-                                t(1),
-                                t(2),
-                                t(3),
-                                t(4),
-                                Some(t(5)),
-                                Some(t(6)),
-                                Q,
-                                None,
-                            )?
-                        };
-                        let _grads = y.apply_op1(SeedGrad(dout.clone()))?.backward()?;
-                        Ok(())
+                let (r, paths) = fused::traced(|| {
+                    vars.and_then(|v| {
+                        let dout =
+                            Tensor::randn(0f32, 1.0, (batch, len, H, P), dev)?.to_dtype(dt_)?;
+                        time_ms(dev, o, || {
+                            let t = |i: usize| v[i].as_tensor();
+                            // `kernel`: x, B, C packed as the mixer's conv output has them (what
+                            // the mixer calls); the others take them as three tensors.
+                            let (y, _) = if imp == "kernel" {
+                                fused::chunked_scan_packed(
+                                    t(7),
+                                    (H, P, G, N),
+                                    t(1),
+                                    t(2),
+                                    Some(t(5)),
+                                    Some(t(6)),
+                                    Q,
+                                    None,
+                                )?
+                            } else {
+                                fused::chunked_scan(
+                                    t(0),
+                                    t(1),
+                                    t(2),
+                                    t(3),
+                                    t(4),
+                                    Some(t(5)),
+                                    Some(t(6)),
+                                    Q,
+                                    None,
+                                )?
+                            };
+                            let _grads = y.apply_op1(SeedGrad(dout.clone()))?.backward()?;
+                            Ok(())
+                        })
                     })
                 });
+                let base = format!(
+                    r#""section":"a","name":"scan_fwd_bwd","impl":"{imp}","batch":{batch},"seqlen":{len},"dtype":"bf16","with_z":true{}"#,
+                    paths_json(&paths)
+                );
                 match r {
                     Ok((med, min)) => emit(format!(
                         r#"{{{base},"ms_median":{med:.4},"ms_min":{min:.4}}}"#
@@ -249,7 +285,7 @@ fn prefill(dev: &Device, o: &Opts) -> matvlm::Result<()> {
             }
         }
     }
-    fused::set_kernels(None);
+    fused::set_policy(o.kernel);
     Ok(())
 }
 
@@ -269,26 +305,29 @@ fn decode(dev: &Device, o: &Opts) -> matvlm::Result<()> {
             if o.kernels_only && imp != "kernel" {
                 continue;
             }
-            fused::set_kernels(Some(imp == "kernel"));
+            use_policy(o, imp);
             let inner = o.inner;
             let mut y = None;
-            let r = time_ms(dev, o, || {
-                for _ in 0..inner {
-                    y = Some(fused::scan_step(
-                        &x,
-                        &dt,
-                        &a,
-                        &b,
-                        &c,
-                        Some(&d),
-                        None,
-                        &mut state,
-                    )?);
-                }
-                Ok(())
+            let (r, paths) = fused::traced(|| {
+                time_ms(dev, o, || {
+                    for _ in 0..inner {
+                        y = Some(fused::scan_step(
+                            &x,
+                            &dt,
+                            &a,
+                            &b,
+                            &c,
+                            Some(&d),
+                            None,
+                            &mut state,
+                        )?);
+                    }
+                    Ok(())
+                })
             });
             let base = format!(
-                r#""section":"b","name":"state_update","impl":"{imp}","batch":{batch},"nheads":{H},"headdim":{P},"dstate":{N},"ngroups":{G},"state_dtype":"fp32","io_dtype":"bf16""#
+                r#""section":"b","name":"state_update","impl":"{imp}","batch":{batch},"nheads":{H},"headdim":{P},"dstate":{N},"ngroups":{G},"state_dtype":"fp32","io_dtype":"bf16"{}"#,
+                paths_json(&paths)
             );
             match (r, y) {
                 (Ok((med, min)), Some(y)) => {
@@ -306,7 +345,7 @@ fn decode(dev: &Device, o: &Opts) -> matvlm::Result<()> {
             }
         }
     }
-    fused::set_kernels(None);
+    fused::set_policy(o.kernel);
     Ok(())
 }
 
@@ -314,8 +353,8 @@ fn main() -> matvlm::Result<()> {
     let o = opts();
     let dev = matvlm::device::cuda(0)?;
     emit(format!(
-        r#"{{"section":"env","bench":"kernel_bench","reps":{},"warmup":{},"inner":{},"quick":{},"kernels_only":{}}}"#,
-        o.reps, o.warmup, o.inner, o.quick, o.kernels_only
+        r#"{{"section":"env","bench":"kernel_bench","reps":{},"warmup":{},"inner":{},"quick":{},"kernels_only":{},"tensor_cores":{}}}"#,
+        o.reps, o.warmup, o.inner, o.quick, o.kernels_only, o.kernel.tensor_cores
     ));
     prefill(&dev, &o)?;
     decode(&dev, &o)?;
