@@ -8,6 +8,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod data;
 pub mod device;
+#[cfg(feature = "app")]
 pub mod display;
 pub mod error;
 pub mod eval;
@@ -16,13 +17,17 @@ pub mod image;
 pub mod io;
 pub mod loss;
 pub mod model;
+#[cfg(feature = "app")]
 pub mod notebook;
 pub mod options;
+#[cfg(feature = "app")]
 pub mod repl;
+#[cfg(feature = "app")]
 pub mod script;
 pub mod teacher;
 pub mod tokenize;
 pub mod train;
+#[cfg(feature = "viz")]
 pub mod viz;
 
 pub use error::{Error, Result};
