@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Installs what scripts/run_notebooks.sh needs and is missing, and only that:
+#   * evcxr_jupyter, with `cargo install --locked`;
+#   * a Python venv .nbenv with nbconvert, and the "rust" kernel spec inside it.
+# .ci/run starts it in the background, niced, while the tests build; run_notebooks.sh calls it
+# first, when it finds everything already there it returns at once.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+root=$PWD
+export PATH="$HOME/.cargo/bin:$PATH"
+# The settings the notebooks' crate shares with the test build are not for this binary: with
+# RUSTFLAGS=-Cprefer-dynamic it would need libstd's .so at run time. cargo install's own
+# temporary target dir keeps its release build apart from the project's.
+unset RUSTFLAGS CARGO_BUILD_TARGET CARGO_TARGET_DIR
+if ! command -v evcxr_jupyter >/dev/null; then
+    # opt-level 1 (release defaults to 3) roughly halves the compile; what the kernel does at
+    # run time is mostly waiting on cargo, and its rust-analyzer queries stay fast enough.
+    echo "evcxr_jupyter not found: cargo install --locked evcxr_jupyter (opt-level 1)"
+    CARGO_PROFILE_RELEASE_OPT_LEVEL=1 CARGO_PROFILE_RELEASE_CODEGEN_UNITS=256 \
+        cargo install --locked evcxr_jupyter
+fi
+if [ ! -x .nbenv/bin/jupyter-nbconvert ]; then
+    python3 -m venv .nbenv
+    .nbenv/bin/pip install -q nbconvert
+fi
+# The kernel spec "rust" inside the venv, pointing at this evcxr_jupyter.
+JUPYTER_DATA_DIR="$root/.nbenv/share/jupyter" evcxr_jupyter --install >/dev/null
