@@ -15,8 +15,17 @@ unset RUSTFLAGS CARGO_BUILD_TARGET CARGO_TARGET_DIR
 if ! command -v evcxr_jupyter >/dev/null; then
     # About 13 CPU-minutes, mostly rustc's front end on its rust-analyzer crates: building it
     # at opt-level 1 saved only 5% of that, so it keeps its release profile.
+    # In a CARGO_HOME of its own: the crates it downloads (newer versions of some of the
+    # notebooks' dependencies among them) stay out of the registry that the notebooks' kernel
+    # resolves from offline (run_notebooks.sh). Installed where PATH looks, as before.
     echo "evcxr_jupyter not found: cargo install --locked evcxr_jupyter (about 13 CPU-minutes)"
-    cargo install --locked evcxr_jupyter
+    root_dir=${CARGO_HOME:-$HOME/.cargo}
+    build_home=$(mktemp -d)
+    trap 'rm -rf "$build_home"' EXIT
+    for f in config.toml config credentials.toml; do
+        if [ -f "$root_dir/$f" ]; then cp "$root_dir/$f" "$build_home/"; fi
+    done
+    CARGO_HOME="$build_home" cargo install --locked --root "$root_dir" evcxr_jupyter
 fi
 if [ ! -x .nbenv/bin/jupyter-nbconvert ]; then
     python3 -m venv .nbenv

@@ -3,7 +3,7 @@
 # and exit non-zero if any cell of any notebook fails.
 #
 # Installs what is missing, and only that (scripts/install_notebook_tools.sh):
-#   * evcxr_jupyter, with `cargo install --locked` in a build that is cheap to compile;
+#   * evcxr_jupyter, with `cargo install --locked`;
 #   * a Python venv .nbenv with nbconvert, and the "rust" kernel spec inside it.
 # The kernel's crate lives in .nbbuild (EVCXR_TMPDIR; the notebooks' `:dep matvlm = { path =
 # ".." }` is relative to it) and builds in the project's target dir (CARGO_TARGET_DIR, else
@@ -44,9 +44,14 @@ if [ ! -L "$EVCXR_TMPDIR/target" ]; then
     rm -rf "$EVCXR_TMPDIR/target"
 fi
 ln -sfn "$target_dir" "$EVCXR_TMPDIR/target"
-# The kernel's crate resolves its dependencies afresh: start it from the project's lock file so
-# it gets the versions the tests were built with (and those artifacts).
-cp Cargo.lock "$EVCXR_TMPDIR/Cargo.lock"
+# The kernel's crate resolves its dependencies afresh, without the project's Cargo.lock (evcxr
+# first builds it with no dependency, which empties any lock file put there). Offline, cargo
+# picks only among downloaded crates: on a fresh machine those are the locked versions, fetched
+# here, so the kernel gets the versions the tests were built with (and their artifacts).
+# Elsewhere it takes the newest downloaded ones and still runs, compiling what differs.
+# (All platforms' crates: no build target, as the resolve covers every platform.)
+env -u CARGO_BUILD_TARGET cargo fetch --locked --quiet
+export CARGO_NET_OFFLINE=true
 
 failed=()
 for nb in notebooks/*.ipynb; do
