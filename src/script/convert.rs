@@ -214,6 +214,11 @@ pub fn from_map<T: serde::de::DeserializeOwned>(what: &str, map: Map) -> RhaiRes
 fn bare_message(e: &EvalAltResult) -> String {
     match e {
         EvalAltResult::ErrorRuntime(v, _) => v.to_string(),
+        // serde's messages (unknown field, unknown variant) arrive as parse errors.
+        EvalAltResult::ErrorParsing(p, _) => p.to_string(),
+        EvalAltResult::ErrorMismatchOutputType(want, got, _) => {
+            format!("an option is {got} where {want} is expected")
+        }
         other => other.to_string(),
     }
 }

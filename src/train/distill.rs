@@ -1,6 +1,6 @@
 //! The distillation mode of the trainer (MaTVLM's single stage): a frozen teacher and a hybrid
 //! student see the same batch; the student learns the teacher's logits and, layer by layer,
-//! what each replaced attention mixer did (the losses are in [`crate::distill`]).
+//! what each replaced attention mixer did (the losses are in [`crate::loss`]).
 //!
 //! The whole loop, as [`distill`] runs it:
 //! ```text

@@ -1,7 +1,7 @@
 //! The Mamba-2 mixer that replaces attention in the hybrid decoder.
 //!
-//! Device- and dtype-generic candle code, split at the places where CUDA kernels will later slot
-//! in, each piece usable on its own (visualisation reuses them):
+//! Device- and dtype-generic candle code, split at the places where the CUDA kernels take over,
+//! each piece usable on its own (visualisation reuses them):
 //! * [`config`]: [`Mamba2Config`], sizes and numerics;
 //! * [`conv`]: causal depthwise conv1d, prefill and decode-step forms;
 //! * [`ssd`]: the chunked SSD scan, the single-step recurrence, dt/A discretisation;
