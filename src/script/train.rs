@@ -101,6 +101,19 @@ fn take_path(options: &mut Map, key: &str, what: &str) -> RhaiResult<Option<Path
     }
 }
 
+/// A training call's options: the validation data (`val`), the run directory (`run_dir`, else a
+/// fresh one named after `what`) and the config `base` with every other option applied.
+fn training_options<C: serde::Serialize + DeserializeOwned>(
+    what: &str,
+    mut options: Map,
+    base: &C,
+) -> RhaiResult<(Option<std::sync::Arc<crate::data::Dataset>>, PathBuf, C)> {
+    let val = take_data(&mut options, "val", what)?.map(|d| d.dataset.clone());
+    let run_dir = take_path(&mut options, "run_dir", what)?.unwrap_or_else(|| fresh_run_dir(what));
+    let cfg = config(what, base, options, OPTION_LAYOUT)?;
+    Ok((val, run_dir, cfg))
+}
+
 /// `base` with the options of `options` (see [`crate::options`]).
 fn config<T: serde::Serialize + DeserializeOwned>(
     what: &str,
@@ -178,17 +191,12 @@ pub mod api {
         options: Map,
     ) -> RhaiResult<Run> {
         let s = session_of(&ctx)?;
-        let what = "distill";
-        let mut options = options;
-        let val = take_data(&mut options, "val", what)?;
-        let run_dir =
-            take_path(&mut options, "run_dir", what)?.unwrap_or_else(|| fresh_run_dir("distill"));
-        let cfg = config(what, &DistillConfig::default(), options, OPTION_LAYOUT)?;
+        let (val, run_dir, cfg) = training_options("distill", options, &DistillConfig::default())?;
         let (vlm, summary) = crate::train::distill::distill(
             &teacher.vlm,
             &student.vlm,
             data.dataset.clone(),
-            val.map(|d| d.dataset.clone()),
+            val,
             &cfg,
             &run_dir,
             Some(&s.cancel),
@@ -222,16 +230,11 @@ pub mod api {
         options: Map,
     ) -> RhaiResult<Run> {
         let s = session_of(&ctx)?;
-        let what = "train";
-        let mut options = options;
-        let val = take_data(&mut options, "val", what)?;
-        let run_dir =
-            take_path(&mut options, "run_dir", what)?.unwrap_or_else(|| fresh_run_dir("train"));
-        let cfg = config(what, &SupervisedConfig::default(), options, OPTION_LAYOUT)?;
+        let (val, run_dir, cfg) = training_options("train", options, &SupervisedConfig::default())?;
         let (vlm, summary) = crate::train::supervised::train(
             &model.vlm,
             data.dataset.clone(),
-            val.map(|d| d.dataset.clone()),
+            val,
             &cfg,
             &run_dir,
             Some(&s.cancel),
