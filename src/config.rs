@@ -243,8 +243,42 @@ pub struct TinyLlavaConfig {
 }
 
 impl TinyLlavaConfig {
+    /// The preset name of TinyLLaVA-Phi-2-SigLIP-3.1B, MaTVLM's teacher.
+    pub const FULL_SIZE: &'static str = "tinyllava-3.1b";
+
     pub fn from_file(path: &Path) -> Result<Self> {
         read_json(path)
+    }
+
+    /// TinyLLaVA-Phi-2-SigLIP-3.1B's config (Phi-2 with SigLIP-so400m-patch14-384 through a
+    /// two-layer GELU MLP): the field defaults above are its values.
+    pub fn tinyllava_3_1b() -> Self {
+        let json = serde_json::json!({
+            "llm_model_name_or_path": "microsoft/phi-2",
+            "vision_model_name_or_path": "google/siglip-so400m-patch14-384",
+            "text_config": {},
+            "vision_config": {},
+        });
+        serde_json::from_value(json).expect("every field of the 3.1B config has a default")
+    }
+
+    /// A preset by name ([`Self::FULL_SIZE`]), or else a `config.json` at that path.
+    pub fn preset_or_file(name: &str) -> Result<Self> {
+        match name {
+            Self::FULL_SIZE => Ok(Self::tinyllava_3_1b()),
+            path if Path::new(path).exists() => {
+                let p = Path::new(path);
+                Self::from_file(&if p.is_dir() {
+                    p.join("config.json")
+                } else {
+                    p.to_path_buf()
+                })
+            }
+            other => Err(Error::NotFound(format!(
+                "config `{other}`: neither a preset ({}) nor an existing config.json",
+                Self::FULL_SIZE
+            ))),
+        }
     }
 
     /// Number of image vectors the connector hands to the decoder for one image.

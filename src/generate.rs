@@ -14,6 +14,7 @@ use crate::{Error, Result};
 const ANSWER_TAG: &str = "ASSISTANT:";
 
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct GenerateOptions {
     pub max_new_tokens: usize,
     /// 0 means greedy (argmax).
@@ -117,11 +118,50 @@ pub fn argmax(v: &[f32]) -> u32 {
     best as u32
 }
 
+/// One prompt of a batch, as text in the chat template (`<image>` marks the image) and the
+/// image file, if any.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct TextPrompt {
+    pub prompt: String,
+    #[serde(default)]
+    pub image: Option<std::path::PathBuf>,
+}
+
+/// One prompt of a batch, as token ids ([`crate::tokenize::IMAGE_TOKEN`] where its image goes).
+#[derive(Debug, Clone, Copy)]
+pub struct PromptIds<'a> {
+    pub ids: &'a [i64],
+    /// The prompt's image `[1, 3, H, W]`, if it has one.
+    pub pixel_values: Option<&'a Tensor>,
+    /// This row's limit, if lower than the batch's `max_new_tokens`.
+    pub max_new_tokens: Option<usize>,
+}
+
+/// A token a row produced in one step, handed to the streaming callback.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RowToken {
+    pub row: usize,
+    pub token: u32,
+}
+
+/// Where every row of a batched generation stands.
+struct Rows {
+    tokens: Vec<Vec<u32>>,
+    stop: Vec<Option<StopReason>>,
+    limits: Vec<usize>,
+}
+
+impl Rows {
+    fn active(&self) -> impl Iterator<Item = usize> + '_ {
+        (0..self.stop.len()).filter(|&r| self.stop[r].is_none())
+    }
+}
+
 impl Vlm {
     /// Generate from prompt token ids (with [`crate::tokenize::IMAGE_TOKEN`] where the image goes)
-    /// and optional pixel values `[1, 3, H, W]`. The prompt is prefilled once; each new token then
-    /// takes one incremental step through the cache. `on_token(id)` is called for every new token;
-    /// returning `false` stops generation (used for streaming and Ctrl-C).
+    /// and optional pixel values `[1, 3, H, W]`: a batch of one (see [`Vlm::generate_ids_batch`]).
+    /// `on_token(id)` is called for every new token; returning `false` stops generation (used
+    /// for streaming and Ctrl-C).
     pub fn generate_ids(
         &self,
         prompt: &[i64],
@@ -129,32 +169,107 @@ impl Vlm {
         opts: &GenerateOptions,
         on_token: &mut dyn FnMut(u32) -> bool,
     ) -> Result<(Vec<u32>, StopReason)> {
-        let images = match pixel_values {
-            Some(p) => Some(self.encode_images(p)?),
-            None => None,
+        let row = PromptIds {
+            ids: prompt,
+            pixel_values,
+            max_new_tokens: None,
         };
-        let (embeds, _) = self.embed_inputs(&[prompt.to_vec()], images.as_ref())?;
-        let eos = self.decoder.cfg.eos_token_id;
-        let eos = self.tokenizer.as_ref().map_or(eos, |t| t.eos_id());
-        let mut sampler = Sampler::new(opts);
-        let mut cache = self.new_cache();
-        let mut logits = self.step_embeds(&embeds, &mut cache)?;
-        let mut out = Vec::new();
-        for _ in 0..opts.max_new_tokens {
-            let last = logits.get(0)?.get(logits.dim(1)? - 1)?;
-            let next = sampler.sample(&last)?;
-            if opts.stop_at_eos && next == eos {
-                return Ok((out, StopReason::Eos));
-            }
-            out.push(next);
-            if !on_token(next) {
-                return Ok((out, StopReason::Callback));
-            }
-            let ids = Tensor::new(&[[next]], &self.device)?;
-            let emb = self.decoder.embed(&ids)?;
-            logits = self.step_embeds(&emb, &mut cache)?;
+        let mut out = self.generate_ids_batch(&[row], opts, &mut |step| {
+            step.iter().all(|t| on_token(t.token))
+        })?;
+        Ok(out.remove(0))
+    }
+
+    /// Generate from several prompts at once. Rows are left-padded to the longest prompt and
+    /// prefilled together; each step then extends every unfinished row by one token through a
+    /// cache allocated once for the longest row (padded prompt + `max_new_tokens`). Padding never
+    /// reaches a real token: attention masks its keys and Mamba layers keep it out of their
+    /// states, so each row's greedy output is the one it gets alone. Rows stop on their own
+    /// (EOS, their limit); `on_step` receives each step's new tokens and stops every row by
+    /// returning `false`. Greedy picks happen on the device: one `[B]` copy per step.
+    pub fn generate_ids_batch(
+        &self,
+        prompts: &[PromptIds],
+        opts: &GenerateOptions,
+        on_step: &mut dyn FnMut(&[RowToken]) -> bool,
+    ) -> Result<Vec<(Vec<u32>, StopReason)>> {
+        if prompts.is_empty() {
+            return Ok(Vec::new());
         }
-        Ok((out, StopReason::MaxTokens))
+        let pixels: Vec<Tensor> = prompts
+            .iter()
+            .filter_map(|p| p.pixel_values.cloned())
+            .collect();
+        let images = if pixels.is_empty() {
+            None
+        } else {
+            Some(self.encode_images(&Tensor::cat(&pixels, 0)?)?)
+        };
+        let rows: Vec<Vec<i64>> = prompts.iter().map(|p| p.ids.to_vec()).collect();
+        let (embeds, lens) = self.embed_inputs_left_padded(&rows, images.as_ref())?;
+        let width = embeds.dim(1)?;
+        let mut state = Rows {
+            tokens: vec![Vec::new(); prompts.len()],
+            stop: vec![None; prompts.len()],
+            limits: prompts
+                .iter()
+                .map(|p| {
+                    p.max_new_tokens
+                        .map_or(opts.max_new_tokens, |m| m.min(opts.max_new_tokens))
+                })
+                .collect(),
+        };
+        let longest = state.limits.iter().copied().max().unwrap_or(0);
+        for (r, &limit) in state.limits.iter().enumerate() {
+            if limit == 0 {
+                state.stop[r] = Some(StopReason::MaxTokens);
+            }
+        }
+        if longest == 0 {
+            return Ok(finish(state));
+        }
+        let left_pad: Vec<usize> = lens.iter().map(|&l| width - l).collect();
+        let mut cache =
+            self.decoder
+                .cache_for(width + longest, left_pad, self.dtype, &self.device)?;
+        let eos = self
+            .tokenizer
+            .as_ref()
+            .map_or(self.decoder.cfg.eos_token_id, |t| t.eos_id());
+        let mut samplers: Vec<Sampler> = prompts.iter().map(|_| Sampler::new(opts)).collect();
+        let mut logits = self.decoder.forward_last(&embeds, &mut cache)?;
+        loop {
+            let picks = pick(&logits, &mut samplers, opts)?;
+            let mut step = Vec::new();
+            for r in state.active().collect::<Vec<_>>() {
+                let next = picks[r];
+                if opts.stop_at_eos && next == eos {
+                    state.stop[r] = Some(StopReason::Eos);
+                    continue;
+                }
+                state.tokens[r].push(next);
+                step.push(RowToken {
+                    row: r,
+                    token: next,
+                });
+                if state.tokens[r].len() >= state.limits[r] {
+                    state.stop[r] = Some(StopReason::MaxTokens);
+                }
+            }
+            if !step.is_empty() && !on_step(&step) {
+                for r in state.active().collect::<Vec<_>>() {
+                    state.stop[r] = Some(StopReason::Callback);
+                }
+            }
+            if state.active().next().is_none() {
+                return Ok(finish(state));
+            }
+            // Finished rows still take a step (their token is ignored): the batch moves together.
+            let ids = Tensor::new(picks.as_slice(), &self.device)?.unsqueeze(1)?;
+            logits = self
+                .decoder
+                .forward_last(&self.decoder.embed(&ids)?, &mut cache)?;
+        }
     }
 
     /// Generate from a raw prompt string (already in the chat template; `<image>` marks the image).
@@ -175,13 +290,7 @@ impl Vlm {
             Some(p) => Some(self.pixel_values(p)?),
             None => None,
         };
-        // The template writes `ASSISTANT: {answer}`, and the tokenizer keeps that space on the
-        // answer's first token (` circle`): it belongs to the template, not to the answer.
-        let separated = prompt.ends_with(ANSWER_TAG);
-        let continuation = |full: String| match full.strip_prefix(' ') {
-            Some(rest) if separated => rest.to_string(),
-            _ => full,
-        };
+        let continuation = |full: String| answer_text(prompt, full);
         let mut text = String::new();
         let mut tokens: Vec<u32> = Vec::new();
         let mut decode_err = None;
@@ -210,6 +319,47 @@ impl Vlm {
             prompt_len: ids.len(),
             stop,
         })
+    }
+
+    /// Generate for several raw prompts at once (see [`Vlm::generate_ids_batch`]): each row's
+    /// answer is the one [`Vlm::generate`] gives that prompt alone (greedy), in order.
+    pub fn generate_batch(
+        &self,
+        prompts: &[TextPrompt],
+        opts: &GenerateOptions,
+    ) -> Result<Vec<Generation>> {
+        let tok = self.tokenizer()?.clone();
+        let mut ids = Vec::with_capacity(prompts.len());
+        let mut pixels = Vec::with_capacity(prompts.len());
+        for p in prompts {
+            ids.push(tok.encode_prompt_with_images(&p.prompt, usize::from(p.image.is_some()))?);
+            pixels.push(match &p.image {
+                Some(path) => Some(self.pixel_values(path)?),
+                None => None,
+            });
+        }
+        let rows: Vec<PromptIds> = ids
+            .iter()
+            .zip(&pixels)
+            .map(|(ids, px)| PromptIds {
+                ids,
+                pixel_values: px.as_ref(),
+                max_new_tokens: None,
+            })
+            .collect();
+        let out = self.generate_ids_batch(&rows, opts, &mut |_| true)?;
+        out.into_iter()
+            .zip(prompts)
+            .zip(&ids)
+            .map(|(((tokens, stop), p), ids)| {
+                Ok(Generation {
+                    text: answer_text(&p.prompt, tok.decode(&tokens)?),
+                    tokens,
+                    prompt_len: ids.len(),
+                    stop,
+                })
+            })
+            .collect()
     }
 
     /// Ask one question about an optional image with the phi template; returns the answer.
@@ -271,4 +421,36 @@ impl Vlm {
 /// Greedy argmax over the last dimension of `[.., vocab]` logits.
 pub fn greedy(logits: &Tensor) -> Result<Tensor> {
     logits.argmax(D::Minus1).map_err(Error::from)
+}
+
+/// The text a prompt continues with. The template writes `ASSISTANT: {answer}`, and the
+/// tokenizer keeps that space on the answer's first token (` circle`): it belongs to the
+/// template, not to the answer.
+fn answer_text(prompt: &str, full: String) -> String {
+    match full.strip_prefix(' ') {
+        Some(rest) if prompt.ends_with(ANSWER_TAG) => rest.to_string(),
+        _ => full,
+    }
+}
+
+/// Each row's next token from logits `[B, vocab]`: argmax on the device for greedy decoding,
+/// the row's own sampler (seeded as if the row were alone) otherwise.
+fn pick(logits: &Tensor, samplers: &mut [Sampler], opts: &GenerateOptions) -> Result<Vec<u32>> {
+    if opts.temperature <= 0.0 {
+        return Ok(logits.argmax(D::Minus1)?.to_vec1::<u32>()?);
+    }
+    samplers
+        .iter_mut()
+        .enumerate()
+        .map(|(r, s)| s.sample(&logits.get(r)?))
+        .collect()
+}
+
+fn finish(state: Rows) -> Vec<(Vec<u32>, StopReason)> {
+    state
+        .tokens
+        .into_iter()
+        .zip(state.stop)
+        .map(|(t, s)| (t, s.unwrap_or(StopReason::MaxTokens)))
+        .collect()
 }

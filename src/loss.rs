@@ -299,6 +299,7 @@ pub fn distill_loss_with(
             let ours = student.decoder.block_forward(
                 i,
                 h_in,
+                0,
                 &mut layer_cache,
                 &Capture::none(),
                 &mut Captured::new(),

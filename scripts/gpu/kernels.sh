@@ -48,9 +48,11 @@ if [ "$mode" = prepare ]; then
   mkdir -p .gpu
   grep -qx '/.gpu/' .git/info/exclude 2>/dev/null || grep -qx '/.gpu' .gitignore 2>/dev/null || echo '/.gpu/' >> "$(git rev-parse --git-common-dir)/info/exclude"
   # The executables of the two targets, from cargo's own report (their names carry a hash).
-  cargo test --release --features cuda --test kernel_check --bench kernel_bench --no-run \
+  # engine_bench travels in the same bundle (scripts/gpu/engine.sh runs it).
+  MATVLM_COMMIT="$(git rev-parse --short HEAD)$(git status --porcelain --untracked-files=no | grep -q . && echo +)" \
+  cargo test --release --features cuda --test kernel_check --bench kernel_bench --bench engine_bench --no-run \
       --message-format=json-render-diagnostics > .gpu/cargo.json
-  for b in kernel_check kernel_bench; do
+  for b in kernel_check kernel_bench engine_bench; do
     exe=$(python3 -c '
 import json, sys
 for line in open(sys.argv[1]):

@@ -7,7 +7,7 @@
 //!   prefix. Greedy decoding produces exactly the reference in that case and only then, so this
 //!   equals greedy exact match on token ids, at the cost of one forward per batch. Used during
 //!   training.
-//! * [`EvalMode::Generate`]: greedy generation ([`Vlm::generate_ids`]) from the prompt alone,
+//! * [`EvalMode::Generate`]: greedy generation ([`Vlm::generate_ids_batch`]) from the prompt alone,
 //!   the text compared with the reference after [`normalize_answer`]. Used for reported numbers.
 //!
 //! [`ImageInput::Blank`] replaces every image by an all-black one of the same size (black is the
@@ -22,7 +22,7 @@ use image::{DynamicImage, RgbImage};
 use serde::{Deserialize, Serialize};
 
 use crate::data::{normalize_answer, Batch, Dataset, SupervisedBatch};
-use crate::generate::GenerateOptions;
+use crate::generate::{GenerateOptions, PromptIds};
 use crate::model::decoder::Capture;
 use crate::model::vlm::Vlm;
 use crate::tokenize::{single_turn_prompt, IGNORE_INDEX};
@@ -52,7 +52,7 @@ pub enum ImageInput {
 pub struct EvalOptions {
     pub mode: EvalMode,
     pub image: ImageInput,
-    /// Samples per forward in teacher-forced mode (generation goes one sample at a time).
+    /// Samples per forward (teacher-forced) or per batched generation (generate).
     pub batch_size: usize,
     /// Only the first `limit` samples of the data set.
     pub limit: Option<usize>,
@@ -187,42 +187,66 @@ pub fn evaluate(vlm: &Vlm, dataset: &Dataset, opts: &EvalOptions) -> Result<Eval
                 max_new_tokens: opts.max_new_tokens,
                 ..GenerateOptions::default()
             };
-            for i in 0..n {
-                let rec = &dataset.records[i];
-                let turn = rec.turns.first().ok_or_else(|| {
-                    Error::Invalid(format!("record {} has no question", rec.index))
-                })?;
-                let expected = turn.answer.clone().unwrap_or_default();
-                let image = dataset.image(i)?;
-                let prompt = single_turn_prompt(&turn.question, image.is_some());
-                let ids = tok.encode_prompt_with_images(&prompt, usize::from(image.is_some()))?;
-                let pixels = match image {
-                    Some(img) => {
-                        let img = match opts.image {
-                            ImageInput::Real => (*img).clone(),
-                            ImageInput::Blank => RgbImage::new(img.width(), img.height()),
-                        };
-                        Some(
-                            vlm.preprocessor
-                                .preprocess(&DynamicImage::ImageRgb8(img), &vlm.device, vlm.dtype)?
-                                .unsqueeze(0)?,
-                        )
-                    }
-                    None => None,
-                };
-                let (out, _) = vlm.generate_ids(&ids, pixels.as_ref(), &gen, &mut |_| true)?;
-                let got = tok.decode(&out)?;
-                let ok = normalize_answer(&got) == normalize_answer(&expected);
-                if !ok && report.mistakes.len() < MAX_MISTAKES {
-                    report.mistakes.push(Mistake {
-                        record: rec.index,
-                        question_type: question_type(dataset, i),
-                        question: turn.question.clone(),
-                        expected,
-                        got,
+            // Generated in batches: rows are left-padded and stop on their own, and each row's
+            // greedy answer is the one it gets alone (tests/parity/batch.rs).
+            let indices: Vec<usize> = (0..n).collect();
+            for chunk in indices.chunks(opts.batch_size.max(1)) {
+                let mut ids = Vec::with_capacity(chunk.len());
+                let mut pixels = Vec::with_capacity(chunk.len());
+                for &i in chunk {
+                    let rec = &dataset.records[i];
+                    let turn = rec.turns.first().ok_or_else(|| {
+                        Error::Invalid(format!("record {} has no question", rec.index))
+                    })?;
+                    let image = dataset.image(i)?;
+                    let prompt = single_turn_prompt(&turn.question, image.is_some());
+                    ids.push(tok.encode_prompt_with_images(&prompt, usize::from(image.is_some()))?);
+                    pixels.push(match image {
+                        Some(img) => {
+                            let img = match opts.image {
+                                ImageInput::Real => (*img).clone(),
+                                ImageInput::Blank => RgbImage::new(img.width(), img.height()),
+                            };
+                            Some(
+                                vlm.preprocessor
+                                    .preprocess(
+                                        &DynamicImage::ImageRgb8(img),
+                                        &vlm.device,
+                                        vlm.dtype,
+                                    )?
+                                    .unsqueeze(0)?,
+                            )
+                        }
+                        None => None,
                     });
                 }
-                record(&mut report, i, ok);
+                let prompts: Vec<PromptIds> = ids
+                    .iter()
+                    .zip(&pixels)
+                    .map(|(ids, px)| PromptIds {
+                        ids,
+                        pixel_values: px.as_ref(),
+                        max_new_tokens: None,
+                    })
+                    .collect();
+                let outs = vlm.generate_ids_batch(&prompts, &gen, &mut |_| true)?;
+                for (&i, (out, _)) in chunk.iter().zip(outs) {
+                    let rec = &dataset.records[i];
+                    let turn = &rec.turns[0];
+                    let expected = turn.answer.clone().unwrap_or_default();
+                    let got = tok.decode(&out)?;
+                    let ok = normalize_answer(&got) == normalize_answer(&expected);
+                    if !ok && report.mistakes.len() < MAX_MISTAKES {
+                        report.mistakes.push(Mistake {
+                            record: rec.index,
+                            question_type: question_type(dataset, i),
+                            question: turn.question.clone(),
+                            expected,
+                            got,
+                        });
+                    }
+                    record(&mut report, i, ok);
+                }
             }
         }
     }

@@ -14,4 +14,7 @@ pub use accuracy::{
 };
 pub use agreement::{agreement, AgreementOptions, AgreementReport};
 pub use perplexity::{answer_perplexity, PerplexityReport};
-pub use speed::{decode_speed, SpeedOptions, SpeedReport};
+pub use speed::{
+    bench_generation, decode_speed, GenerationBenchOptions, GenerationRecord, SpeedOptions,
+    SpeedReport,
+};

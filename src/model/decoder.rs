@@ -5,16 +5,14 @@
 
 use std::collections::BTreeMap;
 
-use candle_core::{Module, Tensor};
+use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::VarBuilder;
 
-use candle_core::{DType, Device};
-
-use super::cache::{Cache, LayerCache};
+use super::cache::{Cache, CacheLayout, LayerCache};
 use super::hybrid::{mixer_from_attention, InitOptions, LayerPlan, MixerKind};
 use super::layers::{LayerNorm, Linear};
 use super::mamba2::{Mamba2, Mamba2Config};
-use super::phi::{PhiAttention, PhiMlp, Rotary};
+use super::phi::{causal_mask, AttentionInputs, KvCache, PhiAttention, PhiMlp, Rotary};
 use crate::config::PhiConfig;
 use crate::{Error, Result};
 
@@ -71,6 +69,14 @@ impl Capture {
 }
 
 pub type Captured = BTreeMap<String, Tensor>;
+
+/// What every block of one forward call shares.
+struct StepInputs {
+    attention: AttentionInputs,
+    /// `[B, T]` f32, 0 at left-padding positions: Mamba layers must not let padding into their
+    /// conv or SSM state. `None` when no position of the call is padding.
+    keep: Option<Tensor>,
+}
 
 #[derive(Debug, Clone)]
 pub struct Decoder {
@@ -177,14 +183,95 @@ impl Decoder {
         &self.plan
     }
 
-    /// A fresh, empty cache with one entry per block.
+    /// A fresh, empty cache with one entry per block, sized by what is written.
     pub fn new_cache(&self) -> Cache {
         Cache {
             layers: (0..self.blocks.len())
                 .map(|i| self.new_layer_cache(i))
                 .collect(),
             seq_len: 0,
+            layout: None,
         }
+    }
+
+    /// A cache for generating from `left_pad.len()` rows, each left-padded by `left_pad[b]`
+    /// positions, holding `capacity` positions in all: key/value buffers allocated once in
+    /// `dtype` on `device`, rotary tables and the key-padding mask made there once.
+    pub fn cache_for(
+        &self,
+        capacity: usize,
+        left_pad: Vec<usize>,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Cache> {
+        let batch = left_pad.len();
+        let mut layout = CacheLayout::new(capacity, left_pad, device)?;
+        let (cos, sin) = self.rotary.tables(0, capacity, device)?;
+        layout.rotary = Some((cos.to_dtype(dtype)?, sin.to_dtype(dtype)?));
+        let layers = self
+            .blocks
+            .iter()
+            .map(|block| {
+                Ok(match &block.mixer {
+                    Mixer::Attention(a) => LayerCache::Attention(Some(KvCache::with_capacity(
+                        batch,
+                        a.num_kv_heads,
+                        capacity,
+                        a.head_dim,
+                        dtype,
+                        device,
+                    )?)),
+                    Mixer::Mamba2(_) => LayerCache::Mamba(None),
+                })
+            })
+            .collect::<Result<_>>()?;
+        Ok(Cache {
+            layers,
+            seq_len: 0,
+            layout: Some(layout),
+        })
+    }
+
+    /// The rotary tables and mask every attention layer of a call over `t` positions uses.
+    fn attention_inputs(
+        &self,
+        cache: &Cache,
+        t: usize,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<AttentionInputs> {
+        let offset = cache.seq_len;
+        let total = offset + t;
+        let layout = cache.layout.as_ref();
+        if let Some(l) = layout {
+            if total > l.capacity {
+                return Err(Error::Invalid(format!(
+                    "the cache holds {} positions but this step needs {total}",
+                    l.capacity
+                )));
+            }
+        }
+        let (cos, sin) = match layout.and_then(|l| l.rotary.as_ref()) {
+            Some((cos, sin)) => (cos.narrow(0, offset, t)?, sin.narrow(0, offset, t)?),
+            None => {
+                let (cos, sin) = self.rotary.tables(offset, t, device)?;
+                (cos.to_dtype(dtype)?, sin.to_dtype(dtype)?)
+            }
+        };
+        let causal = if t > 1 {
+            Some(causal_mask(t, total, offset, device)?)
+        } else {
+            None
+        };
+        let key_mask = match layout.and_then(|l| l.key_mask.as_ref()) {
+            Some(m) => Some(m.narrow(3, 0, total)?),
+            None => None,
+        };
+        let mask = match (causal, key_mask) {
+            (Some(c), Some(k)) => Some(k.broadcast_add(&c)?),
+            (c, k) => c.or(k),
+        };
+        Ok(AttentionInputs { cos, sin, mask })
     }
 
     /// Embeddings of token ids `[B, T]` (u32).
@@ -205,6 +292,18 @@ impl Decoder {
         capture: &Capture,
         captured: &mut Captured,
     ) -> Result<Tensor> {
+        let h = self.blocks_forward(embeds, cache, capture, captured)?;
+        Ok(self.final_layernorm.forward(&h)?)
+    }
+
+    /// The blocks alone (no final LayerNorm), advancing `cache` by the embeddings' length.
+    fn blocks_forward(
+        &self,
+        embeds: &Tensor,
+        cache: &mut Cache,
+        capture: &Capture,
+        captured: &mut Captured,
+    ) -> Result<Tensor> {
         let t = embeds.dim(1)?;
         if cache.layers.len() != self.blocks.len() {
             return Err(Error::Invalid(format!(
@@ -213,23 +312,63 @@ impl Decoder {
                 self.blocks.len()
             )));
         }
+        let step = StepInputs {
+            attention: self.attention_inputs(cache, t, embeds.dtype(), embeds.device())?,
+            keep: match &cache.layout {
+                Some(l) => l.keep_mask(cache.seq_len, t, DType::F32, embeds.device())?,
+                None => None,
+            },
+        };
         let mut h = embeds.clone();
         for (i, layer_cache) in cache.layers.iter_mut().enumerate() {
-            h = self.block_forward(i, &h, layer_cache, capture, captured)?;
+            h = self.block_step(i, &h, &step, layer_cache, capture, captured)?;
         }
         cache.seq_len += t;
         if capture.hidden {
             captured.insert("final_hidden".into(), h.clone());
         }
-        Ok(self.final_layernorm.forward(&h)?)
+        Ok(h)
     }
 
-    /// Run block `i` on hidden states `h: [B, T, hidden]`, continuing from `layer_cache`.
-    /// Distillation also calls this alone, to run a student block on a teacher's hidden state.
+    /// Logits `[B, vocab]` of the last position only: a generation step computes the lm_head
+    /// for the position it samples from, not for the whole prompt.
+    pub fn forward_last(&self, embeds: &Tensor, cache: &mut Cache) -> Result<Tensor> {
+        let h = self.blocks_forward(embeds, cache, &Capture::none(), &mut Captured::new())?;
+        let last = h.narrow(1, h.dim(1)? - 1, 1)?.squeeze(1)?;
+        Ok(self
+            .lm_head
+            .forward(&self.final_layernorm.forward(&last)?)?)
+    }
+
+    /// Run block `i` on hidden states `h: [B, T, hidden]`, continuing from `layer_cache` at
+    /// position `offset`. Distillation calls this alone, to run a student block on a teacher's
+    /// hidden state.
     pub fn block_forward(
         &self,
         i: usize,
         h: &Tensor,
+        offset: usize,
+        layer_cache: &mut LayerCache,
+        capture: &Capture,
+        captured: &mut Captured,
+    ) -> Result<Tensor> {
+        let probe = Cache {
+            layers: Vec::new(),
+            seq_len: offset,
+            layout: None,
+        };
+        let step = StepInputs {
+            attention: self.attention_inputs(&probe, h.dim(1)?, h.dtype(), h.device())?,
+            keep: None,
+        };
+        self.block_step(i, h, &step, layer_cache, capture, captured)
+    }
+
+    fn block_step(
+        &self,
+        i: usize,
+        h: &Tensor,
+        step: &StepInputs,
         layer_cache: &mut LayerCache,
         capture: &Capture,
         captured: &mut Captured,
@@ -246,8 +385,13 @@ impl Decoder {
         let normed = block.input_layernorm.forward(h)?;
         let mixed = match (&block.mixer, layer_cache) {
             (Mixer::Attention(attn), LayerCache::Attention(kv)) => {
-                let (out, weights) =
-                    attn.forward(&normed, &self.rotary, kv, wants && capture.attn_weights)?;
+                let (out, weights) = attn.forward(
+                    &normed,
+                    &self.rotary,
+                    &step.attention,
+                    kv,
+                    wants && capture.attn_weights,
+                )?;
                 if let Some(w) = weights {
                     captured.insert(format!("layers.{i}.attn_weights"), w);
                 }
@@ -257,7 +401,7 @@ impl Decoder {
                 // One new token after a prefill: the single-step recurrence.
                 Some(st) if t == 1 => m.step(&normed.squeeze(1)?, st)?.unsqueeze(1)?,
                 _ => {
-                    let (out, next) = m.forward(&normed, state.as_ref())?;
+                    let (out, next) = m.forward_masked(&normed, state.as_ref(), step.keep.as_ref())?;
                     *state = Some(next);
                     out
                 }

@@ -7,6 +7,7 @@ pub mod hybrid;
 pub mod layers;
 pub mod mamba2;
 pub mod phi;
+pub mod random;
 pub mod shapes;
 pub mod siglip;
 pub mod vlm;

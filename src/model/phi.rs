@@ -4,7 +4,7 @@
 //! block itself lives in [`super::decoder`], because a hybrid swaps only the attention for a
 //! Mamba-2 mixer and keeps the LayerNorm and the MLP.
 
-use candle_core::{Device, Module, Result, Tensor, D};
+use candle_core::{DType, Device, Module, Result, Tensor, D};
 use candle_nn::VarBuilder;
 
 use super::layers::{softmax_last_dim, upcast, Activation, Linear};
@@ -45,14 +45,13 @@ impl Rotary {
     }
 
     /// Rotate the leading `rotary_dim` dims of `x: [B, H, T, Dh]`; the rest passes through.
+    /// `cos` and `sin` (`[T, rotary_dim]`) must be in `x`'s dtype.
     pub fn apply(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
         let head_dim = x.dim(D::Minus1)?;
         let rot = self.rotary_dim;
         if rot == 0 {
             return Ok(x.clone());
         }
-        let dtype = x.dtype();
-        let (cos, sin) = (cos.to_dtype(dtype)?, sin.to_dtype(dtype)?);
         let x_rot = x.narrow(D::Minus1, 0, rot)?;
         let x1 = x_rot.narrow(D::Minus1, 0, rot / 2)?;
         let x2 = x_rot.narrow(D::Minus1, rot / 2, rot / 2)?;
@@ -67,23 +66,94 @@ impl Rotary {
     }
 }
 
-/// Keys and values of the positions seen so far, `[B, H_kv, T, Dh]` each.
+/// Keys and values of one attention layer, `[B, H_kv, capacity, Dh]` each in the model dtype,
+/// of which the first `len` positions are written.
+///
+/// A cache made for generation is allocated once at its final capacity and each step writes its
+/// keys in place; one grown by appending copies (training and probes write once, from empty).
 #[derive(Debug, Clone)]
 pub struct KvCache {
-    pub k: Tensor,
-    pub v: Tensor,
+    k: Tensor,
+    v: Tensor,
+    len: usize,
 }
 
 impl KvCache {
+    /// An empty cache with room for `capacity` positions.
+    pub fn with_capacity(
+        batch: usize,
+        kv_heads: usize,
+        capacity: usize,
+        head_dim: usize,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
+        let shape = (batch, kv_heads, capacity, head_dim);
+        Ok(Self {
+            k: Tensor::zeros(shape, dtype, device)?,
+            v: Tensor::zeros(shape, dtype, device)?,
+            len: 0,
+        })
+    }
+
+    /// A cache holding exactly `k` and `v` (`[B, H_kv, T, Dh]`).
+    pub fn from_keys(k: Tensor, v: Tensor) -> Result<Self> {
+        let len = k.dim(2)?;
+        Ok(Self { k, v, len })
+    }
+
     pub fn len(&self) -> usize {
-        self.k.dim(2).unwrap_or(0)
+        self.len
     }
     pub fn is_empty(&self) -> bool {
-        self.len() == 0
+        self.len == 0
     }
+    pub fn capacity(&self) -> usize {
+        self.k.dim(2).unwrap_or(0)
+    }
+    /// Bytes allocated (the whole capacity).
     pub fn bytes(&self) -> usize {
         (self.k.elem_count() + self.v.elem_count()) * self.k.dtype().size_in_bytes()
     }
+    /// Keys of the written positions `[B, H_kv, len, Dh]` (a view).
+    pub fn keys(&self) -> Result<Tensor> {
+        self.k.narrow(2, 0, self.len)
+    }
+    /// Values of the written positions `[B, H_kv, len, Dh]` (a view).
+    pub fn values(&self) -> Result<Tensor> {
+        self.v.narrow(2, 0, self.len)
+    }
+
+    /// Add the keys and values of the next `T` positions (`[B, H_kv, T, Dh]`) and return views of
+    /// every position written so far. In place when there is room and no gradient flows through
+    /// the new keys (an in-place write has no backward).
+    pub fn append(&mut self, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
+        let t = k.dim(2)?;
+        let in_place = self.len + t <= self.capacity() && !k.track_op() && !v.track_op();
+        if in_place {
+            self.k.slice_set(&k.contiguous()?, 2, self.len)?;
+            self.v.slice_set(&v.contiguous()?, 2, self.len)?;
+        } else if self.len == 0 {
+            self.k = k.clone();
+            self.v = v.clone();
+        } else {
+            self.k = Tensor::cat(&[&self.keys()?, k], 2)?;
+            self.v = Tensor::cat(&[&self.values()?, v], 2)?;
+        }
+        self.len += t;
+        Ok((self.keys()?, self.values()?))
+    }
+}
+
+/// What every attention layer of one forward call shares, made once per call (not per layer).
+#[derive(Debug, Clone)]
+pub struct AttentionInputs {
+    /// Rotary `cos` and `sin` `[T, rotary_dim]` for this call's positions, in the model dtype.
+    pub cos: Tensor,
+    pub sin: Tensor,
+    /// Additive f32 mask broadcastable to the scores `[B, H, T, T_total]`: causal for a prefill,
+    /// key padding for left-padded rows; `None` for one unpadded token.
+    pub mask: Option<Tensor>,
 }
 
 /// Phi self-attention: q/k/v/dense with biases, partial rotary, causal softmax attention.
@@ -116,17 +186,18 @@ impl PhiAttention {
         })
     }
 
-    /// `x: [B, T, hidden]` at positions `cache.len() ..`. Appends to `cache` and returns the output
-    /// and, when `want_weights`, the attention probabilities `[B, H, T, T_total]`.
+    /// `x: [B, T, hidden]` at the positions `inputs` was made for. Appends to `cache` and
+    /// returns the output and, when `want_weights`, the attention probabilities
+    /// `[B, H, T, T_total]`.
     pub fn forward(
         &self,
         x: &Tensor,
         rotary: &Rotary,
+        inputs: &AttentionInputs,
         cache: &mut Option<KvCache>,
         want_weights: bool,
     ) -> Result<(Tensor, Option<Tensor>)> {
         let (b, t, _) = x.dims3()?;
-        let offset = cache.as_ref().map_or(0, |c| c.len());
         let heads = |y: Tensor, n: usize| -> Result<Tensor> {
             y.reshape((b, t, n, self.head_dim))?
                 .transpose(1, 2)?
@@ -135,20 +206,15 @@ impl PhiAttention {
         let q = heads(self.q_proj.forward(x)?, self.num_heads)?;
         let k = heads(self.k_proj.forward(x)?, self.num_kv_heads)?;
         let v = heads(self.v_proj.forward(x)?, self.num_kv_heads)?;
-        let (cos, sin) = rotary.tables(offset, t, x.device())?;
-        let q = rotary.apply(&q, &cos, &sin)?;
-        let k = rotary.apply(&k, &cos, &sin)?;
-        let (k, v) = match cache.take() {
-            Some(c) => (
-                Tensor::cat(&[&c.k, &k], 2)?.contiguous()?,
-                Tensor::cat(&[&c.v, &v], 2)?.contiguous()?,
-            ),
-            None => (k, v),
+        let q = rotary.apply(&q, &inputs.cos, &inputs.sin)?;
+        let k = rotary.apply(&k, &inputs.cos, &inputs.sin)?;
+        let (k, v) = match cache {
+            Some(c) => c.append(&k, &v)?,
+            None => {
+                *cache = Some(KvCache::from_keys(k.clone(), v.clone())?);
+                (k, v)
+            }
         };
-        *cache = Some(KvCache {
-            k: k.clone(),
-            v: v.clone(),
-        });
         let rep = self.num_heads / self.num_kv_heads;
         let (k, v) = (repeat_kv(&k, rep)?, repeat_kv(&v, rep)?);
 
@@ -157,11 +223,9 @@ impl PhiAttention {
         let scale = 1.0 / (self.head_dim as f64).sqrt();
         // The rotary output of a single decoded token can carry strides CUDA's matmul rejects.
         let scores = (upcast(&q)?.contiguous()?.matmul(&upcast(&k)?.t()?)? * scale)?;
-        let total = offset + t;
-        let scores = if t > 1 {
-            scores.broadcast_add(&causal_mask(t, total, offset, x.device())?)?
-        } else {
-            scores
+        let scores = match &inputs.mask {
+            Some(m) => scores.broadcast_add(m)?,
+            None => scores,
         };
         let probs = softmax_last_dim(&scores)?;
         let out = probs.to_dtype(dtype)?.matmul(&v)?;

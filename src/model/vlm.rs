@@ -164,6 +164,25 @@ impl Vlm {
         rows: &[Vec<i64>],
         images: Option<&Tensor>,
     ) -> Result<(Tensor, Vec<usize>)> {
+        self.embed_padded(rows, images, false)
+    }
+
+    /// [`Vlm::embed_inputs`] with rows padded on the left, as generation needs them: every
+    /// row's last prompt token sits at the same position, so one step extends all rows.
+    pub fn embed_inputs_left_padded(
+        &self,
+        rows: &[Vec<i64>],
+        images: Option<&Tensor>,
+    ) -> Result<(Tensor, Vec<usize>)> {
+        self.embed_padded(rows, images, true)
+    }
+
+    fn embed_padded(
+        &self,
+        rows: &[Vec<i64>],
+        images: Option<&Tensor>,
+        left: bool,
+    ) -> Result<(Tensor, Vec<usize>)> {
         let n_images = match images {
             Some(t) => t.dim(0)?,
             None => 0,
@@ -232,14 +251,17 @@ impl Vlm {
         }
         table.push(Tensor::zeros((1, hidden), dtype, &self.device)?);
         let table = Tensor::cat(&table, 0)?;
-        let index: Vec<u32> = positions
-            .iter()
-            .flat_map(|pos| {
-                pos.iter()
-                    .copied()
-                    .chain(std::iter::repeat_n(pad_index as u32, max - pos.len()))
-            })
-            .collect();
+        let mut index: Vec<u32> = Vec::with_capacity(rows.len() * max);
+        for pos in &positions {
+            let pad = std::iter::repeat_n(pad_index as u32, max - pos.len());
+            if left {
+                index.extend(pad.clone());
+            }
+            index.extend_from_slice(pos);
+            if !left {
+                index.extend(pad);
+            }
+        }
         let index = Tensor::new(index.as_slice(), &self.device)?;
         let embeds = table
             .index_select(&index, 0)?

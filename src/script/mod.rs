@@ -204,44 +204,7 @@ pub fn parse_value(s: &str) -> Dynamic {
     }
 }
 
-/// `cpu`, `cuda` or `cuda:N`. CUDA needs a build with the `cuda` feature.
-pub fn parse_device(s: &str) -> Result<Device> {
-    let ordinal = match s {
-        "cpu" => return Ok(Device::Cpu),
-        "cuda" => 0,
-        _ => match s.strip_prefix("cuda:").map(str::parse::<usize>) {
-            Some(Ok(n)) => n,
-            _ => {
-                return Err(Error::Invalid(format!(
-                    "unknown device `{s}` (cpu, cuda or cuda:N)"
-                )))
-            }
-        },
-    };
-    if !cfg!(feature = "cuda") {
-        return Err(Error::Invalid(format!(
-            "device `{s}`: this build has no CUDA support; rebuild with `--features cuda`"
-        )));
-    }
-    crate::device::cuda(ordinal)
-}
-
-/// `f32`, `bf16` or `f16`.
-pub fn parse_dtype(s: &str) -> Result<DType> {
-    match s {
-        "f32" => Ok(DType::F32),
-        "bf16" => Ok(DType::BF16),
-        "f16" => Ok(DType::F16),
-        other => Err(Error::Invalid(format!(
-            "unknown dtype `{other}` (f32, bf16 or f16)"
-        ))),
-    }
-}
-
-/// How scripts spell a dtype.
-pub fn dtype_name(dtype: DType) -> &'static str {
-    dtype.as_str()
-}
+pub use crate::device::{dtype_name, parse_device, parse_dtype};
 
 /// How the REPL and `matrepl -e` show a value: the API's own types by their `to_string` (also
 /// inside arrays and maps), strings quoted, everything else as rhai prints it.

@@ -12,8 +12,9 @@ use rhai::{Array, Dynamic, Map, NativeCallContext, INT};
 use super::convert::{from_map, runtime_error, to_usize, Opts, OrRhai, RhaiResult};
 use super::session_of;
 use super::tensor::Tensor;
-use crate::generate::GenerateOptions;
+use crate::generate::{GenerateOptions, TextPrompt};
 use crate::model::hybrid::HybridRequest;
+use crate::model::random::RandomModelOptions;
 use crate::model::vlm::Vlm;
 use crate::tokenize::{single_turn_prompt, PHI_SYSTEM};
 
@@ -120,6 +121,48 @@ pub mod api {
         let spec = dir.to_string_lossy().to_string();
         let vlm = Vlm::load(&spec, s.dtype, &s.device).or_rhai()?;
         Ok(Model::new(vlm, "teacher()"))
+    }
+
+    /// `random_model(#{ config: "tinyllava-3.1b", mamba_layers: [0, 4], dtype, seed: 0 })`: a
+    /// model with random weights at a config's dimensions (a preset or a `config.json` path),
+    /// drawn directly on the session's device, in the session's dtype unless `dtype` says
+    /// otherwise. For speed and memory at full size (`bench`): it has no tokenizer, so text
+    /// prompts need a real checkpoint.
+    #[rhai_fn(return_raw)]
+    pub fn random_model(ctx: NativeCallContext, options: Map) -> RhaiResult<Model> {
+        let s = session_of(&ctx)?;
+        let mut options = options;
+        if !options.contains_key("dtype") {
+            options.insert("dtype".into(), Dynamic::from(s.dtype.as_str().to_string()));
+        }
+        let opts: RandomModelOptions = from_map("random_model", options)?;
+        let vlm = crate::model::random::random_model(&opts, &s.device).or_rhai()?;
+        Ok(Model::new(vlm, format!("random_model({})", opts.config)))
+    }
+
+    /// `m.generate_batch([#{ prompt, image, raw }, ...], #{ max_new_tokens: 64, temperature:
+    /// 0.0, top_p: 1.0, seed: 0, stop_at_eos: true })`: the answers of several prompts generated
+    /// together (templating as in `generate`), in order. Each greedy answer is the one
+    /// `generate` gives that prompt alone.
+    #[rhai_fn(pure, return_raw)]
+    pub fn generate_batch(m: &mut Model, prompts: Array, options: Map) -> RhaiResult<Array> {
+        let opts: GenerateOptions = from_map("generate_batch", options)?;
+        let prompts = prompts
+            .into_iter()
+            .enumerate()
+            .map(|(i, p)| {
+                let map = p.try_cast::<Map>().ok_or_else(|| {
+                    runtime_error(format!(
+                        "generate_batch: prompt {i} is not a map #{{ prompt, image }}"
+                    ))
+                })?;
+                let o = Opts::new("generate_batch", map, &["prompt", "image", "raw"])?;
+                let (prompt, image) = prompt_opts(&o)?;
+                Ok(TextPrompt { prompt, image })
+            })
+            .collect::<RhaiResult<Vec<_>>>()?;
+        let out = m.vlm.generate_batch(&prompts, &opts).or_rhai()?;
+        Ok(out.into_iter().map(|g| Dynamic::from(g.text)).collect())
     }
 
     /// The kind of each decoder layer, in order: "attn" or "mamba".

@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use rhai::{Array, Dynamic, Map, NativeCallContext, INT};
 use serde::de::DeserializeOwned;
 
-use super::convert::{json_options, runtime_error, Opts, OrRhai, RhaiResult};
+use super::convert::{from_map, json_options, runtime_error, Opts, OrRhai, RhaiResult};
 use super::data::Data;
 use super::model::{templated_prompt, Model};
 use super::session_of;
@@ -334,6 +334,18 @@ pub mod api {
         };
         let report = crate::eval::decode_speed(&model.vlm, &opts).or_rhai()?;
         to_map(&report)
+    }
+
+    /// `bench(model, #{ prompt_tokens: 828, batches: [1, 8], gen_lens: [256, 1024, 2048],
+    /// prefill_reps: 5, seed: 0 })`: generation speed and memory as users run it, one map per
+    /// measurement (`phase` "prefill" or "decode", `batch`, `gen_len`, `ms`, `ms_per_token`,
+    /// `tokens_per_s`, `peak_bytes` on a GPU, `cache_bytes`). Random prompt ids: any model,
+    /// `random_model(...)` included, can be timed at any size.
+    #[rhai_fn(return_raw)]
+    pub fn bench(model: Model, options: Map) -> RhaiResult<Array> {
+        let opts: crate::eval::GenerationBenchOptions = from_map("bench", options)?;
+        let records = crate::eval::bench_generation(&model.vlm, &opts).or_rhai()?;
+        records.iter().map(to_map).collect()
     }
 
     /// Every record of the run's metrics.jsonl (train steps with each loss term, evaluations),

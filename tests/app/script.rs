@@ -720,3 +720,95 @@ fn shipped_hybrid_script_reports_the_kl_the_library_computes() {
     let saved = Vlm::load(out_dir.path().to_str().unwrap(), DType::F32, &Device::Cpu).unwrap();
     assert_eq!(saved.mamba_layers(), vec![0, 2]);
 }
+
+/// `generate_batch` answers each prompt as `generate` does alone (greedy), in order, with and
+/// without an image; a prompt that is not a map is an error naming its index.
+#[test]
+fn generate_batch_gives_each_prompt_its_own_answer() {
+    let code = "let m = load_model(TEACHER);\n\
+        let o = #{ max_new_tokens: 6, stop_at_eos: false };\n\
+        let qs = [#{ prompt: \"What is in the picture?\", image: IMAGE }, #{ prompt: \"Hi\" },\n\
+                  #{ prompt: \"Name the shape and its colour, please.\" }];\n\
+        let alone = qs.map(|q| m.generate(q + o));\n\
+        [alone, m.generate_batch(qs, o)]";
+    let out = run(code).unwrap().into_array().unwrap();
+    let texts = |v: &Dynamic| -> Vec<String> {
+        v.clone()
+            .into_array()
+            .unwrap()
+            .into_iter()
+            .map(|s| s.into_string().unwrap())
+            .collect()
+    };
+    let (alone, batched) = (texts(&out[0]), texts(&out[1]));
+    assert_eq!(alone.len(), 3);
+    assert_eq!(batched, alone);
+    let err = run("load_model(TEACHER).generate_batch([\"hi\"], #{})")
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("prompt 0 is not a map"), "{err}");
+    let err = run("load_model(TEACHER).generate_batch([#{ prompt: \"hi\" }], #{ max_tokens: 3 })")
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("max_tokens"), "{err}");
+}
+
+/// `random_model` builds the fixture's architecture with random weights (a hybrid when asked),
+/// and `bench` times it: one prefill and one record per decoded length and batch size.
+#[test]
+fn random_model_and_bench() {
+    let config = fixture("teacher").join("config.json");
+    let code = format!(
+        "let m = random_model(#{{ config: {:?}, mamba_layers: [1], seed: 3 }});\n\
+         let r = bench(m, #{{ prompt_tokens: 12, batches: [1, 3], gen_lens: [2, 5], prefill_reps: 1 }});\n\
+         [m.layers(), r]",
+        config.display().to_string()
+    );
+    let out = run(&code).unwrap().into_array().unwrap();
+    let layers: Vec<String> = out[0]
+        .clone()
+        .into_array()
+        .unwrap()
+        .into_iter()
+        .map(|s| s.into_string().unwrap())
+        .collect();
+    assert_eq!(layers, ["attn", "mamba", "attn", "attn"]);
+    let records: Vec<Map> = out[1]
+        .clone()
+        .into_array()
+        .unwrap()
+        .into_iter()
+        .map(|r| r.cast::<Map>())
+        .collect();
+    let key = |r: &Map| {
+        (
+            r["phase"].clone().into_string().unwrap(),
+            r["batch"].as_int().unwrap(),
+            r["gen_len"].as_int().unwrap(),
+        )
+    };
+    let keys: Vec<_> = records.iter().map(key).collect();
+    let expected: Vec<(String, i64, i64)> = [1, 3]
+        .iter()
+        .flat_map(|&b| {
+            [("prefill", b, 0), ("decode", b, 2), ("decode", b, 5)]
+                .map(|(p, b, g)| (p.to_string(), b, g))
+        })
+        .collect();
+    assert_eq!(keys, expected);
+    for r in &records {
+        let ms = r["ms"].as_float().unwrap();
+        let tps = r["tokens_per_s"].as_float().unwrap();
+        let (_, b, g) = key(r);
+        let positions = if g == 0 { 12 * b } else { g * b };
+        assert!(ms > 0.0);
+        assert!(
+            ((positions as f64) / (ms / 1e3) - tps).abs() <= 1e-6 * tps,
+            "{r:?}"
+        );
+    }
+    let err = run("bench(random_model(#{ config: \"nope\" }), #{})")
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("nope"), "{err}");
+}

@@ -6,11 +6,13 @@
 //! - `vlm`: the whole teacher (loading, logits, generation, broken checkpoints);
 //! - `mamba2`: the Mamba-2 mixer against mamba_ssm's reference maths, gradients included;
 //! - `hybrid`: hybrids (init from attention, mixed cache, save/load, the upstream format);
+//! - `batch`: the generation engine (preallocated cache, left-padded batches, random models);
 //! - `hub`: loading a checkpoint from a hub cache offline.
 
 #[path = "../common/mod.rs"]
 mod common;
 
+mod batch;
 mod hub;
 mod hybrid;
 mod mamba2;

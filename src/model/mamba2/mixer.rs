@@ -326,12 +326,33 @@ impl Mamba2 {
     /// The SSM inputs of a sequence: in_proj, conv (continuing from `conv_state` if given),
     /// SiLU, split, dt discretisation. `x`: `[B, L, d_model]`.
     pub fn project(&self, x: &Tensor, conv_state: Option<&Tensor>) -> Result<Projection> {
+        self.project_masked(x, conv_state, None)
+    }
+
+    /// [`Mamba2::project`] where positions with `keep = 0` (`[B, L]`) are padding: their conv
+    /// input and their step size are zeroed, so they add nothing to the conv or SSM state
+    /// (`dt = 0` decays by `exp(0) = 1` and adds `0 * B x`). A row left-padded this way ends in
+    /// the state it would reach alone.
+    fn project_masked(
+        &self,
+        x: &Tensor,
+        conv_state: Option<&Tensor>,
+        keep: Option<&Tensor>,
+    ) -> Result<Projection> {
         self.check_input(x, "project")?;
         let (z, xbc, dt_raw) = self.split_zxbcdt(&self.in_proj.forward(x)?)?;
+        let xbc = match keep {
+            Some(k) => xbc.broadcast_mul(&k.to_dtype(xbc.dtype())?.unsqueeze(2)?)?,
+            None => xbc,
+        };
         let (xbc, conv_state) =
             fused::conv_silu(&xbc, &self.conv_weight, self.conv_bias.as_ref(), conv_state)?;
         let (xs, b, c) = self.split_xbc(&xbc)?;
         let dt = ssd::discretize_dt(&dt_raw, &self.dt_bias, self.cfg.dt_limit)?;
+        let dt = match keep {
+            Some(k) => dt.broadcast_mul(&k.to_dtype(dt.dtype())?.unsqueeze(2)?)?,
+            None => dt,
+        };
         Ok(Projection {
             z,
             xbc,
@@ -353,12 +374,33 @@ impl Mamba2 {
         self.forward_with(x, state, Scan::Chunked)
     }
 
+    /// [`Mamba2::forward`] over left-padded rows: `keep` (`[B, L]`, 0 at padding) keeps padding
+    /// out of the states (see [`Mamba2::project`]'s masked form).
+    pub fn forward_masked(
+        &self,
+        x: &Tensor,
+        state: Option<&Mamba2State>,
+        keep: Option<&Tensor>,
+    ) -> Result<(Tensor, Mamba2State)> {
+        self.run(x, state, Scan::Chunked, keep)
+    }
+
     /// [`Mamba2::forward`] with a choice of scan.
     pub fn forward_with(
         &self,
         x: &Tensor,
         state: Option<&Mamba2State>,
         scan: Scan,
+    ) -> Result<(Tensor, Mamba2State)> {
+        self.run(x, state, scan, None)
+    }
+
+    fn run(
+        &self,
+        x: &Tensor,
+        state: Option<&Mamba2State>,
+        scan: Scan,
+        keep: Option<&Tensor>,
     ) -> Result<(Tensor, Mamba2State)> {
         self.check_input(x, "forward")?;
         let (batch, len, _) = x.dims3()?;
@@ -369,7 +411,7 @@ impl Mamba2 {
         if len == 0 {
             return Ok((x.clone(), state_in));
         }
-        let p = self.project(x, Some(&state_in.conv))?;
+        let p = self.project_masked(x, Some(&state_in.conv), keep)?;
         let a = self.a()?;
         let (y, ssm) = match scan {
             Scan::Chunked => fused::chunked_scan_packed(
