@@ -234,7 +234,14 @@ pub fn eval_with_constants(
     engine.eval_with_scope::<Dynamic>(&mut scope, code)
 }
 
-/// The `matrepl` binary of this build.
+/// The `matrepl` binary of this build, told where the checkout's assets are: it finds them from
+/// its working directory or its own location, and neither is in the checkout when a test runs it
+/// in a temporary folder from a target directory elsewhere (`CARGO_TARGET_DIR`).
 pub fn matrepl_command() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_matrepl"))
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_matrepl"));
+    cmd.env(
+        "MATVLM_ASSETS",
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("assets"),
+    );
+    cmd
 }
