@@ -16,6 +16,16 @@ pub enum Error {
     #[error("{path} is not a valid safetensors file (missing or truncated?): {reason}")]
     BadSafetensors { path: PathBuf, reason: String },
 
+    #[error(
+        "{path}: tensor `{tensor}` holds {count} non-finite value(s) (NaN or Inf); \
+         load with allow_non_finite to inspect it"
+    )]
+    NonFinite {
+        path: PathBuf,
+        tensor: String,
+        count: usize,
+    },
+
     #[error("{path}: invalid JSON config: {reason}")]
     BadConfig { path: PathBuf, reason: String },
 

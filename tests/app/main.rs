@@ -10,6 +10,7 @@ mod recipes;
 mod repl;
 #[cfg(unix)]
 mod repl_pty;
+mod robust;
 mod script;
 mod script_viz;
 mod viz;
