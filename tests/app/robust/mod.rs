@@ -7,7 +7,9 @@
 //! mutation of one committed fixture, its seed printed on failure, so a failing case replays
 //! with the same seed and nothing is shrunk or persisted.
 
+mod limits;
 mod loaders;
+mod script_args;
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::Path;
