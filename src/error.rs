@@ -13,6 +13,13 @@ pub enum Error {
         source: std::io::Error,
     },
 
+    #[error("cannot write {path}: {source}")]
+    Write {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+
     #[error("{path} is not a valid safetensors file (missing or truncated?): {reason}")]
     BadSafetensors { path: PathBuf, reason: String },
 
@@ -77,6 +84,14 @@ pub enum Error {
 impl Error {
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         Error::Io {
+            path: path.into(),
+            source,
+        }
+    }
+
+    /// A failed write (or folder creation, or rename) of `path`.
+    pub fn write(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Error::Write {
             path: path.into(),
             source,
         }

@@ -121,7 +121,7 @@ fn damaged_llava_json_and_images_are_errors_naming_the_file() {
 }
 
 /// A run directory with one checkpoint of a few tensors and some metrics lines.
-fn small_run(dir: &Path) {
+pub(super) fn small_run(dir: &Path) {
     let mut run = RunDir::open(dir).unwrap();
     let t = |n: usize| Tensor::arange(0f32, n as f32, &Device::Cpu).unwrap();
     let weights = BTreeMap::from([("w".to_string(), t(6)), ("b".to_string(), t(2))]);

@@ -7,6 +7,7 @@
 //! mutation of one committed fixture, its seed printed on failure, so a failing case replays
 //! with the same seed and nothing is shrunk or persisted.
 
+mod crash;
 mod limits;
 mod loaders;
 mod script_args;
