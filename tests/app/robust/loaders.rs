@@ -258,6 +258,21 @@ fn absurd_sizes_fail_fast_without_allocating() {
         })
     });
 
+    // A PNG whose header claims 2^30 x 2^30 pixels (CRC fixed, so only the size is wrong).
+    let png = tmp.path().join("huge.png");
+    let mut bytes = std::fs::read(fixture("teacher").join("test_image.png")).unwrap();
+    bytes[16..20].copy_from_slice(&(1u32 << 30).to_be_bytes());
+    bytes[20..24].copy_from_slice(&(1u32 << 30).to_be_bytes());
+    let crc = crc32(&bytes[12..29]);
+    bytes[29..33].copy_from_slice(&crc.to_be_bytes());
+    std::fs::write(&png, bytes).unwrap();
+    fast("png size", &mut || {
+        let err = matvlm::image::load_image(&png).unwrap_err().to_string();
+        assert!(err.contains(&png.display().to_string()), "{err}");
+        assert!(err.contains("limit"), "rejected for its size: {err}");
+        true
+    });
+
     // Configs with absurd sizes, each key alone.
     let dir = tmp.path().join("teacher");
     copy_dir(&fixture("teacher"), &dir);
@@ -418,6 +433,24 @@ fn non_finite_weights_are_an_error_naming_the_tensor_unless_allowed() {
         );
     }
 
+    // From a script: an error naming the tensor, or the tensors with `allow_non_finite`.
+    let engine = matvlm::script::engine(&matvlm::script::Session::default());
+    let consts = [("SHARD", shard.display().to_string())];
+    let err = crate::common::eval_with_constants(&engine, &consts, "load_safetensors(SHARD)")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains(victim.as_str()) && err.contains("non-finite"),
+        "{err}"
+    );
+    let n = crate::common::eval_with_constants(
+        &engine,
+        &consts,
+        "load_safetensors(SHARD, #{ allow_non_finite: true }).len()",
+    )
+    .unwrap();
+    assert_eq!(n.as_int().unwrap() as usize, names.len());
+
     // A training checkpoint holding NaN: resuming from it is the error, naming the tensor.
     let run_dir = tmp.path().join("run");
     small_run(&run_dir);
@@ -434,4 +467,20 @@ fn non_finite_weights_are_an_error_naming_the_tensor_unless_allowed() {
         matches!(&err, Error::NonFinite { tensor, .. } if tensor == "w"),
         "{err}"
     );
+}
+
+/// CRC-32 (IEEE) of a PNG chunk's type and data.
+fn crc32(bytes: &[u8]) -> u32 {
+    let mut crc = !0u32;
+    for &b in bytes {
+        crc ^= b as u32;
+        for _ in 0..8 {
+            crc = if crc & 1 == 1 {
+                (crc >> 1) ^ 0xEDB8_8320
+            } else {
+                crc >> 1
+            };
+        }
+    }
+    !crc
 }
