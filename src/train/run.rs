@@ -24,7 +24,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
-use crate::checkpoint::load_safetensors;
+use crate::checkpoint::load_safetensors_with;
 use crate::io::{write_atomic, Writer};
 use crate::{Error, Result};
 
@@ -344,8 +344,19 @@ impl RunDir {
         Ok(self.checkpoints()?.pop().map(|(_, p)| p))
     }
 
-    /// Read one checkpoint folder, its tensors onto `device`.
+    /// Read one checkpoint folder, its tensors onto `device`. A tensor holding NaN or Inf is an
+    /// [`Error::NonFinite`] naming it (see [`RunDir::load_checkpoint_with`]).
     pub fn load_checkpoint(dir: &Path, device: &Device) -> Result<Checkpoint> {
+        Self::load_checkpoint_with(dir, device, false)
+    }
+
+    /// [`RunDir::load_checkpoint`], with NaN and Inf allowed when `allow_non_finite` (to inspect
+    /// a diverged run; never resume from one).
+    pub fn load_checkpoint_with(
+        dir: &Path,
+        device: &Device,
+        allow_non_finite: bool,
+    ) -> Result<Checkpoint> {
         let state_path = dir.join(CKPT_STATE);
         let state: CheckpointState = crate::io::read_json(&state_path)?;
         if state.format != CHECKPOINT_FORMAT {
@@ -359,8 +370,8 @@ impl RunDir {
         }
         Ok(Checkpoint {
             dir: dir.to_path_buf(),
-            weights: load_safetensors(&dir.join(CKPT_WEIGHTS), device)?,
-            optimizer: load_safetensors(&dir.join(CKPT_OPTIMIZER), device)?,
+            weights: load_safetensors_with(&dir.join(CKPT_WEIGHTS), device, allow_non_finite)?,
+            optimizer: load_safetensors_with(&dir.join(CKPT_OPTIMIZER), device, allow_non_finite)?,
             state,
         })
     }

@@ -467,6 +467,11 @@ fn non_finite_weights_are_an_error_naming_the_tensor_unless_allowed() {
         matches!(&err, Error::NonFinite { tensor, .. } if tensor == "w"),
         "{err}"
     );
+    let ck =
+        RunDir::load_checkpoint_with(&run_dir.join("checkpoints/step-000003"), &Device::Cpu, true)
+            .unwrap();
+    let w = ck.weights["w"].to_vec1::<f32>().unwrap();
+    assert_eq!(w.iter().filter(|x| x.is_nan()).count(), 1);
 }
 
 /// CRC-32 (IEEE) of a PNG chunk's type and data.
