@@ -21,7 +21,7 @@ use serde_json::Value;
 use crate::common::matrepl_command;
 use crate::recipes::Fixture;
 
-const STEPS: usize = 80;
+const STEPS: usize = 100;
 const KILLS: usize = 20;
 
 /// The run: the fixture's 8-layer teacher distilled into its 0.25 hybrid, a checkpoint every 2
