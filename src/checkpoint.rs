@@ -30,6 +30,9 @@ pub struct CheckpointFiles {
     pub tokenizer: Option<PathBuf>,
     pub preprocessor: Option<PathBuf>,
     pub mamba_config: Option<PathBuf>,
+    /// Load weights holding NaN or Inf instead of failing with [`Error::NonFinite`]: for
+    /// inspecting a diverged checkpoint, never for training from one.
+    pub allow_non_finite: bool,
 }
 
 impl CheckpointFiles {
@@ -57,7 +60,15 @@ impl CheckpointFiles {
             tokenizer: opt(TOKENIZER),
             preprocessor: opt(PREPROCESSOR),
             mamba_config: opt(MAMBA_CONFIG),
+            allow_non_finite: false,
         })
+    }
+
+    /// The same files, loaded even when weights hold NaN or Inf (see
+    /// [`CheckpointFiles::allow_non_finite`]).
+    pub fn allowing_non_finite(mut self) -> Self {
+        self.allow_non_finite = true;
+        self
     }
 
     /// A local folder, or else a hub id (`owner/name`) looked up in the hf-hub cache first and
@@ -78,7 +89,7 @@ impl CheckpointFiles {
     /// A VarBuilder over all weight files (memory-mapped), tensors converted to `dtype`.
     pub fn var_builder(&self, dtype: DType, device: &Device) -> Result<VarBuilder<'static>> {
         for p in &self.weights {
-            validate_safetensors(p)?;
+            check_safetensors(p, self.allow_non_finite)?;
         }
         // SAFETY: the files are memory-mapped read-only; modifying them while a model is loaded
         // is undefined behaviour, as for every mmap-based loader.
@@ -108,6 +119,7 @@ pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
         let mut files: Vec<String> = idx.weight_map.values().cloned().collect();
         files.sort();
         files.dedup();
+        check_shard_names(&index, &files)?;
         let files: Vec<PathBuf> = files.into_iter().map(|f| dir.join(f)).collect();
         if let Some(missing) = files.iter().find(|f| !f.is_file()) {
             return Err(Error::NotFound(format!(
@@ -137,20 +149,103 @@ pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
     Ok(files)
 }
 
-/// Check that a file is a complete safetensors file (header parses, data fits the file).
+/// The index must name shards inside the checkpoint folder: a name with a path in it would read
+/// files elsewhere on the disk.
+fn check_shard_names(index: &Path, names: &[String]) -> Result<()> {
+    if names.is_empty() {
+        return Err(Error::BadConfig {
+            path: index.to_path_buf(),
+            reason: "`weight_map` lists no weight file".into(),
+        });
+    }
+    let plain =
+        |n: &str| !n.is_empty() && n != "." && n != ".." && !n.contains('/') && !n.contains('\\');
+    match names.iter().find(|n| !plain(n)) {
+        Some(bad) => Err(Error::BadConfig {
+            path: index.to_path_buf(),
+            reason: format!("`weight_map` names `{bad}`, which is not a file name in this folder"),
+        }),
+        None => Ok(()),
+    }
+}
+
+/// Check that a file is a complete safetensors file (header parses, data fits the file) whose
+/// float tensors hold no NaN or Inf.
 pub fn validate_safetensors(path: &Path) -> Result<()> {
+    check_safetensors(path, false)
+}
+
+/// [`validate_safetensors`], with non-finite values allowed when `allow_non_finite`. The header
+/// (its size, shapes and offsets) is checked against the file's length before any tensor is
+/// looked at, so an absurd shape is an error, not an allocation.
+pub fn check_safetensors(path: &Path, allow_non_finite: bool) -> Result<()> {
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-    safetensors::SafeTensors::deserialize(&bytes).map_err(|e| Error::BadSafetensors {
+    check_safetensors_bytes(path, &bytes, allow_non_finite)
+}
+
+/// [`check_safetensors`] of a file already read into `bytes`.
+fn check_safetensors_bytes(path: &Path, bytes: &[u8], allow_non_finite: bool) -> Result<()> {
+    let st = safetensors::SafeTensors::deserialize(bytes).map_err(|e| Error::BadSafetensors {
         path: path.to_path_buf(),
         reason: e.to_string(),
     })?;
+    if allow_non_finite {
+        return Ok(());
+    }
+    let mut names = st.names();
+    // Reported in name order, so the same file always names the same tensor.
+    names.sort();
+    for name in names {
+        let view = st.tensor(name).map_err(|e| Error::BadSafetensors {
+            path: path.to_path_buf(),
+            reason: format!("tensor `{name}`: {e}"),
+        })?;
+        let count = non_finite_count(view.dtype(), view.data());
+        if count > 0 {
+            return Err(Error::NonFinite {
+                path: path.to_path_buf(),
+                tensor: name.to_string(),
+                count,
+            });
+        }
+    }
     Ok(())
 }
 
-/// Load every tensor of one safetensors file (for fixtures and small checkpoints).
+/// How many values of a little-endian float buffer are NaN or +-Inf (all exponent bits set); 0
+/// for integer and boolean dtypes. One pass over the bytes, no decoding.
+fn non_finite_count(dtype: safetensors::Dtype, data: &[u8]) -> usize {
+    use safetensors::Dtype;
+    fn count<const N: usize>(data: &[u8], bad: impl Fn([u8; N]) -> bool) -> usize {
+        data.chunks_exact(N)
+            .filter(|c| bad(<[u8; N]>::try_from(*c).expect("chunks of N bytes")))
+            .count()
+    }
+    match dtype {
+        Dtype::F16 => count::<2>(data, |b| u16::from_le_bytes(b) & 0x7c00 == 0x7c00),
+        Dtype::BF16 => count::<2>(data, |b| u16::from_le_bytes(b) & 0x7f80 == 0x7f80),
+        Dtype::F32 => count::<4>(data, |b| !f32::from_le_bytes(b).is_finite()),
+        Dtype::F64 => count::<8>(data, |b| !f64::from_le_bytes(b).is_finite()),
+        _ => 0,
+    }
+}
+
+/// Load every tensor of one safetensors file (for fixtures and small checkpoints). Float tensors
+/// holding NaN or Inf are an [`Error::NonFinite`] naming the tensor.
 pub fn load_safetensors(path: &Path, device: &Device) -> Result<HashMap<String, Tensor>> {
-    validate_safetensors(path)?;
-    candle_core::safetensors::load(path, device).map_err(|e| Error::BadSafetensors {
+    load_safetensors_with(path, device, false)
+}
+
+/// [`load_safetensors`], with non-finite values allowed when `allow_non_finite` (to inspect a
+/// diverged checkpoint).
+pub fn load_safetensors_with(
+    path: &Path,
+    device: &Device,
+    allow_non_finite: bool,
+) -> Result<HashMap<String, Tensor>> {
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    check_safetensors_bytes(path, &bytes, allow_non_finite)?;
+    candle_core::safetensors::load_buffer(&bytes, device).map_err(|e| Error::BadSafetensors {
         path: path.to_path_buf(),
         reason: e.to_string(),
     })
@@ -270,6 +365,7 @@ mod hub {
             let mut names: Vec<String> = idx.weight_map.into_values().collect();
             names.sort();
             names.dedup();
+            check_shard_names(index, &names)?;
             for n in names {
                 let p = get(&n, true)?.unwrap_or_else(|| dir.join(&n));
                 weights.push(p);
@@ -285,6 +381,7 @@ mod hub {
             tokenizer: found.remove(TOKENIZER),
             preprocessor: found.remove(PREPROCESSOR),
             mamba_config: found.remove(MAMBA_CONFIG),
+            allow_non_finite: false,
         })
     }
 }

@@ -12,6 +12,17 @@ use serde::{Deserialize, Serialize};
 use crate::io::read_json;
 use crate::{Error, Result};
 
+/// Largest vocabulary a config may declare (real ones are up to a few hundred thousand).
+pub const MAX_VOCAB: usize = 1 << 22;
+/// Largest hidden or intermediate width (Phi-2: 2560 and 10240).
+pub const MAX_DIM: usize = 1 << 17;
+/// Most layers or heads.
+pub const MAX_LAYERS: usize = 4096;
+/// Longest context (position tables are sized by it).
+pub const MAX_POSITIONS: usize = 1 << 20;
+/// Largest image side in pixels, for vision configs and preprocessor sizes.
+pub const MAX_IMAGE_SIDE: usize = 1 << 14;
+
 fn d_phi_vocab() -> usize {
     51200
 }
@@ -246,8 +257,136 @@ impl TinyLlavaConfig {
     /// The preset name of TinyLLaVA-Phi-2-SigLIP-3.1B, MaTVLM's teacher.
     pub const FULL_SIZE: &'static str = "tinyllava-3.1b";
 
+    /// Read and check a `config.json`: every error names the file and, for a bad value, the key.
     pub fn from_file(path: &Path) -> Result<Self> {
-        read_json(path)
+        let cfg: Self = read_json(path)?;
+        cfg.validate().map_err(|reason| Error::BadConfig {
+            path: path.to_path_buf(),
+            reason,
+        })?;
+        Ok(cfg)
+    }
+
+    /// Check that the sizes describe a model that can be built: positive, consistent (heads
+    /// divide widths, patches fit images) and within [`MAX_DIM`] and friends, so that a corrupt
+    /// or hostile config is an error here and never an allocation of its absurd size later.
+    /// The message names the offending key.
+    pub fn validate(&self) -> std::result::Result<(), String> {
+        let t = &self.text_config;
+        let v = &self.vision_config;
+        let sizes = [
+            ("text_config.vocab_size", t.vocab_size, MAX_VOCAB),
+            ("text_config.hidden_size", t.hidden_size, MAX_DIM),
+            (
+                "text_config.intermediate_size",
+                t.intermediate_size,
+                MAX_DIM,
+            ),
+            (
+                "text_config.num_hidden_layers",
+                t.num_hidden_layers,
+                MAX_LAYERS,
+            ),
+            (
+                "text_config.num_attention_heads",
+                t.num_attention_heads,
+                MAX_LAYERS,
+            ),
+            (
+                "text_config.num_key_value_heads",
+                t.num_kv_heads(),
+                MAX_LAYERS,
+            ),
+            (
+                "text_config.max_position_embeddings",
+                t.max_position_embeddings,
+                MAX_POSITIONS,
+            ),
+            ("vision_config.hidden_size", v.hidden_size, MAX_DIM),
+            (
+                "vision_config.intermediate_size",
+                v.intermediate_size,
+                MAX_DIM,
+            ),
+            (
+                "vision_config.num_hidden_layers",
+                v.num_hidden_layers,
+                MAX_LAYERS,
+            ),
+            (
+                "vision_config.num_attention_heads",
+                v.num_attention_heads,
+                MAX_LAYERS,
+            ),
+            ("vision_config.num_channels", v.num_channels, 16),
+            ("vision_config.image_size", v.image_size, MAX_IMAGE_SIDE),
+            ("vision_config.patch_size", v.patch_size, MAX_IMAGE_SIDE),
+            (
+                "tokenizer_model_max_length",
+                self.tokenizer_model_max_length,
+                MAX_POSITIONS,
+            ),
+        ];
+        for (key, value, max) in sizes {
+            if value == 0 || value > max {
+                return Err(format!("`{key}` = {value} is outside 1..={max}"));
+            }
+        }
+        let divides = |key: &str, width: usize, heads: usize| {
+            if width.is_multiple_of(heads) {
+                Ok(())
+            } else {
+                Err(format!(
+                    "`{key}` = {heads} does not divide the width {width}"
+                ))
+            }
+        };
+        divides(
+            "text_config.num_attention_heads",
+            t.hidden_size,
+            t.num_attention_heads,
+        )?;
+        divides(
+            "text_config.num_key_value_heads",
+            t.num_attention_heads,
+            t.num_kv_heads(),
+        )?;
+        divides(
+            "vision_config.num_attention_heads",
+            v.hidden_size,
+            v.num_attention_heads,
+        )?;
+        if v.patch_size > v.image_size {
+            return Err(format!(
+                "`vision_config.patch_size` = {} is larger than `vision_config.image_size` = {}",
+                v.patch_size, v.image_size
+            ));
+        }
+        if self.vision_feature_select_strategy == "patch" && v.num_patches() < 2 {
+            return Err(format!(
+                "`vision_feature_select_strategy` = \"patch\" drops the first of {} patch(es), \
+                 leaving none",
+                v.num_patches()
+            ));
+        }
+        let factor = t.partial_rotary_factor();
+        if !(0.0..=1.0).contains(&factor) {
+            return Err(format!(
+                "`partial_rotary_factor` = {factor} is outside [0, 1]"
+            ));
+        }
+        let positive = [
+            ("rope_theta", t.rope_theta()),
+            ("text_config.layer_norm_eps", t.layer_norm_eps),
+            ("vision_config.layer_norm_eps", v.layer_norm_eps),
+        ];
+        for (key, value) in positive {
+            if !(value.is_finite() && value > 0.0) {
+                return Err(format!("`{key}` = {value} must be a positive number"));
+            }
+        }
+        self.vision_layers_used().map_err(|e| e.to_string())?;
+        Ok(())
     }
 
     /// TinyLLaVA-Phi-2-SigLIP-3.1B's config (Phi-2 with SigLIP-so400m-patch14-384 through a
@@ -315,16 +454,44 @@ fn d_mean() -> Vec<f32> {
 }
 
 /// The image processor's settings (HF `preprocessor_config.json`; SigLIP's when absent).
+/// Reading one checks it ([`PreprocessorConfig::validate`]), so a bad file is an error naming it.
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(try_from = "RawPreprocessorConfig")]
 pub struct PreprocessorConfig {
-    #[serde(default = "d_mean")]
     pub image_mean: Vec<f32>,
-    #[serde(default = "d_mean")]
     pub image_std: Vec<f32>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub size: Option<ImageSize>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub rescale_factor: Option<f64>,
+}
+
+/// What a `preprocessor_config.json` holds, before [`PreprocessorConfig::validate`].
+#[derive(Deserialize)]
+struct RawPreprocessorConfig {
+    #[serde(default = "d_mean")]
+    image_mean: Vec<f32>,
+    #[serde(default = "d_mean")]
+    image_std: Vec<f32>,
+    #[serde(default)]
+    size: Option<ImageSize>,
+    #[serde(default)]
+    rescale_factor: Option<f64>,
+}
+
+impl TryFrom<RawPreprocessorConfig> for PreprocessorConfig {
+    type Error = String;
+
+    fn try_from(raw: RawPreprocessorConfig) -> std::result::Result<Self, String> {
+        let cfg = Self {
+            image_mean: raw.image_mean,
+            image_std: raw.image_std,
+            size: raw.size,
+            rescale_factor: raw.rescale_factor,
+        };
+        cfg.validate()?;
+        Ok(cfg)
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -334,6 +501,41 @@ pub struct ImageSize {
 }
 
 impl PreprocessorConfig {
+    /// The output size is given and within [`MAX_IMAGE_SIDE`], mean and std have three finite
+    /// values (R, G, B), std has no 0, the rescale factor is finite. The message names the key.
+    pub fn validate(&self) -> std::result::Result<(), String> {
+        let size = self
+            .size
+            .as_ref()
+            .ok_or("`size` {height, width} is missing")?;
+        for (key, v) in [("size.height", size.height), ("size.width", size.width)] {
+            if v == 0 || v > MAX_IMAGE_SIDE {
+                return Err(format!("`{key}` = {v} is outside 1..={MAX_IMAGE_SIDE}"));
+            }
+        }
+        for (key, v) in [
+            ("image_mean", &self.image_mean),
+            ("image_std", &self.image_std),
+        ] {
+            if v.len() != 3 {
+                return Err(format!(
+                    "`{key}` has {} values, expected 3 (R, G, B)",
+                    v.len()
+                ));
+            }
+            if v.iter().any(|x| !x.is_finite()) {
+                return Err(format!("`{key}` holds a non-finite value"));
+            }
+        }
+        if self.image_std.contains(&0.0) {
+            return Err("`image_std` contains 0".into());
+        }
+        if let Some(r) = self.rescale_factor.filter(|r| !r.is_finite()) {
+            return Err(format!("`rescale_factor` = {r} is not finite"));
+        }
+        Ok(())
+    }
+
     pub fn siglip_default(image_size: usize) -> Self {
         Self {
             image_mean: d_mean(),

@@ -13,8 +13,25 @@ pub enum Error {
         source: std::io::Error,
     },
 
+    #[error("cannot write {path}: {source}")]
+    Write {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+
     #[error("{path} is not a valid safetensors file (missing or truncated?): {reason}")]
     BadSafetensors { path: PathBuf, reason: String },
+
+    #[error(
+        "{path}: tensor `{tensor}` holds {count} non-finite value(s) (NaN or Inf); \
+         load with allow_non_finite to inspect it"
+    )]
+    NonFinite {
+        path: PathBuf,
+        tensor: String,
+        count: usize,
+    },
 
     #[error("{path}: invalid JSON config: {reason}")]
     BadConfig { path: PathBuf, reason: String },
@@ -67,6 +84,14 @@ pub enum Error {
 impl Error {
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         Error::Io {
+            path: path.into(),
+            source,
+        }
+    }
+
+    /// A failed write (or folder creation, or rename) of `path`.
+    pub fn write(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Error::Write {
             path: path.into(),
             source,
         }

@@ -76,35 +76,16 @@ impl ImagePreprocessor {
     /// Settings from a `preprocessor_config.json`. The config must give the output size and
     /// three-channel mean and std; a missing rescale factor means 1/255.
     pub fn from_config(cfg: &PreprocessorConfig) -> Result<Self> {
-        let size = cfg.size.as_ref().ok_or_else(|| {
-            Error::Invalid("preprocessor config has no `size` {height, width}".into())
-        })?;
-        let three = |v: &[f32], name: &str| -> Result<[f32; 3]> {
-            <[f32; 3]>::try_from(v).map_err(|_| {
-                Error::Invalid(format!(
-                    "preprocessor config `{name}` has {} values, expected 3 (R, G, B)",
-                    v.len()
-                ))
-            })
-        };
-        let std = three(&cfg.image_std, "image_std")?;
-        if std.contains(&0.0) {
-            return Err(Error::Invalid(
-                "preprocessor config `image_std` contains 0".into(),
-            ));
-        }
-        if size.height == 0 || size.width == 0 {
-            return Err(Error::Invalid(format!(
-                "preprocessor config size {}x{} is empty",
-                size.height, size.width
-            )));
-        }
+        cfg.validate()
+            .map_err(|e| Error::Invalid(format!("preprocessor config: {e}")))?;
+        let size = cfg.size.as_ref().expect("validate checked `size`");
+        let three = |v: &[f32]| <[f32; 3]>::try_from(v).expect("validate checked 3 values");
         Ok(Self {
             height: size.height,
             width: size.width,
             rescale: cfg.rescale_factor.unwrap_or(1.0 / 255.0) as f32,
-            mean: three(&cfg.image_mean, "image_mean")?,
-            std,
+            mean: three(&cfg.image_mean),
+            std: three(&cfg.image_std),
         })
     }
 

@@ -68,6 +68,11 @@ pub fn merged<T: Serialize + DeserializeOwned>(
             )));
         };
         *slot = spelled_out(slot, value);
+        // Read back after each key (the base reads back by construction), so that a wrong type
+        // is reported with the key that brought it: serde's message names the type, not the key.
+        if let Err(e) = serde_json::from_value::<T>(Value::Object(fields.clone())) {
+            return Err(Error::Invalid(format!("{what}: option `{key}`: {e}")));
+        }
     }
     serde_json::from_value(config).map_err(|e| Error::Invalid(format!("{what}: {e}")))
 }
@@ -181,7 +186,10 @@ mod tests {
             LAYOUT,
         )
         .unwrap_err();
-        assert!(e.to_string().contains("f: invalid type"), "{e}");
+        assert!(
+            e.to_string().contains("f: option `steps`: invalid type"),
+            "{e}"
+        );
         let e = merged("f", &base(), opts(serde_json::json!({"train": 1})), LAYOUT).unwrap_err();
         assert!(
             e.to_string().contains("`train`"),

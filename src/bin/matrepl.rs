@@ -61,6 +61,22 @@ struct Cli {
     #[arg(long, value_name = "N")]
     threads: Option<usize>,
 
+    /// Stop a script after N rhai operations (default: unlimited; Ctrl-C stops a loop).
+    #[arg(long, value_name = "N")]
+    max_operations: Option<u64>,
+
+    /// Deepest nesting of script function calls (default: 64).
+    #[arg(long, value_name = "N")]
+    max_call_depth: Option<usize>,
+
+    /// Largest string a script may build, in bytes (default: 256 MiB; 0: unlimited).
+    #[arg(long, value_name = "BYTES")]
+    max_string_size: Option<usize>,
+
+    /// Most elements of one array (default: 64Mi; 0: unlimited).
+    #[arg(long, value_name = "N")]
+    max_array_size: Option<usize>,
+
     /// History file of the REPL (default: $MATREPL_HISTORY, else ~/.matrepl_history).
     #[arg(long, value_name = "FILE")]
     history: Option<PathBuf>,
@@ -128,7 +144,17 @@ fn run(cli: Cli) -> Result<(), Failure> {
     // Ctrl-C sets this flag instead of killing the process: training and generation stop at
     // their next step, the script at its next operation, and the REPL returns to its prompt.
     let cancel = matvlm::train::ctrlc_flag().map_err(usage)?;
-    let session = Session::new(device, dtype).with_cancel(cancel);
+    let defaults = script::ScriptLimits::default();
+    let limits = script::ScriptLimits {
+        max_operations: cli.max_operations.unwrap_or(defaults.max_operations),
+        max_call_depth: cli.max_call_depth.unwrap_or(defaults.max_call_depth),
+        max_string_size: cli.max_string_size.unwrap_or(defaults.max_string_size),
+        max_array_size: cli.max_array_size.unwrap_or(defaults.max_array_size),
+        ..defaults
+    };
+    let session = Session::new(device, dtype)
+        .with_cancel(cancel)
+        .with_limits(limits);
 
     if let Some(code) = &cli.eval {
         let engine = script::engine(&session);

@@ -205,8 +205,27 @@ pub fn json_options(
 /// names, an unknown key or a wrong type is an error naming `what` and the key.
 pub fn from_map<T: serde::de::DeserializeOwned>(what: &str, map: Map) -> RhaiResult<T> {
     let map: Map = map.into_iter().filter(|(_, v)| !v.is_unit()).collect();
-    rhai::serde::from_dynamic(&Dynamic::from_map(map))
-        .map_err(|e| runtime_error(format!("{what}: {}", bare_message(&e))))
+    rhai::serde::from_dynamic::<T>(&Dynamic::from_map(map.clone())).map_err(|e| {
+        let message = bare_message(&e);
+        match culprit::<T>(&map) {
+            Some(key) if !message.contains(&format!("`{key}`")) => {
+                runtime_error(format!("{what}: option `{key}`: {message}"))
+            }
+            _ => runtime_error(format!("{what}: {message}")),
+        }
+    })
+}
+
+/// The key whose removal makes `map` deserialise, if there is one: rhai's serde errors say a
+/// type was wrong but not where.
+fn culprit<T: serde::de::DeserializeOwned>(map: &Map) -> Option<String> {
+    map.keys()
+        .find(|key| {
+            let mut rest = map.clone();
+            rest.remove(key.as_str());
+            rhai::serde::from_dynamic::<T>(&Dynamic::from_map(rest)).is_ok()
+        })
+        .map(|k| k.to_string())
 }
 
 /// A rhai error's message without rhai's position suffix (the caller's position is added when

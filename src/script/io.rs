@@ -8,7 +8,7 @@ use std::io::{BufRead, IsTerminal};
 
 use rhai::{Dynamic, Map, NativeCallContext, FLOAT, INT};
 
-use super::convert::{runtime_error, OrRhai, RhaiResult};
+use super::convert::{runtime_error, Opts, OrRhai, RhaiResult};
 use super::session_of;
 use super::tensor::Tensor;
 
@@ -51,6 +51,25 @@ pub mod api {
     pub fn load_safetensors(ctx: NativeCallContext, path: &str) -> RhaiResult<Map> {
         let s = session_of(&ctx)?;
         let tensors = crate::checkpoint::load_safetensors(Path::new(path), &s.device).or_rhai()?;
+        Ok(tensors
+            .into_iter()
+            .map(|(k, t)| (k.into(), Dynamic::from(t)))
+            .collect())
+    }
+
+    /// `load_safetensors(path, #{ allow_non_finite: true })`: as `load_safetensors(path)`, but
+    /// tensors holding NaN or Inf load (to inspect a diverged checkpoint) instead of failing.
+    #[rhai_fn(name = "load_safetensors", return_raw)]
+    pub fn load_safetensors_with(
+        ctx: NativeCallContext,
+        path: &str,
+        options: Map,
+    ) -> RhaiResult<Map> {
+        let s = session_of(&ctx)?;
+        let o = Opts::new("load_safetensors", options, &["allow_non_finite"])?;
+        let allow = o.bool("allow_non_finite")?.unwrap_or(false);
+        let tensors = crate::checkpoint::load_safetensors_with(Path::new(path), &s.device, allow)
+            .or_rhai()?;
         Ok(tensors
             .into_iter()
             .map(|(k, t)| (k.into(), Dynamic::from(t)))

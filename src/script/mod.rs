@@ -44,6 +44,51 @@ pub struct Session {
     /// Set (by Ctrl-C, or by the host) to stop the current call at its next step boundary and
     /// then the script. Whoever runs the next entry stores `false` back first.
     pub cancel: Arc<AtomicBool>,
+    /// What one evaluation may use (operations, call depth, string and collection sizes).
+    pub limits: ScriptLimits,
+}
+
+/// rhai's resource limits for the engines of a [`Session`]. The defaults are far above what the
+/// recipe scripts use (a long training script spends its time inside library calls, which count
+/// as one operation each), so they only stop a runaway: an unbounded recursion, a string or array
+/// grown in a loop. Operations are unlimited by default; Ctrl-C stops a script that loops.
+/// A limit of 0 means unlimited (call depth: 0 forbids calls).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ScriptLimits {
+    /// rhai operations of one evaluation.
+    pub max_operations: u64,
+    /// Nested calls of script functions.
+    pub max_call_depth: usize,
+    /// Bytes of one string.
+    pub max_string_size: usize,
+    /// Elements of one array.
+    pub max_array_size: usize,
+    /// Entries of one object map.
+    pub max_map_size: usize,
+}
+
+impl Default for ScriptLimits {
+    fn default() -> Self {
+        Self {
+            max_operations: 0,
+            max_call_depth: 64,
+            max_string_size: 256 << 20,
+            max_array_size: 64 << 20,
+            max_map_size: 1 << 20,
+        }
+    }
+}
+
+impl ScriptLimits {
+    /// Set these limits on `engine`.
+    pub fn apply(&self, engine: &mut Engine) {
+        engine
+            .set_max_operations(self.max_operations)
+            .set_max_call_levels(self.max_call_depth)
+            .set_max_string_size(self.max_string_size)
+            .set_max_array_size(self.max_array_size)
+            .set_max_map_size(self.max_map_size);
+    }
 }
 
 impl Default for Session {
@@ -58,7 +103,14 @@ impl Session {
             device,
             dtype,
             cancel: Arc::new(AtomicBool::new(false)),
+            limits: ScriptLimits::default(),
         }
+    }
+
+    /// Other resource limits for the engines of this session.
+    pub fn with_limits(mut self, limits: ScriptLimits) -> Self {
+        self.limits = limits;
+        self
     }
 
     /// Share an existing flag, e.g. the one [`crate::train::ctrlc_flag`] sets on Ctrl-C.
@@ -76,7 +128,8 @@ impl Session {
 /// so that bindings which load or run things read the device, dtype and cancel flag from it.
 ///
 /// A set cancel flag also stops plain script code (loops) at its next operation with an
-/// "interrupted" error, so Ctrl-C always gets back to the prompt.
+/// "interrupted" error, so Ctrl-C always gets back to the prompt. The session's
+/// [`ScriptLimits`] bound operations, call depth, strings, arrays and maps.
 pub fn engine(session: &Session) -> Engine {
     let mut engine = Engine::new();
     engine.set_default_tag(Dynamic::from(session.clone()));
@@ -100,6 +153,7 @@ pub fn engine(session: &Session) -> Engine {
     // Deeply nested expressions are legitimate in generated configs; the defaults are for
     // untrusted input, which scripts here are not.
     engine.set_max_expr_depths(256, 256);
+    session.limits.apply(&mut engine);
     engine
 }
 

@@ -89,12 +89,17 @@ pub mod api {
         Ok(Model::new(vlm, spec))
     }
 
-    /// `load_model(spec, #{ dtype: "bf16", device: "cpu" })`: as `load_model(spec)`, with this
-    /// model's dtype and device instead of the session's.
+    /// `load_model(spec, #{ dtype: "bf16", device: "cpu", allow_non_finite: false })`: as
+    /// `load_model(spec)`, with this model's dtype and device instead of the session's;
+    /// `allow_non_finite` loads weights holding NaN or Inf (an error by default) for inspection.
     #[rhai_fn(name = "load_model", return_raw)]
     pub fn load_model_with(ctx: NativeCallContext, spec: &str, options: Map) -> RhaiResult<Model> {
         let s = session_of(&ctx)?;
-        let o = Opts::new("load_model", options, &["dtype", "device"])?;
+        let o = Opts::new(
+            "load_model",
+            options,
+            &["dtype", "device", "allow_non_finite"],
+        )?;
         let dtype = match o.string("dtype")? {
             Some(d) => crate::script::parse_dtype(&d).or_rhai()?,
             None => s.dtype,
@@ -103,7 +108,9 @@ pub mod api {
             Some(d) => crate::script::parse_device(&d).or_rhai()?,
             None => s.device.clone(),
         };
-        let vlm = Vlm::load(spec, dtype, &device).or_rhai()?;
+        let mut files = crate::checkpoint::CheckpointFiles::resolve(spec).or_rhai()?;
+        files.allow_non_finite = o.bool("allow_non_finite")?.unwrap_or(false);
+        let vlm = Vlm::from_files(&files, dtype, &device).or_rhai()?;
         Ok(Model::new(vlm, spec))
     }
 

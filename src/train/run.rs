@@ -24,8 +24,8 @@ use std::path::{Path, PathBuf};
 use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
-use crate::checkpoint::load_safetensors;
-use crate::io::write_atomic;
+use crate::checkpoint::load_safetensors_with;
+use crate::io::{write_atomic, Writer};
 use crate::{Error, Result};
 
 pub const RUN_CONFIG: &str = "config.json";
@@ -41,13 +41,22 @@ pub const CHECKPOINT_FORMAT: u32 = 1;
 
 /// Serialise named tensors to one safetensors file, atomically.
 pub fn write_tensors(path: &Path, tensors: &BTreeMap<String, Tensor>) -> Result<()> {
+    write_tensors_with(&Writer::files(), path, tensors)
+}
+
+/// [`write_tensors`] through `writer`.
+pub fn write_tensors_with(
+    writer: &Writer,
+    path: &Path,
+    tensors: &BTreeMap<String, Tensor>,
+) -> Result<()> {
     let data: Vec<(&str, Tensor)> = tensors
         .iter()
         .map(|(k, t)| Ok((k.as_str(), t.contiguous()?)))
         .collect::<candle_core::Result<_>>()?;
     let bytes = safetensors::serialize(data.iter().map(|(k, t)| (*k, t)), None)
         .map_err(|e| Error::Other(format!("serialising {}: {e}", path.display())))?;
-    write_atomic(path, &bytes)
+    writer.write_atomic(path, &bytes)
 }
 
 /// The small, human-readable part of a checkpoint (`state.json`).
@@ -83,6 +92,7 @@ pub struct Checkpoint {
 pub struct RunDir {
     root: PathBuf,
     metrics: File,
+    writer: Writer,
 }
 
 impl RunDir {
@@ -93,7 +103,17 @@ impl RunDir {
         let ck = root.join(CHECKPOINTS);
         std::fs::create_dir_all(&ck).map_err(|e| Error::io(&ck, e))?;
         let metrics = Self::open_metrics(&root)?;
-        Ok(Self { root, metrics })
+        Ok(Self {
+            root,
+            metrics,
+            writer: Writer::files(),
+        })
+    }
+
+    /// Write checkpoints through `writer` (tests use one that fails like a full disk).
+    pub fn with_writer(mut self, writer: Writer) -> Self {
+        self.writer = writer;
+        self
     }
 
     fn open_metrics(root: &Path) -> Result<File> {
@@ -168,7 +188,17 @@ impl RunDir {
 
     /// Drop the metrics records of steps after `step` (those a crashed run logged after its last
     /// checkpoint, which the resumed run is about to redo). The file is rewritten atomically.
+    ///
+    /// A last line without its line end is the torn append of a crash (the line is written in
+    /// one call, flushed, so nothing after it was logged): it is dropped, not an error.
     pub fn truncate_metrics_after(&mut self, step: usize) -> Result<()> {
+        let path = self.metrics_path();
+        let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+        if !text.is_empty() && !text.ends_with('\n') {
+            let whole = text.rfind('\n').map_or(0, |i| i + 1);
+            write_atomic(&path, &text.as_bytes()[..whole])?;
+            self.metrics = Self::open_metrics(&self.root)?;
+        }
         let kept: Vec<serde_json::Value> = self
             .read_metrics()?
             .into_iter()
@@ -207,24 +237,45 @@ impl RunDir {
         let name = Self::checkpoint_name(state.step);
         let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
         if tmp.exists() {
-            std::fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
+            std::fs::remove_dir_all(&tmp).map_err(|e| Error::write(&tmp, e))?;
         }
-        std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
-        write_tensors(&tmp.join(CKPT_WEIGHTS), weights)?;
-        write_tensors(&tmp.join(CKPT_OPTIMIZER), optimizer)?;
-        let text = serde_json::to_string_pretty(state)
-            .map_err(|e| Error::Other(format!("serialising {CKPT_STATE}: {e}")))?;
-        write_atomic(&tmp.join(CKPT_STATE), text.as_bytes())?;
+        std::fs::create_dir_all(&tmp).map_err(|e| Error::write(&tmp, e))?;
+        let filled = self.fill_checkpoint(&tmp, weights, optimizer, state);
+        if let Err(e) = filled {
+            // A failed write (full disk, read-only folder) leaves the checkpoints as they were;
+            // the partial folder goes now rather than at the next prune. Best effort: the
+            // write error is the one to report.
+            let _ = std::fs::remove_dir_all(&tmp);
+            return Err(e);
+        }
         let dest = dir.join(&name);
         if dest.exists() {
             // A checkpoint of the same step from an earlier attempt: the new one replaces it.
-            std::fs::remove_dir_all(&dest).map_err(|e| Error::io(&dest, e))?;
+            std::fs::remove_dir_all(&dest).map_err(|e| Error::write(&dest, e))?;
         }
-        std::fs::rename(&tmp, &dest).map_err(|e| Error::io(&dest, e))?;
+        std::fs::rename(&tmp, &dest).map_err(|e| Error::write(&dest, e))?;
         sync_dir(&dir);
-        write_atomic(&dir.join(LATEST), name.as_bytes())?;
+        self.writer
+            .write_atomic(&dir.join(LATEST), name.as_bytes())?;
         self.prune(keep_last)?;
         Ok(dest)
+    }
+
+    /// The files of one checkpoint, into the folder `tmp`; `state.json` last, so that a folder
+    /// with one is complete.
+    fn fill_checkpoint(
+        &self,
+        tmp: &Path,
+        weights: &BTreeMap<String, Tensor>,
+        optimizer: &BTreeMap<String, Tensor>,
+        state: &CheckpointState,
+    ) -> Result<()> {
+        write_tensors_with(&self.writer, &tmp.join(CKPT_WEIGHTS), weights)?;
+        write_tensors_with(&self.writer, &tmp.join(CKPT_OPTIMIZER), optimizer)?;
+        let text = serde_json::to_string_pretty(state)
+            .map_err(|e| Error::Other(format!("serialising {CKPT_STATE}: {e}")))?;
+        self.writer
+            .write_atomic(&tmp.join(CKPT_STATE), text.as_bytes())
     }
 
     /// Complete checkpoints (those with a `state.json`), oldest first, as (step, folder).
@@ -251,7 +302,7 @@ impl RunDir {
     }
 
     /// Delete all but the newest `keep_last` checkpoints (0 keeps all); the one `latest` names is
-    /// never deleted. Leftover temporary folders of interrupted saves are removed too.
+    /// never deleted. Leftover temporary folders and files of interrupted saves are removed too.
     pub fn prune(&self, keep_last: usize) -> Result<()> {
         let dir = self.checkpoints_dir();
         let entries = std::fs::read_dir(&dir).map_err(|e| Error::io(&dir, e))?;
@@ -260,6 +311,9 @@ impl RunDir {
             let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
             if name.starts_with(".step-") && name.ends_with(".tmp") && path.is_dir() {
                 std::fs::remove_dir_all(&path).map_err(|e| Error::io(&path, e))?;
+            } else if name.starts_with('.') && name.ends_with(".tmp") && path.is_file() {
+                // The temporary `latest` of a save killed before its rename.
+                std::fs::remove_file(&path).map_err(|e| Error::io(&path, e))?;
             }
         }
         if keep_last == 0 {
@@ -290,8 +344,19 @@ impl RunDir {
         Ok(self.checkpoints()?.pop().map(|(_, p)| p))
     }
 
-    /// Read one checkpoint folder, its tensors onto `device`.
+    /// Read one checkpoint folder, its tensors onto `device`. A tensor holding NaN or Inf is an
+    /// [`Error::NonFinite`] naming it (see [`RunDir::load_checkpoint_with`]).
     pub fn load_checkpoint(dir: &Path, device: &Device) -> Result<Checkpoint> {
+        Self::load_checkpoint_with(dir, device, false)
+    }
+
+    /// [`RunDir::load_checkpoint`], with NaN and Inf allowed when `allow_non_finite` (to inspect
+    /// a diverged run; never resume from one).
+    pub fn load_checkpoint_with(
+        dir: &Path,
+        device: &Device,
+        allow_non_finite: bool,
+    ) -> Result<Checkpoint> {
         let state_path = dir.join(CKPT_STATE);
         let state: CheckpointState = crate::io::read_json(&state_path)?;
         if state.format != CHECKPOINT_FORMAT {
@@ -305,8 +370,8 @@ impl RunDir {
         }
         Ok(Checkpoint {
             dir: dir.to_path_buf(),
-            weights: load_safetensors(&dir.join(CKPT_WEIGHTS), device)?,
-            optimizer: load_safetensors(&dir.join(CKPT_OPTIMIZER), device)?,
+            weights: load_safetensors_with(&dir.join(CKPT_WEIGHTS), device, allow_non_finite)?,
+            optimizer: load_safetensors_with(&dir.join(CKPT_OPTIMIZER), device, allow_non_finite)?,
             state,
         })
     }

@@ -411,6 +411,10 @@ impl<'a> Trainer<'a> {
                 existing.display()
             )));
         }
+        if resumed_from.is_none() {
+            // A run killed before its first checkpoint logged steps that this start redoes.
+            self.run.truncate_metrics_after(0)?;
+        }
         let start_step = step;
         let mut saved_at = resumed_from.as_ref().map(|_| step);
         let mut last_checkpoint = resumed_from.clone();

@@ -1,6 +1,7 @@
 //! The application side, one test binary: the rhai API (`script`, `script_viz`), the recipe
 //! scripts end to end (`recipes`), the REPL without a terminal (`repl`) and on a
-//! pseudo-terminal (`repl_pty`), figures (`viz`) and benchmark scoring (`benchmarks`).
+//! pseudo-terminal (`repl_pty`), figures (`viz`), benchmark scoring (`benchmarks`), and bad input,
+//! script limits and crashes survived (`robust`).
 
 #[path = "../common/mod.rs"]
 mod common;
@@ -10,6 +11,7 @@ mod recipes;
 mod repl;
 #[cfg(unix)]
 mod repl_pty;
+mod robust;
 mod script;
 mod script_viz;
 mod viz;

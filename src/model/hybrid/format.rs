@@ -120,7 +120,7 @@ impl MambaConfigFile {
         }
         let d_inner = self
             .d_inner
-            .unwrap_or(self.d_model * self.ssm_cfg.expand.max(1));
+            .unwrap_or(self.d_model.saturating_mul(self.ssm_cfg.expand.max(1)));
         if let Some(d_xb) = self.d_xb {
             if d_xb != d_inner {
                 return Err(Error::Invalid(format!(
@@ -171,8 +171,17 @@ impl MambaConfigFile {
 /// missing key deep inside a layer. `has` tells whether the weights hold a tensor name.
 pub fn read_plan(path: &Path, has: impl Fn(&str) -> bool, n_layers: usize) -> Result<LayerPlan> {
     let file = MambaConfigFile::from_file(path)?;
-    let mamba = check_layers_against_weights(&file, has, n_layers)?;
-    LayerPlan::hybrid(n_layers, &mamba, file.mixer_config()?)
+    // The checks below report bare messages; here they get the file's full path.
+    let in_file = |e: Error| match e {
+        Error::Invalid(reason) => Error::BadConfig {
+            path: path.to_path_buf(),
+            reason,
+        },
+        other => other,
+    };
+    let mamba = check_layers_against_weights(&file, has, n_layers).map_err(in_file)?;
+    let mixer = file.mixer_config().map_err(in_file)?;
+    LayerPlan::hybrid(n_layers, &mamba, mixer).map_err(in_file)
 }
 
 /// Write `mamba_config.json` into the checkpoint folder `dir` for a hybrid's plan; for a

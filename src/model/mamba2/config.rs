@@ -140,6 +140,14 @@ impl Mamba2Config {
             if v == 0 {
                 return bad(format!("{name} must be positive"));
             }
+            // Bounded first, so that no product below can overflow and a corrupt config is
+            // an error instead of an allocation of its size.
+            if v > crate::config::MAX_DIM {
+                return bad(format!(
+                    "{name} = {v} is larger than {}",
+                    crate::config::MAX_DIM
+                ));
+            }
         }
         if self.n_heads * self.head_dim != self.d_inner {
             return bad(format!(

@@ -26,12 +26,12 @@ use rhai::{Dynamic, Map};
 use serde_json::Value;
 
 /// A small world and a random teacher that knows its tokenizer, in a temporary folder.
-struct Fixture {
-    dir: tempfile::TempDir,
+pub(crate) struct Fixture {
+    pub(crate) dir: tempfile::TempDir,
 }
 
 impl Fixture {
-    fn new() -> Self {
+    pub(crate) fn new() -> Self {
         let dir = tempfile::tempdir().unwrap();
         let world = dir.path().join("world");
         let cfg = WorldConfig {
@@ -53,11 +53,11 @@ impl Fixture {
         Self { dir }
     }
 
-    fn world(&self) -> PathBuf {
+    pub(crate) fn world(&self) -> PathBuf {
         self.dir.path().join("world")
     }
 
-    fn teacher_dir(&self) -> PathBuf {
+    pub(crate) fn teacher_dir(&self) -> PathBuf {
         self.dir.path().join("teacher")
     }
 
