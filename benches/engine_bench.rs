@@ -287,7 +287,7 @@ fn check(dir: &str, dtype: &str, device: &Device) -> matvlm::Result<Value> {
     let mut max_logit_diff = 0f64;
     for ids in &rows {
         let last = |v: &Vlm| -> matvlm::Result<Tensor> {
-            let (logits, _) = v.forward(&[ids.clone()], None, &Default::default())?;
+            let (logits, _) = v.forward(std::slice::from_ref(ids), None, &Default::default())?;
             let t = logits.dim(1)?;
             Ok(logits
                 .get(0)?

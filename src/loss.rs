@@ -179,7 +179,7 @@ pub fn distill_loss(
     cfg: &DistillLoss,
 ) -> Result<DistillOutput> {
     let layers = student.mamba_layers();
-    let teach = teacher_outputs(teacher, batch, &layers)?;
+    let teach = teacher_outputs(teacher, batch, layers)?;
     distill_loss_with(&teach, student, batch, cfg)
 }
 

@@ -17,7 +17,8 @@
 //! Build here: `scripts/gpu/kernels.sh prepare` (or `cargo test --release --features cuda --test
 //! kernel_check --no-run`); run on the GPU machine: `kernel_check` (`--quick`: the small shapes
 //! only; `--no-long`: skip the 4096- and 8192-token cases; `--budget-s S`: start no case (per
-//! dtype) after S seconds, listing each one not run as `skipped` and in the summary). Through
+//! dtype) after S seconds, listing each one not run as `skipped` and in the summary; `--sm80`:
+//! the sm_80 PTX, as Ampere and Ada cards load it, also on Hopper). Through
 //! cargo on a machine with a GPU: `cargo test --release --features cuda --test kernel_check`.
 
 use candle_core::{DType, Device, Tensor};
@@ -808,7 +809,24 @@ fn main() -> std::process::ExitCode {
             }
         }
     };
-    fused::set_policy(fused::KernelPolicy::ALL);
+    fused::set_policy(fused::KernelPolicy {
+        sm80_everywhere: flag("--sm80"),
+        ..fused::KernelPolicy::ALL
+    });
+    let target = match &gpu {
+        Device::Cuda(d) => match matvlm::model::mamba2::kernels::target(d) {
+            Ok(t) => format!(
+                "{} (compute capability {}.{}), sm_{} PTX, {} B shared memory per block",
+                t.device, t.compute_capability.0, t.compute_capability.1, t.arch, t.smem_opt_in
+            ),
+            Err(e) => {
+                eprintln!("kernel_check: {e}");
+                return std::process::ExitCode::from(2);
+            }
+        },
+        _ => "cpu (harness check)".to_string(),
+    };
+    eprintln!("kernel_check: {target}");
     let mut r = Report::default();
     let start = std::time::Instant::now();
     for k in CASES {
@@ -840,7 +858,7 @@ fn main() -> std::process::ExitCode {
         }
     }
     println!(
-        r#"{{"summary":"kernel_check","comparisons":{},"failures":{},"generic_both":{},"generic_both_failures":{},"with_kernel":{},"with_kernel_failures":{},"floor_used":{},"floor_capped":{},"floor_cap":{FLOOR_CAP},"skipped_cases":{skipped},"seconds":{:.1}}}"#,
+        r#"{{"summary":"kernel_check","target":{target:?},"comparisons":{},"failures":{},"generic_both":{},"generic_both_failures":{},"with_kernel":{},"with_kernel_failures":{},"floor_used":{},"floor_capped":{},"floor_cap":{FLOOR_CAP},"skipped_cases":{skipped},"seconds":{:.1}}}"#,
         r.total,
         r.failures,
         r.generic_both,

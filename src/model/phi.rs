@@ -56,7 +56,7 @@ impl Rotary {
         let x1 = x_rot.narrow(D::Minus1, 0, rot / 2)?;
         let x2 = x_rot.narrow(D::Minus1, rot / 2, rot / 2)?;
         let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
-        let out = (x_rot.broadcast_mul(&cos)? + rotated.broadcast_mul(&sin)?)?;
+        let out = (x_rot.broadcast_mul(cos)? + rotated.broadcast_mul(sin)?)?;
         if rot == head_dim {
             Ok(out)
         } else {

@@ -186,7 +186,7 @@ pub fn distill_step(
         pixel_values: batch.pixel_values.as_ref(),
         labels: Some(&labels),
     };
-    let teach = teacher_outputs(teacher, &inputs, &student.mamba_layers())?;
+    let teach = teacher_outputs(teacher, &inputs, student.mamba_layers())?;
     let out = distill_loss_with(&teach, student, &inputs, loss)?;
     Ok(out.terms.into_iter().fold(
         StepOutput::new(out.loss, batch.tokens),

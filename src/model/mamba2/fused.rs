@@ -40,6 +40,9 @@ pub struct KernelPolicy {
     /// The tensor-core scan passes where they apply (off: the SIMT passes for inference and the
     /// generic path under autograd, which has no SIMT backward).
     pub tensor_cores: bool,
+    /// Load the sm_80 PTX on every card, Hopper included (off: sm_90's on compute capability
+    /// 9.x): how the Ampere/Ada build is run and checked on an H100.
+    pub sm80_everywhere: bool,
 }
 
 impl KernelPolicy {
@@ -47,32 +50,38 @@ impl KernelPolicy {
     pub const ALL: Self = Self {
         kernels: true,
         tensor_cores: true,
+        sm80_everywhere: false,
     };
     /// The generic candle path only.
     pub const GENERIC: Self = Self {
         kernels: false,
         tensor_cores: false,
+        sm80_everywhere: false,
     };
 
     /// The policy the variables `MATVLM_MAMBA2_KERNELS` and `MATVLM_MAMBA2_TC` ask for (each
-    /// `0` switches its part off; unset or anything else leaves it on). For a binary's `main`,
-    /// read once.
+    /// `0` switches its part off; unset or anything else leaves it on), and `MATVLM_PTX_ARCH=80`
+    /// for the sm_80 PTX everywhere. For a binary's `main`, read once.
     pub fn from_env() -> Self {
         let on = |var: &str| std::env::var(var).map_or(true, |v| v != "0");
         Self {
             kernels: on("MATVLM_MAMBA2_KERNELS"),
             tensor_cores: on("MATVLM_MAMBA2_TC"),
+            sm80_everywhere: std::env::var("MATVLM_PTX_ARCH").is_ok_and(|v| v == "80"),
         }
     }
 
     fn bits(self) -> u8 {
-        u8::from(self.kernels) | (u8::from(self.tensor_cores) << 1)
+        u8::from(self.kernels)
+            | (u8::from(self.tensor_cores) << 1)
+            | (u8::from(self.sm80_everywhere) << 2)
     }
 
     fn from_bits(b: u8) -> Self {
         Self {
             kernels: b & 1 != 0,
             tensor_cores: b & 2 != 0,
+            sm80_everywhere: b & 4 != 0,
         }
     }
 }
@@ -826,6 +835,7 @@ mod tests {
             KernelPolicy {
                 kernels: true,
                 tensor_cores: false,
+                sm80_everywhere: true,
             },
         ] {
             assert_eq!(KernelPolicy::from_bits(p.bits()), p);

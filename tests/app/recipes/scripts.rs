@@ -126,11 +126,10 @@ fn placement_sweep_runs_every_distinct_placement() {
     assert_success(&out);
     let mut expected: Vec<Vec<usize>> = Vec::new();
     for p in ["upstream", "even", "first", "last"] {
-        let layers = Ok::<_, matvlm::Error>(Placement::Ratio {
+        let layers = Placement::Ratio {
             rule: p.parse().unwrap(),
             ratio: 0.25,
-        })
-        .unwrap()
+        }
         .layers(8)
         .unwrap();
         if !expected.contains(&layers) {

@@ -39,11 +39,7 @@ impl ConvFwd {
         let y = unsafe { dev.alloc::<T>(b * len * c)? };
         let state_out = unsafe { dev.alloc::<f32>(b * c * k)? };
         let t_per_block = 64usize;
-        let func = dev.get_or_load_custom_func(
-            &format!("mamba2_conv_fwd_{}", suffix(T::DTYPE)?),
-            "matvlm_mamba2_conv",
-            CONV_PTX,
-        )?;
+        let func = load!(CONV, dev, &format!("mamba2_conv_fwd_{}", suffix(T::DTYPE)?))?;
         let cfg = LaunchConfig {
             grid_dim: (grid(c, 128)?, grid(len.max(1), t_per_block)?, b as u32),
             block_dim: (128, 1, 1),
@@ -149,10 +145,10 @@ impl ConvStep {
         let (wv, bv) = (w.view::<f32>()?, opt_view::<f32>(&bias)?);
         // SAFETY: fully written by the kernel.
         let y = unsafe { dev.alloc::<T>(b * c)? };
-        let func = dev.get_or_load_custom_func(
-            &format!("mamba2_conv_step_{}", suffix(T::DTYPE)?),
-            "matvlm_mamba2_conv",
-            CONV_PTX,
+        let func = load!(
+            CONV,
+            dev,
+            &format!("mamba2_conv_step_{}", suffix(T::DTYPE)?)
         )?;
         let mut sv = state.as_cuda_slice_mut::<f32>()?.slice_mut(o1..o2);
         let cfg = LaunchConfig::for_num_elems(

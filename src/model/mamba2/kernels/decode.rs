@@ -51,14 +51,14 @@ impl StateUpdate {
         // d_state and the state's offset allow 16-byte accesses, a row fits one warp and 8 rows
         // divide a head.
         let v4 = n % 4 == 0 && n <= 128 && p % 8 == 0 && o1 % 4 == 0;
-        let func = dev.get_or_load_custom_func(
+        let func = load!(
+            SSD,
+            dev,
             &format!(
                 "mamba2_ssd_state_update{}_{}",
                 if v4 { "_v4" } else { "" },
                 suffix(T::DTYPE)?
             ),
-            "matvlm_mamba2_ssd",
-            SSD_PTX,
         )?;
         let mut sv = state.as_cuda_slice_mut::<f32>()?.slice_mut(o1..o2);
         let rows = batch * h * p;

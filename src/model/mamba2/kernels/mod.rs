@@ -51,10 +51,102 @@ macro_rules! by_dtype {
     };
 }
 
-const CONV_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/conv.ptx"));
-const SSD_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/ssd.ptx"));
-const SSD_TC_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/ssd_tc.ptx"));
-const NORM_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/norm.ptx"));
+/// The PTX of one `kernels/*.cu` file for each target build.rs compiles (sm_80, sm_90), under
+/// the module names candle caches them by.
+struct Module {
+    names: [&'static str; 2],
+    ptx: [&'static str; 2],
+}
+
+macro_rules! module {
+    ($file:literal) => {
+        Module {
+            names: [
+                concat!("matvlm_", $file, "_sm80"),
+                concat!("matvlm_", $file, "_sm90"),
+            ],
+            ptx: [
+                include_str!(concat!(env!("OUT_DIR"), "/", $file, ".sm80.ptx")),
+                include_str!(concat!(env!("OUT_DIR"), "/", $file, ".sm90.ptx")),
+            ],
+        }
+    };
+}
+
+const CONV: Module = module!("conv");
+const SSD: Module = module!("ssd");
+const SSD_TC: Module = module!("ssd_tc");
+const SSD_BWD: Module = module!("ssd_bwd");
+const NORM: Module = module!("norm");
+
+impl Module {
+    /// The module name and PTX for `dev`'s target.
+    fn pick(&self, dev: &CudaDevice) -> candle_core::Result<(&'static str, &'static str)> {
+        let i = usize::from(target(dev)?.arch == 90);
+        Ok((self.names[i], self.ptx[i]))
+    }
+}
+
+/// Kernel `$name` of module `$module` (a [`Module`]) in the PTX for `$dev`'s target.
+macro_rules! load {
+    ($module:expr, $dev:expr, $name:expr $(,)?) => {{
+        let (module, ptx) = $module.pick(&$dev)?;
+        $dev.get_or_load_custom_func($name, module, ptx)
+    }};
+}
+
+/// What a device runs the kernels as: its compute capability, the PTX target taken for it
+/// (90 on Hopper, 80 on every 8.x card, or 80 everywhere when the policy says so) and the
+/// dynamic shared memory a block may opt into there (227 KiB on H100, 163 KiB on A100, 99 KiB
+/// on L40 or RTX 4090).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Target {
+    pub device: String,
+    pub compute_capability: (i32, i32),
+    pub arch: u32,
+    pub smem_opt_in: usize,
+}
+
+/// The [`Target`] of `dev`, read from the driver once per device; an error naming the device
+/// where no kernel applies (compute capability below 8.0: no `mma.sync` for bf16, no
+/// `cp.async`).
+pub fn target(dev: &CudaDevice) -> candle_core::Result<Target> {
+    use candle_core::cuda_backend::cudarc::driver::sys::CUdevice_attribute as A;
+    static TARGETS: Mutex<Vec<(usize, Target)>> = Mutex::new(Vec::new());
+    let ctx = dev.cuda_stream().context().clone();
+    let ordinal = ctx.ordinal();
+    let force_sm80 = super::fused::policy().sm80_everywhere;
+    let mut known = TARGETS.lock().unwrap_or_else(|e| e.into_inner());
+    let t = match known.iter().find(|(o, _)| *o == ordinal) {
+        Some((_, t)) => t.clone(),
+        None => {
+            let (major, minor) = ctx.compute_capability().w()?;
+            let t = Target {
+                device: ctx.name().w()?,
+                compute_capability: (major, minor),
+                arch: if major >= 9 { 90 } else { 80 },
+                smem_opt_in: ctx
+                    .attribute(A::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
+                    .w()? as usize,
+            };
+            known.push((ordinal, t.clone()));
+            t
+        }
+    };
+    if t.compute_capability.0 < 8 {
+        bail!(
+            "mamba2 kernels: {} (cuda:{ordinal}) has compute capability {}.{}; the kernels need \
+             8.0 or newer (turn them off with the kernel policy to use the generic path)",
+            t.device,
+            t.compute_capability.0,
+            t.compute_capability.1
+        );
+    }
+    Ok(Target {
+        arch: if force_sm80 { 80 } else { t.arch },
+        ..t
+    })
+}
 
 /// Time steps per shared-memory tile and output rows per chunk-scan block (`JT`, `RT` in ssd.cu).
 const JT: usize = 32;
@@ -94,10 +186,6 @@ pub fn ssd_supported(head_dim: usize, d_state: usize, chunk: usize) -> bool {
 const TC_ROWS: usize = 64;
 const TC_J: usize = 64;
 const TC_PAD: usize = 8;
-/// Shared memory a block may opt into on Hopper (227 KiB); the tensor-core scan asks for more
-/// than the default 48 KiB.
-const SMEM_OPT_IN: usize = 227 * 1024;
-
 /// Shared memory of the tensor-core chunk-state kernel, in bytes.
 fn tc_chunk_state_smem(head_dim: usize, d_state: usize, chunk: usize) -> usize {
     8 * chunk.next_multiple_of(32) + 2 * TC_J * (head_dim + d_state + 2 * TC_PAD)
@@ -176,15 +264,22 @@ fn ssd_dims_i32(
     ])
 }
 
-/// Let `func` use `bytes` of dynamic shared memory (beyond the default 48 KiB).
+/// Let `func` use `bytes` of dynamic shared memory (beyond the default 48 KiB), up to what
+/// `dev` allows a block.
 fn allow_smem(
+    dev: &CudaDevice,
     func: &candle_core::cuda_backend::cudarc::driver::CudaFunction,
     bytes: usize,
 ) -> candle_core::Result<()> {
     use candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute_enum as Attr;
     if bytes > SMEM_LIMIT {
-        if bytes > SMEM_OPT_IN {
-            bail!("mamba2 kernels: {bytes} bytes of shared memory exceed the {SMEM_OPT_IN} a block may use");
+        let t = target(dev)?;
+        if bytes > t.smem_opt_in {
+            bail!(
+                "mamba2 kernels: {bytes} bytes of shared memory exceed the {} a block may use on {}",
+                t.smem_opt_in,
+                t.device
+            );
         }
         func.set_attribute(
             Attr::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,

@@ -46,10 +46,10 @@ impl GatedNorm {
         let wv = w.view::<f32>()?;
         // SAFETY: fully written by the kernel.
         let out = unsafe { dev.alloc::<T>(rows * c)? };
-        let func = dev.get_or_load_custom_func(
-            &format!("mamba2_gated_norm_{}", suffix(T::DTYPE)?),
-            "matvlm_mamba2_norm",
-            NORM_PTX,
+        let func = load!(
+            NORM,
+            dev,
+            &format!("mamba2_gated_norm_{}", suffix(T::DTYPE)?)
         )?;
         let warps = rows * (c / self.group);
         let cfg = LaunchConfig {

@@ -88,14 +88,14 @@ pub(super) fn scan_forward<T: CudaDType + DeviceRepr + WithDType>(
     // 1. chunk cumsums and per-chunk states.
     let (f1, smem1, threads1) = if tc {
         let name = format!("mamba2_ssd_tc_chunk_state_{sfx}_f{}", tc_tiles(n));
-        let f = dev.get_or_load_custom_func(&name, "matvlm_mamba2_ssd_tc", SSD_TC_PTX)?;
+        let f = load!(SSD_TC, dev, &name)?;
         (f, tc_chunk_state_smem(p, n, q), tc_chunk_state_threads(p))
     } else {
         let name = format!("mamba2_ssd_chunk_state_{sfx}");
-        let f = dev.get_or_load_custom_func(&name, "matvlm_mamba2_ssd", SSD_PTX)?;
+        let f = load!(SSD, dev, &name)?;
         (f, chunk_state_smem(p, n, q), NTHREADS)
     };
-    allow_smem(&f1, smem1)?;
+    allow_smem(dev, &f1, smem1)?;
     let mut a1 = f1.builder();
     a1.arg(&s.x);
     if tc {
@@ -121,8 +121,7 @@ pub(super) fn scan_forward<T: CudaDType + DeviceRepr + WithDType>(
     unsafe { a1.launch(cfg1) }.w()?;
 
     // 2. state passing: each chunk's slot becomes the state before it; the final state.
-    let f2 =
-        dev.get_or_load_custom_func("mamba2_ssd_state_passing", "matvlm_mamba2_ssd", SSD_PTX)?;
+    let f2 = load!(SSD, dev, "mamba2_ssd_state_passing")?;
     let pni = i32_of(pn, "P * N")?;
     let mut a2 = f2.builder();
     a2.arg(&states);
@@ -144,14 +143,14 @@ pub(super) fn scan_forward<T: CudaDType + DeviceRepr + WithDType>(
     // 3. chunk scan: outputs.
     let (f3, rows, threads3, smem3) = if tc {
         let name = format!("mamba2_ssd_tc_chunk_scan_{sfx}_p{}", p / 8);
-        let f = dev.get_or_load_custom_func(&name, "matvlm_mamba2_ssd_tc", SSD_TC_PTX)?;
+        let f = load!(SSD_TC, dev, &name)?;
         (f, TC_ROWS, 128, tc_chunk_scan_smem(p, n))
     } else {
         let name = format!("mamba2_ssd_chunk_scan_{sfx}");
-        let f = dev.get_or_load_custom_func(&name, "matvlm_mamba2_ssd", SSD_PTX)?;
+        let f = load!(SSD, dev, &name)?;
         (f, RT, NTHREADS, chunk_scan_smem(p, n))
     };
-    allow_smem(&f3, smem3)?;
+    allow_smem(dev, &f3, smem3)?;
     let row_tiles = q.div_ceil(rows);
     let rti = i32_of(row_tiles, "row tiles")?;
     let mut a3 = f3.builder();

@@ -6,8 +6,6 @@ use super::*;
 // ------------------------------------------------------------------------------------------
 // SSD chunked scan under autograd: tensor-core forward and backward (kernels/ssd_bwd.cu).
 
-const SSD_BWD_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/ssd_bwd.ptx"));
-
 /// Shared memory of the backward passes 3a / 3b (ssd_bwd.cu), in bytes: five [64] f32 rows; the
 /// fixed side's two tiles, the loop's end tile twice and its middle tile.
 fn tc_bwd_smem(head_dim: usize, d_state: usize) -> usize {
@@ -190,8 +188,7 @@ impl ScanTrain {
             dtadv.slice(blh + h..blh + 2 * h),
         );
         let sfx = suffix(T::DTYPE)?;
-        let module = "matvlm_mamba2_ssd_bwd";
-        let load = |name: String| dev.get_or_load_custom_func(&name, module, SSD_BWD_PTX);
+        let load = |name: String| load!(SSD_BWD, dev, &name);
 
         // The gate: dy before it, and dz.
         let ny = batch * len * hp;
@@ -258,7 +255,7 @@ impl ScanTrain {
         // 1. dS^in per chunk.
         let f1 = load(format!("mamba2_ssd_bwd_dstates_{sfx}_f{}", tc_tiles(n)))?;
         let smem1 = tc_chunk_state_smem(p, n, q);
-        allow_smem(&f1, smem1)?;
+        allow_smem(dev, &f1, smem1)?;
         let mut a1 = f1.builder();
         a1.arg(&dyv);
         a1.arg(&cum);
@@ -329,7 +326,7 @@ impl ScanTrain {
         };
 
         let f3a = load(format!("mamba2_ssd_bwd_dx_db_{sfx}_f{f3}"))?;
-        allow_smem(&f3a, smem3)?;
+        allow_smem(dev, &f3a, smem3)?;
         let mut a3 = f3a.builder();
         a3.arg(&x);
         a3.arg(&ld);
@@ -356,7 +353,7 @@ impl ScanTrain {
         unsafe { a3.launch(cfg3) }.w()?;
 
         let f3b = load(format!("mamba2_ssd_bwd_dc_{sfx}_f{f3}"))?;
-        allow_smem(&f3b, smem3)?;
+        allow_smem(dev, &f3b, smem3)?;
         let mut a4 = f3b.builder();
         a4.arg(&x);
         a4.arg(&ld);
