@@ -24,6 +24,7 @@ pub mod options;
 pub mod repl;
 #[cfg(feature = "app")]
 pub mod script;
+pub mod search;
 pub mod teacher;
 pub mod tokenize;
 pub mod train;

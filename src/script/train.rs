@@ -24,6 +24,7 @@ use super::model::{templated_prompt, Model};
 use super::session_of;
 use crate::eval::{AgreementOptions, EvalOptions, SpeedOptions};
 use crate::options::Layout;
+use crate::search::{MeasureOptions, SearchOptions};
 use crate::train::distill::DistillConfig;
 use crate::train::supervised::SupervisedConfig;
 use crate::train::{RunDir, StopReason, TrainSummary, OPTION_LAYOUT};
@@ -112,6 +113,16 @@ fn training_options<C: serde::Serialize + DeserializeOwned>(
     let run_dir = take_path(&mut options, "run_dir", what)?.unwrap_or_else(|| fresh_run_dir(what));
     let cfg = config(what, base, options, OPTION_LAYOUT)?;
     Ok((val, run_dir, cfg))
+}
+
+/// The `val` data, the `dir` folder and the rest of a search call's options, read into `T`.
+fn search_options<T: DeserializeOwned>(
+    what: &str,
+    mut options: Map,
+) -> RhaiResult<(Option<std::sync::Arc<crate::data::Dataset>>, PathBuf, T)> {
+    let val = take_data(&mut options, "val", what)?.map(|d| d.dataset.clone());
+    let dir = take_path(&mut options, "dir", what)?.unwrap_or_else(crate::search::default_dir);
+    Ok((val, dir, from_map(what, options)?))
 }
 
 /// `base` with the options of `options` (see [`crate::options`]).
@@ -346,6 +357,74 @@ pub mod api {
         let opts: crate::eval::GenerationBenchOptions = from_map("bench", options)?;
         let records = crate::eval::bench_generation(&model.vlm, &opts).or_rhai()?;
         records.iter().map(to_map).collect()
+    }
+
+    /// `layer_sensitivity(teacher, data, #{ steps: 30, batch_size: 16, lr, limit: 128, seed: 0,
+    /// val, dir })`: for every decoder layer, how much of the teacher is lost when that layer
+    /// alone becomes an attention-initialised Mamba-2 mixer, after `steps` of local distillation
+    /// of that mixer on `data` (the layer-wise loss): one map per layer, `#{ layers, kl,
+    /// agreement, hidden_loss }`, `kl` being the mean KL(teacher || hybrid) per answer position
+    /// on the first `limit` samples of `val` (default: `data`). Measurements are kept in `dir`
+    /// (default `runs/placement-search`): a second call reads them back.
+    #[rhai_fn(return_raw)]
+    pub fn layer_sensitivity(
+        ctx: NativeCallContext,
+        teacher: Model,
+        data: Data,
+        options: Map,
+    ) -> RhaiResult<Array> {
+        let s = session_of(&ctx)?;
+        let (val, dir, opts) = search_options::<MeasureOptions>("layer_sensitivity", options)?;
+        let val = val.unwrap_or_else(|| data.dataset.clone());
+        let scores = crate::search::layer_sensitivity(
+            &teacher.vlm,
+            data.dataset.clone(),
+            &val,
+            &opts,
+            &dir,
+            Some(&s.cancel),
+        )
+        .or_rhai()?;
+        scores.iter().map(to_map).collect()
+    }
+
+    /// `placement_search(teacher, data, #{ ratio: 0.25, refine: true, budget: 8, steps, batch_size,
+    /// lr, limit, seed, val, dir })`: the single-layer scores of `layer_sensitivity`, the `ratio`
+    /// best layers, then (with `refine`) swaps of a chosen layer for an unchosen neighbour, each
+    /// placement measured as a whole and kept while its KL drops, at most `budget` of them.
+    /// Returns `#{ layers, best, greedy, scores, tried, measured }`; `found.layers` goes straight
+    /// into `teacher.hybrid(#{ mamba_layers: found.layers })`.
+    #[rhai_fn(return_raw)]
+    pub fn placement_search(
+        ctx: NativeCallContext,
+        teacher: Model,
+        data: Data,
+        options: Map,
+    ) -> RhaiResult<Dynamic> {
+        let s = session_of(&ctx)?;
+        let what = "placement_search";
+        let mut search = Map::new();
+        let mut measure = Map::new();
+        for (k, v) in options {
+            match k.as_str() {
+                "ratio" | "refine" | "budget" => search.insert(k, v),
+                _ => measure.insert(k, v),
+            };
+        }
+        let (val, dir, measure) = search_options::<MeasureOptions>(what, measure)?;
+        let mut opts: SearchOptions = from_map(what, search)?;
+        opts.measure = measure;
+        let val = val.unwrap_or_else(|| data.dataset.clone());
+        let found = crate::search::placement_search(
+            &teacher.vlm,
+            data.dataset.clone(),
+            &val,
+            &opts,
+            &dir,
+            Some(&s.cancel),
+        )
+        .or_rhai()?;
+        to_map(&found)
     }
 
     /// Every record of the run's metrics.jsonl (train steps with each loss term, evaluations),

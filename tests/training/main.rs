@@ -4,6 +4,7 @@
 //! - `supervised`: supervised training and evaluation of a reduced teacher;
 //! - `distill`: the distillation losses (against independent computations) and the
 //!   distillation mode of the trainer;
+//! - `search`: the placement search (per-layer scores, greedy pick, refinement, resume);
 //! - `data`: the LLaVA loader, the resumable batch loader and the synthetic world.
 
 #[path = "../common/mod.rs"]
@@ -11,5 +12,6 @@ mod common;
 
 mod data;
 mod distill;
+mod search;
 mod supervised;
 mod train;

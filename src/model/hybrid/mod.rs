@@ -19,7 +19,7 @@ use serde::Deserialize;
 
 pub use format::MambaConfigFile;
 pub use init::{mixer_from_attention, InitOptions};
-pub use placement::{Placement, Rule};
+pub use placement::{layers_for_ratio, Placement, Rule};
 pub use plan::{LayerPlan, MixerKind};
 
 use crate::model::mamba2::Mamba2Config;

@@ -391,3 +391,52 @@ fn train_script_runs_on_the_embedded_teacher() {
     let acc = summary["teacher"]["accuracy"]["accuracy"].as_f64().unwrap();
     assert!((0.0..=1.0).contains(&acc), "{acc}");
 }
+
+#[test]
+fn placement_search_scores_every_layer_and_distils_what_it_found() {
+    let fx = Fixture::new();
+    let out_dir = fx.dir.path().join("search");
+    let mut args = fx.args();
+    args.extend([
+        "--smoke".into(),
+        "--out".into(),
+        out_dir.display().to_string(),
+    ]);
+    let out = matrepl(
+        &script_path("placement_search.rhai"),
+        &args,
+        fx.dir.path(),
+        "",
+    );
+    assert_success(&out);
+    let summary = read_json(&out_dir.join("summary.json"));
+    let search = &summary["search"];
+    let scores = search["scores"].as_array().unwrap();
+    assert_eq!(scores.len(), 8);
+    for (i, s) in scores.iter().enumerate() {
+        assert_eq!(ids(&s["layers"]), vec![i]);
+        assert!(s["kl"].as_f64().unwrap() > 0.0);
+    }
+    let found = ids(&search["layers"]);
+    assert_eq!(found.len(), 2, "ratio 0.25 of 8 layers");
+    let results = summary["results"].as_array().unwrap();
+    assert_eq!(ids(&results[0]["mamba_layers"]), found);
+    let upstream = Placement::ratio(0.25).layers(8).unwrap();
+    if found != upstream {
+        assert_eq!(ids(&results[1]["mamba_layers"]), upstream);
+    }
+    crate::common::check_png(&out_dir.join("layer_scores.png"));
+    // The measurements stay in the folder: running again measures nothing new.
+    let again = matrepl(
+        &script_path("placement_search.rhai"),
+        &args,
+        fx.dir.path(),
+        "",
+    );
+    assert_success(&again);
+    assert!(
+        text(&again.stdout).contains("0 placements measured now"),
+        "{}",
+        text(&again.stdout)
+    );
+}
