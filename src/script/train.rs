@@ -388,6 +388,47 @@ pub mod api {
         scores.iter().map(to_map).collect()
     }
 
+    /// `measure_placements(teacher, data, [[0, 4], [2, 5]], #{ steps, batch_size, lr, limit, seed,
+    /// val, dir })`: each placement measured as `placement_search` measures them (short local
+    /// distillation of its mixers, KL on validation answers), one map per placement in order;
+    /// measurements already in `dir` are read back. For enumerations of your own, exhaustive
+    /// ones included.
+    #[rhai_fn(return_raw)]
+    pub fn measure_placements(
+        ctx: NativeCallContext,
+        teacher: Model,
+        data: Data,
+        placements: Array,
+        options: Map,
+    ) -> RhaiResult<Array> {
+        let s = session_of(&ctx)?;
+        let what = "measure_placements";
+        let (val, dir, opts) = search_options::<MeasureOptions>(what, options)?;
+        let val = val.unwrap_or_else(|| data.dataset.clone());
+        placements
+            .into_iter()
+            .enumerate()
+            .map(|(i, p)| {
+                let layers: Vec<usize> = rhai::serde::from_dynamic(&p).map_err(|_| {
+                    runtime_error(format!(
+                        "{what}: placement {i} is not an array of layer ids: {p}"
+                    ))
+                })?;
+                let score = crate::search::measure_placement(
+                    &teacher.vlm,
+                    &layers,
+                    data.dataset.clone(),
+                    &val,
+                    &opts,
+                    &dir,
+                    Some(&s.cancel),
+                )
+                .or_rhai()?;
+                to_map(&score)
+            })
+            .collect()
+    }
+
     /// `placement_search(teacher, data, #{ ratio: 0.25, refine: true, budget: 8, steps, batch_size,
     /// lr, limit, seed, val, dir })`: the single-layer scores of `layer_sensitivity`, the `ratio`
     /// best layers, then (with `refine`) swaps of a chosen layer for an unchosen neighbour, each

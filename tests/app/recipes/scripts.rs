@@ -426,7 +426,9 @@ fn placement_search_scores_every_layer_and_distils_what_it_found() {
         assert_eq!(ids(&results[1]["mamba_layers"]), upstream);
     }
     crate::common::check_png(&out_dir.join("layer_scores.png"));
-    // The measurements stay in the folder: running again measures nothing new.
+    // The measurements stay in the folder: running again measures nothing new for the search;
+    // --exhaustive then measures all 28 pairs of 8 layers, the search's among them.
+    args.push("--exhaustive".into());
     let again = matrepl(
         &script_path("placement_search.rhai"),
         &args,
@@ -438,5 +440,16 @@ fn placement_search_scores_every_layer_and_distils_what_it_found() {
         text(&again.stdout).contains("0 placements measured now"),
         "{}",
         text(&again.stdout)
+    );
+    let summary = read_json(&out_dir.join("summary.json"));
+    let all = summary["exhaustive"]["placements"].as_array().unwrap();
+    assert_eq!(all.len(), 28);
+    let kls: Vec<f64> = all.iter().map(|p| p["kl"].as_f64().unwrap()).collect();
+    assert!(kls.windows(2).all(|w| w[0] <= w[1]), "sorted by KL");
+    let rank = summary["exhaustive"]["searched_rank"].as_u64().unwrap() as usize;
+    assert_eq!(ids(&all[rank - 1]["layers"]), found);
+    assert_eq!(
+        all[rank - 1]["kl"].as_f64(),
+        summary["search"]["best"]["kl"].as_f64()
     );
 }
