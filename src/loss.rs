@@ -52,6 +52,11 @@ pub struct DistillLoss {
     pub hidden: f64,
     pub hidden_kind: HiddenLoss,
     pub positions: Positions,
+    /// Compute the logit terms over this many positions at a time (0: all at once): the
+    /// terms and their gradient come chunk by chunk, so no f32 copy of the whole `[B, T, V]`
+    /// logits is held. The loss and its gradient are the same either way (up to f32 summation
+    /// order).
+    pub chunk_positions: usize,
 }
 
 impl Default for DistillLoss {
@@ -66,6 +71,7 @@ impl Default for DistillLoss {
             hidden: 1.0,
             hidden_kind: HiddenLoss::L2Norm,
             positions: Positions::All,
+            chunk_positions: 0,
         }
     }
 }
@@ -166,9 +172,173 @@ fn kl_per_position(log_p: &Tensor, log_q: &Tensor) -> Result<Tensor> {
 /// Negative log-probability of `targets` (`[B, T]` u32) under `log_probs` (`[B, T, V]`).
 fn nll(log_probs: &Tensor, targets: &Tensor) -> Result<Tensor> {
     Ok(log_probs
-        .gather(&targets.unsqueeze(D::Minus1)?, D::Minus1)?
+        .gather(&targets.unsqueeze(D::Minus1)?.contiguous()?, D::Minus1)?
         .squeeze(D::Minus1)?
         .neg()?)
+}
+
+/// Next-token targets of the data labels, `[B, T]` u32, and where they apply (`[B, T]` 0/1 f32):
+/// position `t` predicts the label at `t + 1`; ignored labels and padding are left out.
+fn label_targets(
+    labels: &Tensor,
+    lengths: &[usize],
+    t: usize,
+    device: &candle_core::Device,
+) -> Result<(Tensor, Tensor)> {
+    let b = lengths.len();
+    let next: Vec<Vec<i64>> = labels.to_dtype(DType::I64)?.to_vec2()?;
+    let mut targets = vec![0u32; b * t];
+    let mut keep = vec![0f32; b * t];
+    for (bi, row) in next.iter().enumerate() {
+        for pos in 0..t.min(lengths[bi]) {
+            if let Some(&l) = row.get(pos + 1) {
+                if l != IGNORE_INDEX && l >= 0 {
+                    targets[bi * t + pos] = l as u32;
+                    keep[bi * t + pos] = 1.0;
+                }
+            }
+        }
+    }
+    Ok((
+        Tensor::from_vec(targets, (b, t), device)?,
+        Tensor::from_vec(keep, (b, t), device)?,
+    ))
+}
+
+/// What the logit terms need besides the logits: the positions they cover, the normalisers
+/// (batch size, positions covered, labelled positions) and the label targets.
+struct LogitInputs<'a> {
+    mask: &'a Tensor,
+    batch: usize,
+    n_pos: usize,
+    /// Label targets and where they apply ([`label_targets`]), with the count of labelled
+    /// positions in the whole sequence.
+    ce_targets: Option<(&'a Tensor, &'a Tensor, usize)>,
+}
+
+impl LogitInputs<'_> {
+    /// The logit terms of `cfg` (name, weight, value) over positions `start .. start + len`,
+    /// each normalised as over the whole sequence, so that the terms of consecutive ranges add
+    /// up to the terms of the sequence.
+    fn terms(
+        &self,
+        s_logits: &Tensor,
+        t_logits: &Tensor,
+        start: usize,
+        len: usize,
+        cfg: &DistillLoss,
+    ) -> Result<Vec<(&'static str, f64, Tensor)>> {
+        let part = |x: &Tensor| x.narrow(1, start, len);
+        let mask = part(self.mask)?;
+        let s32 = part(s_logits)?.to_dtype(DType::F32)?;
+        let t32 = part(t_logits)?.to_dtype(DType::F32)?;
+        let temp = cfg.temperature;
+        let ls_t = candle_nn::ops::log_softmax(&(&s32 / temp)?, D::Minus1)?;
+        let lt_t = candle_nn::ops::log_softmax(&(&t32 / temp)?, D::Minus1)?;
+        let mut out = Vec::new();
+        // KL terms: summed over positions and vocabulary, divided by the batch size, times T^2.
+        let batch_mean = |x: Tensor| -> Result<Tensor> {
+            Ok((masked_sum(&x, &mask)? * (temp * temp / self.batch as f64))?)
+        };
+        if cfg.kl != 0.0 {
+            out.push(("kl", cfg.kl, batch_mean(kl_per_position(&lt_t, &ls_t)?)?));
+        }
+        if cfg.reverse_kl != 0.0 {
+            let v = batch_mean(kl_per_position(&ls_t, &lt_t)?)?;
+            out.push(("reverse_kl", cfg.reverse_kl, v));
+        }
+        if cfg.jsd != 0.0 {
+            let m = ((ls_t.exp()? + lt_t.exp()?)? * 0.5)?.log()?;
+            let js = ((kl_per_position(&lt_t, &m)? + kl_per_position(&ls_t, &m)?)? * 0.5)?;
+            out.push(("jsd", cfg.jsd, batch_mean(js)?));
+        }
+        if cfg.ce_teacher != 0.0 || cfg.ce_labels != 0.0 {
+            let ls = candle_nn::ops::log_softmax(&s32, D::Minus1)?;
+            if cfg.ce_teacher != 0.0 {
+                let target = t32.argmax(D::Minus1)?;
+                let v = (masked_sum(&nll(&ls, &target)?, &mask)? / (self.n_pos.max(1) as f64))?;
+                out.push(("ce_teacher", cfg.ce_teacher, v));
+            }
+            if let Some((targets, keep, n)) = self.ce_targets {
+                let ce =
+                    (masked_sum(&nll(&ls, &part(targets)?)?, &part(keep)?)? / (n.max(1) as f64))?;
+                out.push(("ce_labels", cfg.ce_labels, ce));
+            }
+        }
+        Ok(out)
+    }
+
+    /// The logit terms over chunks of `chunk` positions: each chunk's terms and their gradient
+    /// with respect to that chunk of the student's logits, computed on a detached copy of the
+    /// chunk and freed before the next, so no f32 copy of the whole `[B, T, V]` logits (and
+    /// none of their softmax intermediates) exists at once. Returns the terms summed over the
+    /// chunks (name, weight, value) and the gradient of their weighted sum, `[B, T, V]` f32.
+    fn chunked(
+        &self,
+        s_logits: &Tensor,
+        t_logits: &Tensor,
+        chunk: usize,
+        cfg: &DistillLoss,
+    ) -> Result<(Vec<(&'static str, f64, f64)>, Tensor)> {
+        let t = s_logits.dim(1)?;
+        let mut sums: Vec<(&'static str, f64, f64)> = Vec::new();
+        let mut grads = Vec::new();
+        let mut start = 0;
+        while start < t {
+            let len = chunk.min(t - start);
+            let leaf = candle_core::Var::from_tensor(
+                &s_logits
+                    .narrow(1, start, len)?
+                    .detach()
+                    .to_dtype(DType::F32)?,
+            )?;
+            let terms = self.terms_of_chunk(leaf.as_tensor(), t_logits, start, cfg)?;
+            let mut weighted = Tensor::zeros((), DType::F32, s_logits.device())?;
+            for (i, (name, weight, value)) in terms.iter().enumerate() {
+                let v = value.to_scalar::<f32>()? as f64;
+                match sums.get_mut(i) {
+                    Some(entry) => entry.2 += v,
+                    None => sums.push((name, *weight, v)),
+                }
+                if *weight != 0.0 {
+                    weighted = (weighted + (value * *weight)?)?;
+                }
+            }
+            let g = weighted.backward()?;
+            grads.push(match g.get(leaf.as_tensor()) {
+                Some(g) => g.clone(),
+                None => leaf.as_tensor().zeros_like()?,
+            });
+            start += len;
+        }
+        Ok((sums, Tensor::cat(&grads, 1)?))
+    }
+
+    /// [`Self::terms`] of the positions `start ..` that `s_part` (`[B, len, V]`, the student's
+    /// logits already cut to them) covers.
+    fn terms_of_chunk(
+        &self,
+        s_part: &Tensor,
+        t_logits: &Tensor,
+        start: usize,
+        cfg: &DistillLoss,
+    ) -> Result<Vec<(&'static str, f64, Tensor)>> {
+        let len = s_part.dim(1)?;
+        let mask = self.mask.narrow(1, start, len)?;
+        let targets = match self.ce_targets {
+            Some((tg, keep, n)) => {
+                Some((tg.narrow(1, start, len)?, keep.narrow(1, start, len)?, n))
+            }
+            None => None,
+        };
+        let sub = LogitInputs {
+            mask: &mask,
+            batch: self.batch,
+            n_pos: self.n_pos,
+            ce_targets: targets.as_ref().map(|(tg, keep, n)| (tg, keep, *n)),
+        };
+        sub.terms(s_part, &t_logits.narrow(1, start, len)?, 0, len, cfg)
+    }
 }
 
 /// The distillation losses of `student` against `teacher` on one batch.
@@ -211,14 +381,52 @@ pub fn distill_loss_with(
     let device = s_logits.device().clone();
     let mask = position_mask(&lengths, t, batch.labels, cfg.positions, &device)?;
     let n_pos = mask.sum_all()?.to_scalar::<f32>()? as usize;
-    let s32 = s_logits.to_dtype(DType::F32)?;
-    let t32 = teach.logits.to_dtype(DType::F32)?;
-    let temp = cfg.temperature;
-    let ls_t = candle_nn::ops::log_softmax(&(&s32 / temp)?, D::Minus1)?;
-    let lt_t = candle_nn::ops::log_softmax(&(&t32 / temp)?, D::Minus1)?;
+    let ce_targets = if cfg.ce_labels != 0.0 {
+        let labels = batch
+            .labels
+            .ok_or_else(|| Error::Invalid("ce_labels needs labels".into()))?;
+        Some(label_targets(labels, &lengths, t, &device)?)
+    } else {
+        None
+    };
+    let n_labels = match &ce_targets {
+        Some((_, keep)) => keep.sum_all()?.to_scalar::<f32>()? as usize,
+        None => 0,
+    };
+    let logits = LogitInputs {
+        mask: &mask,
+        batch: b,
+        n_pos,
+        ce_targets: ce_targets.as_ref().map(|(tg, keep)| (tg, keep, n_labels)),
+    };
 
     let mut total = Tensor::zeros((), DType::F32, &device)?;
     let mut terms = Vec::new();
+    let chunk = if cfg.chunk_positions == 0 {
+        t
+    } else {
+        cfg.chunk_positions
+    };
+    if chunk >= t {
+        for (name, weight, value) in logits.terms(&s_logits, &teach.logits, 0, t, cfg)? {
+            terms.push((name.to_string(), value.to_scalar::<f32>()? as f64));
+            if weight != 0.0 {
+                total = (&total + (value * weight)?)?;
+            }
+        }
+    } else {
+        let (values, grad) = logits.chunked(&s_logits, &teach.logits, chunk, cfg)?;
+        let mut weighted = 0f64;
+        for (name, weight, value) in values {
+            terms.push((name.to_string(), value));
+            weighted += weight * value;
+        }
+        // `sum(s_logits * G)` carries the chunks' gradient to the student; minus its own value
+        // plus the terms' weighted sum gives the loss its value.
+        let surrogate = (s_logits.to_dtype(DType::F32)? * grad)?.sum_all()?;
+        let value = (surrogate.detach().neg()? + weighted)?;
+        total = ((total + surrogate)? + value)?;
+    }
     let mut add = |name: &str, weight: f64, value: Tensor| -> Result<()> {
         terms.push((name.to_string(), value.to_scalar::<f32>()? as f64));
         if weight != 0.0 {
@@ -226,57 +434,6 @@ pub fn distill_loss_with(
         }
         Ok(())
     };
-    // KL terms: summed over positions and vocabulary, divided by the batch size, times T^2.
-    let batch_mean =
-        |x: Tensor| -> Result<Tensor> { Ok((masked_sum(&x, &mask)? * (temp * temp / b as f64))?) };
-    if cfg.kl != 0.0 {
-        add("kl", cfg.kl, batch_mean(kl_per_position(&lt_t, &ls_t)?)?)?;
-    }
-    if cfg.reverse_kl != 0.0 {
-        add(
-            "reverse_kl",
-            cfg.reverse_kl,
-            batch_mean(kl_per_position(&ls_t, &lt_t)?)?,
-        )?;
-    }
-    if cfg.jsd != 0.0 {
-        let m = ((ls_t.exp()? + lt_t.exp()?)? * 0.5)?.log()?;
-        let js = ((kl_per_position(&lt_t, &m)? + kl_per_position(&ls_t, &m)?)? * 0.5)?;
-        add("jsd", cfg.jsd, batch_mean(js)?)?;
-    }
-    let per_token =
-        |x: Tensor| -> Result<Tensor> { Ok((masked_sum(&x, &mask)? / (n_pos.max(1) as f64))?) };
-    if cfg.ce_teacher != 0.0 || cfg.ce_labels != 0.0 {
-        let ls = candle_nn::ops::log_softmax(&s32, D::Minus1)?;
-        if cfg.ce_teacher != 0.0 {
-            let target = t32.argmax(D::Minus1)?;
-            add("ce_teacher", cfg.ce_teacher, per_token(nll(&ls, &target)?)?)?;
-        }
-        if cfg.ce_labels != 0.0 {
-            let labels = batch
-                .labels
-                .ok_or_else(|| Error::Invalid("ce_labels needs labels".into()))?;
-            // Position t predicts the token at t + 1; ignored labels are masked out.
-            let next: Vec<Vec<i64>> = labels.to_dtype(DType::I64)?.to_vec2()?;
-            let mut targets = vec![0u32; b * t];
-            let mut keep = vec![0f32; b * t];
-            for (bi, row) in next.iter().enumerate() {
-                for pos in 0..t.min(lengths[bi]) {
-                    if let Some(&l) = row.get(pos + 1) {
-                        if l != IGNORE_INDEX && l >= 0 {
-                            targets[bi * t + pos] = l as u32;
-                            keep[bi * t + pos] = 1.0;
-                        }
-                    }
-                }
-            }
-            let n: f32 = keep.iter().sum();
-            let targets = Tensor::from_vec(targets, (b, t), &device)?;
-            let keep = Tensor::from_vec(keep, (b, t), &device)?;
-            let ce = (masked_sum(&nll(&ls, &targets)?, &keep)? / (n.max(1.0) as f64))?;
-            add("ce_labels", cfg.ce_labels, ce)?;
-        }
-    }
     if cfg.hidden != 0.0 && !student.mamba_layers().is_empty() {
         let valid = Tensor::from_vec(
             lengths
