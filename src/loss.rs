@@ -205,6 +205,9 @@ fn label_targets(
     ))
 }
 
+/// A logit term summed over chunks: name, weight, value.
+type TermValue = (&'static str, f64, f64);
+
 /// What the logit terms need besides the logits: the positions they cover, the normalisers
 /// (batch size, positions covered, labelled positions) and the label targets.
 struct LogitInputs<'a> {
@@ -279,9 +282,9 @@ impl LogitInputs<'_> {
         t_logits: &Tensor,
         chunk: usize,
         cfg: &DistillLoss,
-    ) -> Result<(Vec<(&'static str, f64, f64)>, Tensor)> {
+    ) -> Result<(Vec<TermValue>, Tensor)> {
         let t = s_logits.dim(1)?;
-        let mut sums: Vec<(&'static str, f64, f64)> = Vec::new();
+        let mut sums: Vec<TermValue> = Vec::new();
         let mut grads = Vec::new();
         let mut start = 0;
         while start < t {
