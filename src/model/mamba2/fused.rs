@@ -97,6 +97,8 @@ static POLICY: AtomicU8 = AtomicU8::new(3);
 /// Set the process's kernel policy (benchmarks and parity checks switch it between runs).
 pub fn set_policy(p: KernelPolicy) {
     POLICY.store(p.bits(), Ordering::Relaxed);
+    #[cfg(feature = "cuda")]
+    super::kernels::force_sm80(p.sm80_everywhere);
 }
 
 /// The process's kernel policy ([`KernelPolicy::ALL`] unless [`set_policy`] changed it).

@@ -95,6 +95,14 @@ macro_rules! load {
     }};
 }
 
+static FORCE_SM80: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Load the sm_80 PTX on every card, Hopper included; set by the kernel policy
+/// (`KernelPolicy::sm80_everywhere` through `fused::set_policy`).
+pub fn force_sm80(on: bool) {
+    FORCE_SM80.store(on, std::sync::atomic::Ordering::Relaxed);
+}
+
 /// What a device runs the kernels as: its compute capability, the PTX target taken for it
 /// (90 on Hopper, 80 on every 8.x card, or 80 everywhere when the policy says so) and the
 /// dynamic shared memory a block may opt into there (227 KiB on H100, 163 KiB on A100, 99 KiB
@@ -115,7 +123,7 @@ pub fn target(dev: &CudaDevice) -> candle_core::Result<Target> {
     static TARGETS: Mutex<Vec<(usize, Target)>> = Mutex::new(Vec::new());
     let ctx = dev.cuda_stream().context().clone();
     let ordinal = ctx.ordinal();
-    let force_sm80 = super::fused::policy().sm80_everywhere;
+    let force_sm80 = FORCE_SM80.load(std::sync::atomic::Ordering::Relaxed);
     let mut known = TARGETS.lock().unwrap_or_else(|e| e.into_inner());
     let t = match known.iter().find(|(o, _)| *o == ordinal) {
         Some((_, t)) => t.clone(),
