@@ -7,7 +7,7 @@
 //! let student = Student::new(&hybrid, &cfg.trainable.selection())?;      // Vars + rebuilt model
 //! let mut source = cfg.source(train, &student.vlm)?;                      // shuffled batches
 //! fit_student(&student, &cfg.train, setup, &mut source, |batch| {
-//!     distill_step(&teacher, &student.vlm, batch, &cfg.loss)
+//!     distill_step(&teacher, &student.model()?, batch, &cfg.loss)       // f32 masters cast here
 //! })?;
 //! ```
 //! Per step, [`distill_step`] runs the teacher once without a graph (its outputs detached), the
@@ -20,7 +20,7 @@ use std::path::Path;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
-use candle_core::Tensor;
+use candle_core::{DType, Tensor};
 use serde::{Deserialize, Serialize};
 
 use super::params::Selection;
@@ -92,6 +92,10 @@ pub struct DistillConfig {
     pub batch_size: usize,
     /// Evaluate on at most this many validation samples (all when `None`).
     pub eval_limit: Option<usize>,
+    /// Keep the trainable weights and their AdamW state in f32 under a half-precision student
+    /// (upstream's DeepSpeed bf16 setting), the forward in the student's dtype; off, they train
+    /// in the student's own dtype (pure bf16 on a bf16 model). No effect on an f32 student.
+    pub master_f32: bool,
 }
 
 impl Default for DistillConfig {
@@ -131,6 +135,7 @@ impl DistillConfig {
             },
             batch_size: 64,
             eval_limit: None,
+            master_f32: false,
         }
     }
 
@@ -228,13 +233,18 @@ pub fn distill(
     cancel: Option<&AtomicBool>,
 ) -> Result<(Vlm, TrainSummary)> {
     check_pair(teacher, student_hybrid)?;
-    let student = cfg.trainable.student(student_hybrid)?;
+    let student = if cfg.master_f32 {
+        Student::with_master(student_hybrid, &cfg.trainable.selection(), DType::F32)?
+    } else {
+        cfg.trainable.student(student_hybrid)?
+    };
     let mut source = cfg.source(train, &student.vlm)?;
 
-    let eval_student = student.detached()?;
     let mut teacher_acc: Option<f64> = None;
+    let student_ref = &student;
     let eval = val.as_deref().map(|val| -> EvalFn<'_> {
         Box::new(move |_| {
+            let eval_student = student_ref.detached()?;
             let agree = AgreementOptions {
                 limit: cfg.eval_limit,
                 ..AgreementOptions::default()
@@ -261,7 +271,7 @@ pub fn distill(
         eval,
     };
     let summary = fit_student(&student, &cfg.train, setup, &mut source, |batch| {
-        distill_step(teacher, &student.vlm, batch, &cfg.loss)
+        distill_step(teacher, &student.model()?, batch, &cfg.loss)
     })?;
     Ok((student.detached()?, summary))
 }

@@ -105,11 +105,25 @@ impl ParamSet {
         tensors: &BTreeMap<String, Tensor>,
         selection: &Selection,
     ) -> Result<(Self, HashMap<String, Tensor>)> {
+        Self::select_as(tensors, selection, None)
+    }
+
+    /// [`ParamSet::select`] with the `Var`s made in `dtype` (master weights) instead of each
+    /// tensor's own.
+    pub fn select_as(
+        tensors: &BTreeMap<String, Tensor>,
+        selection: &Selection,
+        dtype: Option<candle_core::DType>,
+    ) -> Result<(Self, HashMap<String, Tensor>)> {
         let mut entries = Vec::new();
         let mut all = HashMap::with_capacity(tensors.len());
         for (name, t) in tensors {
             if selection.matches(name) {
-                let var = Var::from_tensor(&t.detach())?;
+                let t = match dtype {
+                    Some(d) => t.detach().to_dtype(d)?,
+                    None => t.detach(),
+                };
+                let var = Var::from_tensor(&t)?;
                 all.insert(name.clone(), var.as_tensor().clone());
                 entries.push((name.clone(), var));
             } else {

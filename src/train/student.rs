@@ -11,15 +11,24 @@ use serde::Serialize;
 use super::params::{ParamSet, Selection};
 use super::run::RunDir;
 use super::trainer::{BatchSource, StepOutput, TrainConfig, TrainSummary, Trainer};
+use candle_core::DType;
+
 use crate::model::vlm::Vlm;
 use crate::{Error, Result};
 
 /// A model ready to train: the tensors `selection` picks as `Var`s (copies: training never
 /// writes into the model it started from, nor into a teacher sharing its tensors), the rest
 /// shared, and the model built over them.
+///
+/// With master weights ([`Student::with_master`]) the `Var`s are kept in a wider dtype than the
+/// model's (f32 under a bf16 model, as upstream's DeepSpeed bf16 setting keeps them): the
+/// optimiser and its state work on those, and each step's model ([`Student::model`]) reads them
+/// cast to the model's dtype, so the gradient flows back through the cast.
 pub struct Student {
     pub params: ParamSet,
     pub vlm: Vlm,
+    /// With master weights: the model before selection (its frozen tensors are shared).
+    master_of: Option<Vlm>,
 }
 
 impl Student {
@@ -27,20 +36,60 @@ impl Student {
         let tensors = model.named_tensors().into_iter().collect();
         let (params, tensors) = ParamSet::select(&tensors, selection)?;
         let vlm = model.rebuilt(tensors)?;
-        Ok(Self { params, vlm })
+        Ok(Self {
+            params,
+            vlm,
+            master_of: None,
+        })
     }
 
-    /// The same model over detached tensors that share storage with the `Var`s: it follows the
-    /// training (every optimiser step shows in it) but never records a graph, so evaluation
-    /// through it costs no gradient bookkeeping.
+    /// [`Student::new`] with the trainable `Var`s in `master` (e.g. f32 under a bf16 model).
+    /// A `master` equal to the model's dtype is plain [`Student::new`].
+    pub fn with_master(model: &Vlm, selection: &Selection, master: DType) -> Result<Self> {
+        if master == model.dtype {
+            return Self::new(model, selection);
+        }
+        let tensors = model.named_tensors().into_iter().collect();
+        let (params, tensors) = ParamSet::select_as(&tensors, selection, Some(master))?;
+        // `rebuilt` reads every tensor in the model's dtype: the Vars arrive cast.
+        let vlm = model.rebuilt(tensors)?;
+        Ok(Self {
+            params,
+            vlm,
+            master_of: Some(model.clone()),
+        })
+    }
+
+    /// The model one training step runs: `self.vlm`, or, with master weights, the model over
+    /// fresh casts of the `Var`s (a cast made before the last optimiser step would be stale).
+    pub fn model(&self) -> Result<Vlm> {
+        let Some(base) = &self.master_of else {
+            return Ok(self.vlm.clone());
+        };
+        let mut tensors: std::collections::HashMap<String, candle_core::Tensor> =
+            base.named_tensors().into_iter().collect();
+        for (name, var) in self.params.iter() {
+            tensors.insert(name.to_string(), var.as_tensor().clone());
+        }
+        base.rebuilt(tensors)
+    }
+
+    /// The current model over detached tensors: no graph is recorded through it, so evaluation
+    /// costs no gradient bookkeeping. Without master weights it shares storage with the `Var`s
+    /// and follows the training; with them it is a snapshot (ask again after more steps).
     pub fn detached(&self) -> Result<Vlm> {
-        let tensors = self
-            .vlm
+        let model = self.model()?;
+        let tensors = model
             .named_tensors()
             .into_iter()
             .map(|(name, t)| (name, t.detach()))
             .collect();
-        self.vlm.rebuilt(tensors)
+        model.rebuilt(tensors)
+    }
+
+    /// Whether the trainable weights are kept in a wider dtype than the model's.
+    pub fn has_master_weights(&self) -> bool {
+        self.master_of.is_some()
     }
 }
 

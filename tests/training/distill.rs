@@ -510,6 +510,97 @@ fn chunked_logit_terms_equal_the_whole_sequence() {
     assert!(compared > 10, "{compared} gradients compared");
 }
 
+/// The same model with every tensor in `dtype`.
+fn in_dtype(v: &Vlm, dtype: DType) -> Vlm {
+    let tensors = v.named_tensors().into_iter().collect();
+    let vb = candle_nn::VarBuilder::from_tensors(tensors, dtype, &Device::Cpu);
+    Vlm::from_var_builder_with_plan(
+        vb,
+        v.config.clone(),
+        v.tokenizer.clone(),
+        v.preprocessor.clone(),
+        "test model",
+        v.decoder.plan(),
+    )
+    .unwrap()
+}
+
+/// f32 master weights under a bf16 student: the trainable tensors and their AdamW state are
+/// checkpointed in f32 while the model runs (and comes back) in bf16, and the KL on a fixed
+/// batch falls; without the switch they train in bf16. On an f32 student the switch changes
+/// nothing (bit-identical weights).
+#[test]
+fn master_f32_weights_under_a_bf16_student() {
+    let world = tempfile::tempdir().unwrap();
+    let tok = small_world(world.path());
+    let teacher32 = reduced_teacher(&tok, 1);
+    let hybrid32 = teacher32.hybrid(&HybridSpec::ratio(0.5)).unwrap();
+    let train = load_split(world.path(), "train", &tok, teacher32.config.image_tokens());
+    let (teacher, hybrid) = (
+        in_dtype(&teacher32, DType::BF16),
+        in_dtype(&hybrid32, DType::BF16),
+    );
+    let mut cfg = DistillConfig::upstream(6);
+    cfg.batch_size = 8;
+    cfg.train.lr = 3e-3;
+    cfg.train.save_every = 0;
+    cfg.train.progress = ProgressMode::Silent;
+    let kl_only = DistillLoss {
+        hidden: 0.0,
+        ..DistillLoss::default()
+    };
+    let fixed = probe(&train, &teacher, 8);
+    let kl = |student: &Vlm| {
+        term(
+            &distill_step(&teacher, student, &fixed, &kl_only).unwrap(),
+            "kl",
+        )
+    };
+    let kl_before = kl(&hybrid);
+    let run = |master: bool, teacher: &Vlm, hybrid: &Vlm| {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = DistillConfig {
+            master_f32: master,
+            ..cfg.clone()
+        };
+        let (student, _) =
+            distill(teacher, hybrid, train.clone(), None, &cfg, dir.path(), None).unwrap();
+        let ck = RunDir::open(dir.path())
+            .unwrap()
+            .load_latest(&Device::Cpu)
+            .unwrap()
+            .unwrap();
+        (student, ck)
+    };
+    let (student, ck) = run(true, &teacher, &hybrid);
+    assert_eq!(student.dtype, DType::BF16);
+    assert!(!ck.weights.is_empty());
+    for (name, t) in &ck.weights {
+        assert_eq!(t.dtype(), DType::F32, "master weight {name}");
+    }
+    let moments: Vec<_> = ck
+        .optimizer
+        .iter()
+        .filter(|(name, _)| !name.starts_with("step."))
+        .collect();
+    assert!(!moments.is_empty());
+    for (name, t) in moments {
+        assert_eq!(t.dtype(), DType::F32, "optimizer state {name}");
+    }
+    let kl_after = kl(&student);
+    assert!(kl_after < kl_before, "KL {kl_before} -> {kl_after}");
+    let (_, ck16) = run(false, &teacher, &hybrid);
+    for (name, t) in &ck16.weights {
+        assert_eq!(t.dtype(), DType::BF16, "bf16 weight {name}");
+    }
+
+    let (a, _) = run(true, &teacher32, &hybrid32);
+    let (b, _) = run(false, &teacher32, &hybrid32);
+    for ((na, ta), (_, tb)) in a.named_tensors().iter().zip(b.named_tensors().iter()) {
+        assert!(same_bits(ta, tb), "{na} differs on an f32 student");
+    }
+}
+
 /// A short distillation: the KL on a fixed batch falls, every loss term is logged per step and
 /// the evaluations land in metrics.jsonl; afterwards the teacher and every frozen student tensor
 /// are bit-identical to before, every trainable one moved, and only trainable tensors have
