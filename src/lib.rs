@@ -24,6 +24,8 @@ pub mod options;
 pub mod repl;
 #[cfg(feature = "app")]
 pub mod script;
+#[cfg(feature = "app")]
+pub mod serve;
 pub mod teacher;
 pub mod tokenize;
 pub mod train;

@@ -1,0 +1,395 @@
+//! The generation worker: one thread per device, fed by a bounded queue. Jobs of the same model
+//! with the same sampling settings are generated together as one left-padded batch; each row
+//! streams its own text pieces back to its request.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Instant;
+
+use candle_core::Tensor;
+use tokio::sync::mpsc::UnboundedSender;
+
+use crate::generate::{GenerateOptions, PromptIds, RowToken, StopReason};
+use crate::model::vlm::Vlm;
+use crate::tokenize::PromptTokenizer;
+
+/// What a request gets back from the worker, in order: pieces of text, then one `Done` (or an
+/// `Error`).
+#[derive(Debug)]
+pub enum Event {
+    Piece(String),
+    Done(Finish),
+    Error(String),
+}
+
+/// How a generation ended and what it cost.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Finish {
+    /// OpenAI's `finish_reason`: "stop" (EOS) or "length".
+    pub finish_reason: &'static str,
+    pub prompt_tokens: usize,
+    pub completion_tokens: usize,
+    pub timings: Timings,
+}
+
+/// Speed and memory of one generation (the `timings` extension field of responses, after
+/// llama.cpp's server).
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct Timings {
+    /// From arrival to the start of its batch.
+    pub queue_ms: f64,
+    /// From arrival to the first generated token.
+    pub time_to_first_token_ms: f64,
+    /// Generated tokens per second after the first one.
+    pub tokens_per_second: f64,
+    /// Bytes of this row's inference cache at its final length.
+    pub cache_bytes: usize,
+    /// Rows generated together with this one (itself included).
+    pub batch_size: usize,
+}
+
+/// One request, prepared: token ids, pixels, limits, and where its events go.
+pub struct Job {
+    pub model: Arc<Vlm>,
+    /// Which served model (jobs batch only with jobs of the same model).
+    pub model_index: usize,
+    pub ids: Vec<i64>,
+    /// `[1, 3, H, W]` on the model's device, if the prompt has an image.
+    pub pixel_values: Option<Tensor>,
+    /// Prompt length as the decoder sees it (image vectors counted), for usage and limits.
+    pub prompt_tokens: usize,
+    pub max_new_tokens: usize,
+    pub opts: GenerateOptions,
+    pub events: UnboundedSender<Event>,
+    pub arrived: Instant,
+}
+
+impl Job {
+    /// Jobs generated in one batch share these (the batch API takes one set of options).
+    fn batch_key(&self) -> (usize, u64, u64, u64, bool) {
+        let greedy = self.opts.temperature <= 0.0;
+        (
+            self.model_index,
+            if greedy {
+                0
+            } else {
+                self.opts.temperature.to_bits()
+            },
+            if greedy { 0 } else { self.opts.top_p.to_bits() },
+            if greedy { 0 } else { self.opts.seed },
+            self.opts.stop_at_eos,
+        )
+    }
+}
+
+/// Counters shown by `/health`.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct WorkerStats {
+    /// Jobs waiting in the queue.
+    pub queued: usize,
+    /// Jobs in the batch being generated.
+    pub running: usize,
+    pub completed: u64,
+    /// Jobs stopped because their client went away.
+    pub cancelled: u64,
+    pub failed: u64,
+    /// Requests refused because the queue was full.
+    pub rejected: u64,
+    pub batches: u64,
+    /// The largest batch generated so far.
+    pub largest_batch: usize,
+}
+
+struct State {
+    queue: VecDeque<Job>,
+    stats: WorkerStats,
+    paused: bool,
+    shutdown: bool,
+}
+
+/// The queue and the thread that empties it.
+pub struct Worker {
+    shared: Arc<(Mutex<State>, Condvar)>,
+    capacity: usize,
+    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+/// Why a job was not queued.
+#[derive(Debug)]
+pub enum Refused {
+    Full { capacity: usize },
+    ShuttingDown,
+}
+
+impl Worker {
+    /// Start a worker thread named `name` with a queue of `capacity` waiting jobs, generating at
+    /// most `max_batch` rows at once.
+    pub fn start(name: &str, capacity: usize, max_batch: usize) -> std::io::Result<Self> {
+        let shared = Arc::new((
+            Mutex::new(State {
+                queue: VecDeque::new(),
+                stats: WorkerStats::default(),
+                paused: false,
+                shutdown: false,
+            }),
+            Condvar::new(),
+        ));
+        let inner = shared.clone();
+        let max_batch = max_batch.max(1);
+        let thread = std::thread::Builder::new()
+            .name(format!("serve-{name}"))
+            .spawn(move || run(&inner, max_batch))?;
+        Ok(Self {
+            shared,
+            capacity,
+            thread: Mutex::new(Some(thread)),
+        })
+    }
+
+    pub fn submit(&self, job: Job) -> Result<(), Refused> {
+        let (lock, cv) = &*self.shared;
+        let mut st = lock.lock().unwrap_or_else(|e| e.into_inner());
+        if st.shutdown {
+            return Err(Refused::ShuttingDown);
+        }
+        if st.queue.len() >= self.capacity {
+            st.stats.rejected += 1;
+            return Err(Refused::Full {
+                capacity: self.capacity,
+            });
+        }
+        st.queue.push_back(job);
+        st.stats.queued = st.queue.len();
+        cv.notify_all();
+        Ok(())
+    }
+
+    pub fn stats(&self) -> WorkerStats {
+        let st = self.shared.0.lock().unwrap_or_else(|e| e.into_inner());
+        st.stats.clone()
+    }
+
+    /// Hold queued jobs (the one running finishes) until [`Worker::resume`]: for maintenance,
+    /// and to fill the queue deterministically.
+    pub fn pause(&self) {
+        self.shared
+            .0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .paused = true;
+    }
+
+    pub fn resume(&self) {
+        let (lock, cv) = &*self.shared;
+        lock.lock().unwrap_or_else(|e| e.into_inner()).paused = false;
+        cv.notify_all();
+    }
+
+    /// Refuse new jobs, drop the queued ones (their clients see the stream end), let the running
+    /// batch finish, and join the thread.
+    pub fn shutdown(&self) {
+        {
+            let (lock, cv) = &*self.shared;
+            let mut st = lock.lock().unwrap_or_else(|e| e.into_inner());
+            st.shutdown = true;
+            for job in st.queue.drain(..) {
+                let _ = job
+                    .events
+                    .send(Event::Error("the server is shutting down".into()));
+            }
+            st.stats.queued = 0;
+            cv.notify_all();
+        }
+        if let Some(t) = self.thread.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn run(shared: &(Mutex<State>, Condvar), max_batch: usize) {
+    let (lock, cv) = shared;
+    loop {
+        let batch = {
+            let mut st = lock.lock().unwrap_or_else(|e| e.into_inner());
+            while !st.shutdown && (st.paused || st.queue.is_empty()) {
+                st = cv.wait(st).unwrap_or_else(|e| e.into_inner());
+            }
+            if st.shutdown {
+                return;
+            }
+            let first = st.queue.pop_front().expect("the queue is not empty");
+            let key = first.batch_key();
+            let mut batch = vec![first];
+            let mut i = 0;
+            while i < st.queue.len() && batch.len() < max_batch {
+                if st.queue[i].batch_key() == key {
+                    batch.push(st.queue.remove(i).expect("index in range"));
+                } else {
+                    i += 1;
+                }
+            }
+            st.stats.queued = st.queue.len();
+            st.stats.running = batch.len();
+            st.stats.batches += 1;
+            st.stats.largest_batch = st.stats.largest_batch.max(batch.len());
+            batch
+        };
+        let outcome = generate_batch(&batch);
+        // Counters first, answers second: a client that has its answer sees it counted.
+        let mut st = lock.lock().unwrap_or_else(|e| e.into_inner());
+        st.stats.running = 0;
+        match outcome {
+            Ok(rows) => {
+                let mut done = Vec::new();
+                for (row, job) in rows.into_iter().zip(&batch) {
+                    match row {
+                        RowEnd::Completed(finish) => {
+                            st.stats.completed += 1;
+                            done.push((job, finish));
+                        }
+                        RowEnd::Cancelled => st.stats.cancelled += 1,
+                    }
+                }
+                drop(st);
+                for (job, finish) in done {
+                    let _ = job.events.send(Event::Done(finish));
+                }
+            }
+            Err(e) => {
+                st.stats.failed += batch.len() as u64;
+                drop(st);
+                for job in &batch {
+                    let _ = job.events.send(Event::Error(e.to_string()));
+                }
+            }
+        }
+    }
+}
+
+enum RowEnd {
+    Completed(Finish),
+    /// Its client left before its answer was complete.
+    Cancelled,
+}
+
+/// Where one row of a running batch stands.
+struct RowState {
+    tokens: Vec<u32>,
+    text: String,
+    first_token: Option<Instant>,
+    /// Its client is gone: its tokens are no longer decoded or sent.
+    gone: bool,
+}
+
+fn generate_batch(batch: &[Job]) -> crate::Result<Vec<RowEnd>> {
+    let model = &batch[0].model;
+    let tok: PromptTokenizer = model.tokenizer()?.clone();
+    let started = Instant::now();
+    let prompts: Vec<PromptIds> = batch
+        .iter()
+        .map(|j| PromptIds {
+            ids: &j.ids,
+            pixel_values: j.pixel_values.as_ref(),
+            max_new_tokens: Some(j.max_new_tokens),
+        })
+        .collect();
+    let opts = GenerateOptions {
+        max_new_tokens: batch.iter().map(|j| j.max_new_tokens).max().unwrap_or(0),
+        ..batch[0].opts.clone()
+    };
+    let mut rows: Vec<RowState> = batch
+        .iter()
+        .map(|j| RowState {
+            tokens: Vec::new(),
+            text: String::new(),
+            first_token: None,
+            gone: j.events.is_closed(),
+        })
+        .collect();
+    let mut decode_error = None;
+    let out = model.generate_ids_batch(&prompts, &opts, &mut |step: &[RowToken]| {
+        let now = Instant::now();
+        for t in step {
+            let row = &mut rows[t.row];
+            if row.gone {
+                continue;
+            }
+            row.first_token.get_or_insert(now);
+            row.tokens.push(t.token);
+            match tok.decode(&row.tokens) {
+                Ok(full) => {
+                    let full = answer_text(full);
+                    let piece = full.get(row.text.len()..).unwrap_or("").to_string();
+                    row.text = full;
+                    if !piece.is_empty() && batch[t.row].events.send(Event::Piece(piece)).is_err() {
+                        row.gone = true;
+                    }
+                }
+                Err(e) => {
+                    decode_error = Some(e);
+                    return false;
+                }
+            }
+        }
+        for (row, job) in rows.iter_mut().zip(batch) {
+            row.gone |= job.events.is_closed();
+        }
+        // Rows cannot leave a batch early; the batch stops once every client has gone.
+        !rows.iter().all(|r| r.gone)
+    })?;
+    if let Some(e) = decode_error {
+        return Err(e);
+    }
+    let done = Instant::now();
+    Ok(out
+        .into_iter()
+        .zip(batch)
+        .zip(rows)
+        .map(|(((tokens, stop), job), row)| {
+            // A row whose client left stops being followed, so it holds fewer tokens than the
+            // batch generated for it; a single row stops the batch itself (`Callback`).
+            if stop == StopReason::Callback || (row.gone && row.tokens.len() < tokens.len()) {
+                return RowEnd::Cancelled;
+            }
+            let n = tokens.len();
+            let first = row.first_token.unwrap_or(done);
+            let rest = done.duration_since(first).as_secs_f64();
+            let timings = Timings {
+                queue_ms: ms(started.duration_since(job.arrived)),
+                time_to_first_token_ms: ms(first.duration_since(job.arrived)),
+                tokens_per_second: if n > 1 && rest > 0.0 {
+                    (n - 1) as f64 / rest
+                } else {
+                    0.0
+                },
+                cache_bytes: job.model.cache_bytes(1, job.prompt_tokens + n),
+                batch_size: batch.len(),
+            };
+            let finish = Finish {
+                finish_reason: if stop == StopReason::Eos {
+                    "stop"
+                } else {
+                    "length"
+                },
+                prompt_tokens: job.prompt_tokens,
+                completion_tokens: n,
+                timings,
+            };
+            RowEnd::Completed(finish)
+        })
+        .collect())
+}
+
+fn ms(d: std::time::Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+/// Every served prompt ends in the template's `ASSISTANT:`, whose separating space the
+/// tokenizer keeps on the answer's first token: it belongs to the template, not to the answer
+/// (as `Vlm::generate` returns it).
+fn answer_text(full: String) -> String {
+    match full.strip_prefix(' ') {
+        Some(rest) => rest.to_string(),
+        None => full,
+    }
+}
