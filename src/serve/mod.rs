@@ -712,7 +712,7 @@ async fn chat_completions(
     let model = served.id.clone();
     if req.stream {
         let usage = req.stream_options.is_some_and(|o| o.include_usage);
-        Ok(stream_response(rx, id, model, st.created, usage))
+        Ok(stream_response(rx, id, model, usage))
     } else {
         collect_response(rx, id, model).await
     }
@@ -761,7 +761,6 @@ fn stream_response(
     rx: mpsc::UnboundedReceiver<Event>,
     id: String,
     model: String,
-    _created: u64,
     include_usage: bool,
 ) -> Response {
     let created = now();

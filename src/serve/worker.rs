@@ -38,7 +38,7 @@ pub struct Finish {
 pub struct Timings {
     /// From arrival to the start of its batch.
     pub queue_ms: f64,
-    /// From arrival to the first generated token.
+    /// From the start of its batch (prefill included) to its first generated token.
     pub time_to_first_token_ms: f64,
     /// Generated tokens per second after the first one.
     pub tokens_per_second: f64,
@@ -356,7 +356,7 @@ fn generate_batch(batch: &[Job]) -> crate::Result<Vec<RowEnd>> {
             let rest = done.duration_since(first).as_secs_f64();
             let timings = Timings {
                 queue_ms: ms(started.duration_since(job.arrived)),
-                time_to_first_token_ms: ms(first.duration_since(job.arrived)),
+                time_to_first_token_ms: ms(first.duration_since(started)),
                 tokens_per_second: if n > 1 && rest > 0.0 {
                     (n - 1) as f64 / rest
                 } else {
