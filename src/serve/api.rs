@@ -104,6 +104,12 @@ pub fn conversation(
                          user and assistant)"
                     )));
                 }
+                if text.contains(IMAGE_MARKER) {
+                    return Err(ApiError::bad(format!(
+                        "messages[{i}]: the text holds `{IMAGE_MARKER}` but the image is missing: \
+                         send it as an image_url part (the server places it)"
+                    )));
+                }
                 let mut question = text.trim().to_string();
                 for url in urls {
                     images.push(image_bytes(url, opts).map_err(|e| e.at(i))?);

@@ -484,7 +484,7 @@ impl IntoResponse for ApiError {
 impl From<Error> for ApiError {
     fn from(e: Error) -> Self {
         match e {
-            Error::Invalid(m) => ApiError::bad(m),
+            Error::Invalid(m) | Error::Prompt(m) => ApiError::bad(m),
             other => ApiError::internal(other.to_string()),
         }
     }

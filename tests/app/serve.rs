@@ -270,6 +270,23 @@ fn serve_errors_are_openai_shaped_and_the_server_keeps_serving() {
         .unwrap()
         .push(serde_json::json!({ "type": "image_url", "image_url": { "url": uri } }));
     assert_error(post_json(&url, &two, None), 400, "at most 1");
+    let missing =
+        serde_json::json!({ "messages": [{ "role": "user", "content": "<image>\nWhat is it?" }] });
+    assert_error(post_json(&url, &missing, None), 400, "the image is missing");
+    let no_url = serde_json::json!({ "messages": [{ "role": "user", "content": [
+        { "type": "image_url", "image_url": {} }, { "type": "text", "text": "What is it?" }
+    ]}]});
+    assert_error(
+        post_json(&url, &no_url, None),
+        400,
+        "not valid JSON for this call",
+    );
+    let gone = format!("file://{}/nothing.png", allowed.path().display());
+    assert_error(
+        post_json(&url, &chat_body("tiny-teacher", "q", &gone, 8), None),
+        400,
+        "not a file under the allowed folder",
+    );
     let no_user = serde_json::json!({ "messages": [{ "role": "system", "content": "hi" }] });
     assert_error(post_json(&url, &no_user, None), 400, "no user message");
     let ends_with_answer = serde_json::json!({ "messages": [
