@@ -234,7 +234,14 @@ fn run(shared: &(Mutex<State>, Condvar), max_batch: usize) {
             st.stats.largest_batch = st.stats.largest_batch.max(batch.len());
             batch
         };
-        let outcome = generate_batch(&batch);
+        // A panic inside the model fails its batch, not the worker: the queue behind it lives on.
+        let outcome =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| generate_batch(&batch)))
+                .unwrap_or_else(|_| {
+                    Err(crate::Error::Other(
+                        "generation panicked; see the server's log".into(),
+                    ))
+                });
         // Counters first, answers second: a client that has its answer sees it counted.
         let mut st = lock.lock().unwrap_or_else(|e| e.into_inner());
         st.stats.running = 0;

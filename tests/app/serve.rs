@@ -612,11 +612,9 @@ fn serve_figure_of_the_last_answer() {
         .contains("layer 1 of the hybrid is attention"));
 }
 
-#[test]
-fn serve_binary_and_rhai_binding() {
-    // `matrepl serve` with the default models, on a free port, until it is killed.
-    let mut child = crate::common::matrepl_command()
-        .args(["serve", "--port", "0"])
+/// Start `cmd` (a server on a free port), read the address it prints, GET `/health`, and kill it.
+fn health_of_child(mut cmd: std::process::Command) -> (u16, serde_json::Value) {
+    let mut child = cmd
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
@@ -633,13 +631,35 @@ fn serve_binary_and_rhai_binding() {
         .as_ref()
         .map(|a| get_json(&format!("http://{a}/health")));
     child.kill().unwrap();
-    child.wait().unwrap();
-    let (status, health) = health.unwrap_or_else(|| panic!("no address in {line:?}"));
+    let out = child.wait_with_output().unwrap();
+    health.unwrap_or_else(|| {
+        panic!(
+            "no address in {line:?}; stderr: {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })
+}
+
+#[test]
+fn serve_binary_and_rhai_binding() {
+    // `matrepl serve` with the default models, on a free port.
+    let mut cmd = crate::common::matrepl_command();
+    cmd.args(["serve", "--port", "0"]);
+    let (status, health) = health_of_child(cmd);
     assert_eq!(status, 200);
     assert_eq!(
         health["models"],
         serde_json::json!(["tiny-teacher", "tiny-hybrid-0.25-undistilled"])
     );
+    // The rhai binding, with models named in a map.
+    let mut cmd = crate::common::matrepl_command();
+    cmd.args([
+        "-e",
+        r#"let t = teacher(); serve(#{ models: #{ a: t, b: t.hybrid(#{ ratio: 0.5 }) }, port: 0 })"#,
+    ]);
+    let (status, health) = health_of_child(cmd);
+    assert_eq!(status, 200);
+    assert_eq!(health["models"], serde_json::json!(["a", "b"]));
 
     let out = crate::common::matrepl_command()
         .args(["serve", "--host", "0.0.0.0", "--port", "0"])

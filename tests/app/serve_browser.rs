@@ -248,8 +248,12 @@ fn serve_page_in_headless_chromium() {
     assert_eq!(answers(&b, 0), [expected(0, &q.question, &q.image)]);
     let stats = b.js("return document.querySelector('#column-0 .stats').textContent;");
     assert!(stats.as_str().unwrap().contains("tok/s"), "{stats}");
+    // Regenerate replaces the last answer (greedy: with the same text).
+    b.click("#regenerate");
+    b.wait_js("the regenerated answer", &done(0, 1));
+    assert_eq!(answers(&b, 0), [expected(0, &q.question, &q.image)]);
     // A follow-up turn in the same conversation.
-    b.type_into("#question", "Is there a square?");
+    b.type_into("#question", "Describe the image in one sentence.");
     b.click("#send");
     b.wait_js("the second answer", &done(0, 2));
     assert_eq!(answers(&b, 0).len(), 2);
@@ -300,4 +304,12 @@ fn serve_page_in_headless_chromium() {
     );
     b.screenshot(&shots.join("compare.png"));
     crate::common::check_png(&shots.join("compare.png"));
+
+    // Clear forgets the conversation and the image.
+    b.click("#clear");
+    assert_eq!(b.js("return document.querySelectorAll('.msg').length;"), 0);
+    assert_eq!(
+        b.js("return document.getElementById('preview').style.display;"),
+        "none"
+    );
 }
