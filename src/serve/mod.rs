@@ -650,6 +650,11 @@ async fn chat_completions(
 ) -> std::result::Result<Response, ApiError> {
     let arrived = Instant::now();
     let req: ChatRequest = parse_body(body, st.opts.max_body_bytes)?;
+    if req.n.is_some_and(|n| n != 1) {
+        return Err(ApiError::bad(
+            "n: this server returns one choice per request; send several requests".into(),
+        ));
+    }
     let state = st.clone();
     let model_name = req.model.clone();
     // Decoding images and tokenizing are CPU work: off the async threads.

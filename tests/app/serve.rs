@@ -174,6 +174,43 @@ fn serve_multi_turn_and_plain_text() {
     assert_eq!(status, 200, "{resp}");
     assert_eq!(resp["choices"][0]["message"]["content"], want.as_str());
 
+    // Sampling: temperature, top-p and seed as `generate` takes them.
+    let sampled = |seed: u64| {
+        let opts = GenerateOptions {
+            max_new_tokens: 32,
+            temperature: 4.0,
+            top_p: 0.98,
+            seed,
+            ..GenerateOptions::default()
+        };
+        let prompt = single_turn_prompt("Describe the image in one sentence.", true);
+        teacher
+            .generate(&prompt, Some(&q.image), &opts, &mut |_| true)
+            .unwrap()
+            .text
+    };
+    let mut texts = Vec::new();
+    for seed in [1, 2] {
+        let mut body = crate::common::chat_body(
+            "tiny-teacher",
+            "Describe the image in one sentence.",
+            &data_uri(&q.image, "image/png"),
+            32,
+        );
+        body["temperature"] = 4.0.into();
+        body["top_p"] = 0.98.into();
+        body["seed"] = seed.into();
+        let (status, _, resp) = post_json(&chat_url(&server), &body, None);
+        assert_eq!(status, 200, "{resp}");
+        let text = resp["choices"][0]["message"]["content"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        assert_eq!(text, sampled(seed), "seed {seed}");
+        texts.push(text);
+    }
+    assert_ne!(texts[0], texts[1], "two seeds, one sample");
+
     // No image: a plain text prompt; `model` left out serves the first model.
     let want = teacher
         .generate(
@@ -303,6 +340,13 @@ fn serve_errors_are_openai_shaped_and_the_server_keeps_serving() {
         post_json(&url, &bad_role, None),
         400,
         "unknown role `robot`",
+    );
+    let mut two_choices = ok.clone();
+    two_choices["n"] = 2.into();
+    assert_error(
+        post_json(&url, &two_choices, None),
+        400,
+        "one choice per request",
     );
     let mut bad_top_p = ok.clone();
     bad_top_p["top_p"] = 1.5.into();
