@@ -21,6 +21,8 @@ pub struct ChatRequest {
     pub temperature: Option<f64>,
     pub top_p: Option<f64>,
     pub seed: Option<u64>,
+    /// Strings that end the answer (not included in it).
+    pub stop: Option<Stop>,
     /// Choices per request: only 1 is served.
     pub n: Option<usize>,
     #[serde(default)]
@@ -29,6 +31,22 @@ pub struct ChatRequest {
     /// vLLM's extension: keep generating past EOS up to the token limit.
     #[serde(default)]
     pub ignore_eos: bool,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum Stop {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl Stop {
+    pub fn strings(self) -> Vec<String> {
+        match self {
+            Stop::One(s) => vec![s],
+            Stop::Many(v) => v,
+        }
+    }
 }
 
 #[derive(Debug, Deserialize)]

@@ -658,7 +658,7 @@ async fn chat_completions(
     let state = st.clone();
     let model_name = req.model.clone();
     // Decoding images and tokenizing are CPU work: off the async threads.
-    let (p, req) = tokio::task::spawn_blocking(move || {
+    let (p, mut req) = tokio::task::spawn_blocking(move || {
         prepare(&state, model_name.as_deref(), &req.messages, false).map(|p| (p, req))
     })
     .await
@@ -686,6 +686,12 @@ async fn chat_completions(
         seed: req.seed.unwrap_or(0),
         stop_at_eos: !req.ignore_eos,
     };
+    let stop = req.stop.take().map(api::Stop::strings).unwrap_or_default();
+    if stop.len() > 4 || stop.iter().any(String::is_empty) {
+        return Err(ApiError::bad(
+            "stop: at most 4 strings, none of them empty".into(),
+        ));
+    }
     let (tx, rx) = mpsc::unbounded_channel();
     let job = Job {
         model: served.vlm.clone(),
@@ -695,6 +701,7 @@ async fn chat_completions(
         prompt_tokens: p.prompt_tokens,
         max_new_tokens: opts.max_new_tokens,
         opts,
+        stop,
         events: tx,
         arrived,
     };

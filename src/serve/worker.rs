@@ -60,6 +60,8 @@ pub struct Job {
     pub prompt_tokens: usize,
     pub max_new_tokens: usize,
     pub opts: GenerateOptions,
+    /// The answer ends before the first of these (not included).
+    pub stop: Vec<String>,
     pub events: UnboundedSender<Event>,
     pub arrived: Instant,
 }
@@ -282,10 +284,48 @@ enum RowEnd {
 /// Where one row of a running batch stands.
 struct RowState {
     tokens: Vec<u32>,
+    /// The answer decoded so far.
     text: String,
+    /// Bytes of `text` sent to the client.
+    sent: usize,
     first_token: Option<Instant>,
     /// Its client is gone: its tokens are no longer decoded or sent.
     gone: bool,
+    /// It reached one of its stop strings: its answer is complete.
+    stopped: bool,
+}
+
+impl RowState {
+    /// The text that can be sent now: up to the first stop string if one has appeared (the row
+    /// is then done), else all but a tail that could still grow into a stop string.
+    fn ready(&mut self, stop: &[String]) -> String {
+        let cut = stop
+            .iter()
+            .filter(|s| !s.is_empty())
+            .filter_map(|s| self.text.find(s.as_str()))
+            .min();
+        let end = match cut {
+            Some(c) => {
+                self.stopped = true;
+                self.text.truncate(c);
+                c
+            }
+            None => {
+                let held = stop
+                    .iter()
+                    .flat_map(|s| {
+                        (1..s.len())
+                            .filter(|&k| s.is_char_boundary(k) && self.text.ends_with(&s[..k]))
+                    })
+                    .max()
+                    .unwrap_or(0);
+                self.text.len() - held
+            }
+        };
+        let piece = self.text.get(self.sent..end).unwrap_or("").to_string();
+        self.sent = self.sent.max(end);
+        piece
+    }
 }
 
 fn generate_batch(batch: &[Job]) -> crate::Result<Vec<RowEnd>> {
@@ -309,8 +349,10 @@ fn generate_batch(batch: &[Job]) -> crate::Result<Vec<RowEnd>> {
         .map(|j| RowState {
             tokens: Vec::new(),
             text: String::new(),
+            sent: 0,
             first_token: None,
             gone: j.events.is_closed(),
+            stopped: false,
         })
         .collect();
     let mut decode_error = None;
@@ -318,16 +360,15 @@ fn generate_batch(batch: &[Job]) -> crate::Result<Vec<RowEnd>> {
         let now = Instant::now();
         for t in step {
             let row = &mut rows[t.row];
-            if row.gone {
+            if row.gone || row.stopped {
                 continue;
             }
             row.first_token.get_or_insert(now);
             row.tokens.push(t.token);
             match tok.decode(&row.tokens) {
                 Ok(full) => {
-                    let full = answer_text(full);
-                    let piece = full.get(row.text.len()..).unwrap_or("").to_string();
-                    row.text = full;
+                    row.text = answer_text(full);
+                    let piece = row.ready(&batch[t.row].stop);
                     if !piece.is_empty() && batch[t.row].events.send(Event::Piece(piece)).is_err() {
                         row.gone = true;
                     }
@@ -341,8 +382,8 @@ fn generate_batch(batch: &[Job]) -> crate::Result<Vec<RowEnd>> {
         for (row, job) in rows.iter_mut().zip(batch) {
             row.gone |= job.events.is_closed();
         }
-        // Rows cannot leave a batch early; the batch stops once every client has gone.
-        !rows.iter().all(|r| r.gone)
+        // Rows cannot leave a batch early; the batch stops once every row is done.
+        !rows.iter().all(|r| r.gone || r.stopped)
     })?;
     if let Some(e) = decode_error {
         return Err(e);
@@ -355,10 +396,22 @@ fn generate_batch(batch: &[Job]) -> crate::Result<Vec<RowEnd>> {
         .map(|(((tokens, stop), job), row)| {
             // A row whose client left stops being followed, so it holds fewer tokens than the
             // batch generated for it; a single row stops the batch itself (`Callback`).
-            if stop == StopReason::Callback || (row.gone && row.tokens.len() < tokens.len()) {
+            if !row.stopped
+                && (stop == StopReason::Callback || (row.gone && row.tokens.len() < tokens.len()))
+            {
                 return RowEnd::Cancelled;
             }
-            let n = tokens.len();
+            // What was held back as a possible start of a stop string is answer after all.
+            if !row.stopped && row.sent < row.text.len() {
+                let _ = job
+                    .events
+                    .send(Event::Piece(row.text[row.sent..].to_string()));
+            }
+            let n = if row.stopped {
+                row.tokens.len()
+            } else {
+                tokens.len()
+            };
             let first = row.first_token.unwrap_or(done);
             let rest = done.duration_since(first).as_secs_f64();
             let timings = Timings {
@@ -373,7 +426,7 @@ fn generate_batch(batch: &[Job]) -> crate::Result<Vec<RowEnd>> {
                 batch_size: batch.len(),
             };
             let finish = Finish {
-                finish_reason: if stop == StopReason::Eos {
+                finish_reason: if row.stopped || stop == StopReason::Eos {
                     "stop"
                 } else {
                     "length"

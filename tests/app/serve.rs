@@ -211,6 +211,40 @@ fn serve_multi_turn_and_plain_text() {
     }
     assert_ne!(texts[0], texts[1], "two seeds, one sample");
 
+    // Stop strings end the answer before them, streamed or not; one that never comes changes
+    // nothing (the tail held back in case it starts one is sent at the end).
+    let describe = "Describe the image in one sentence.";
+    let full = expected(&models[0], describe, &q.image, 64);
+    let cut = full.find(" at").expect("a position in the description");
+    // The answer's last characters and one more: held back to the end, then sent.
+    let never = format!("{}!", &full[full.len() - 6..]);
+    for (stop, want) in [
+        (serde_json::json!(" at"), &full[..cut]),
+        (
+            serde_json::json!(["zzz", " a"]),
+            &full[..full.find(" a").unwrap()],
+        ),
+        (serde_json::json!([never]), full.as_str()),
+        (serde_json::json!(["."]), full.trim_end_matches('.')),
+    ] {
+        let mut body = crate::common::chat_body(
+            "tiny-teacher",
+            describe,
+            &data_uri(&q.image, "image/png"),
+            64,
+        );
+        body["stop"] = stop.clone();
+        let (status, _, resp) = post_json(&chat_url(&server), &body, None);
+        assert_eq!(status, 200, "{resp}");
+        assert_eq!(
+            resp["choices"][0]["message"]["content"], want,
+            "stop {stop}"
+        );
+        assert_eq!(resp["choices"][0]["finish_reason"], "stop");
+        let s = post_stream(&chat_url(&server), &body);
+        assert_eq!(s.text, want, "streamed, stop {stop}");
+    }
+
     // No image: a plain text prompt; `model` left out serves the first model.
     let want = teacher
         .generate(
