@@ -143,6 +143,12 @@ struct ServeArgs {
     /// Largest image in bytes.
     #[arg(long, value_name = "BYTES")]
     max_image_bytes: Option<usize>,
+    /// Most images in one conversation.
+    #[arg(long, value_name = "N")]
+    max_images: Option<usize>,
+    /// Completion tokens of a request that names none.
+    #[arg(long, value_name = "N")]
+    default_max_tokens: Option<usize>,
     /// Folder whose files file:// image URLs may name (default: file URLs refused).
     #[arg(long, value_name = "DIR")]
     image_dir: Option<PathBuf>,
@@ -197,8 +203,9 @@ fn serve(args: ServeArgs) -> Result<(), Failure> {
         max_batch: args.max_batch.unwrap_or(d.max_batch),
         max_body_bytes: args.max_body_bytes.unwrap_or(d.max_body_bytes),
         max_image_bytes: args.max_image_bytes.unwrap_or(d.max_image_bytes),
+        max_images: args.max_images.unwrap_or(d.max_images),
+        default_max_tokens: args.default_max_tokens.unwrap_or(d.default_max_tokens),
         image_dir: args.image_dir,
-        ..d
     };
     matvlm::serve::load_and_serve(&args.models, &device, dtype, opts, &cancel).map_err(usage)
 }

@@ -249,7 +249,7 @@ impl Server {
         self.state.workers.iter().for_each(Worker::resume);
     }
 
-    /// The first worker's counters (the ones `/health` shows).
+    /// Each worker's counters, one worker per device (what `/health` shows).
     pub fn stats(&self) -> Vec<worker::WorkerStats> {
         self.state.workers.iter().map(Worker::stats).collect()
     }
@@ -420,6 +420,10 @@ fn router(state: Arc<AppState>) -> Router {
         .merge(api)
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(state.opts.max_body_bytes))
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            announced_length,
+        ))
         .layer(middleware::from_fn_with_state(state.clone(), cors))
         .with_state(state)
 }
@@ -559,6 +563,24 @@ async fn require_key(State(st): State<Arc<AppState>>, req: Request, next: Next) 
         }
     }
     next.run(req).await
+}
+
+/// A body announced larger than the limit is refused before any of it is read, so that a client
+/// waiting on `Expect: 100-continue` gets the 413 instead of an invitation to send it.
+async fn announced_length(State(st): State<Arc<AppState>>, req: Request, next: Next) -> Response {
+    let announced = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    match announced {
+        Some(n) if n > st.opts.max_body_bytes as u64 => ApiError::too_large(format!(
+            "the request body is {n} bytes, larger than this server's limit of {} bytes",
+            st.opts.max_body_bytes
+        ))
+        .into_response(),
+        _ => next.run(req).await,
+    }
 }
 
 async fn cors(State(st): State<Arc<AppState>>, req: Request, next: Next) -> Response {

@@ -271,6 +271,43 @@ fn assert_error(got: (u16, Option<String>, serde_json::Value), status: u16, need
     assert!(body["error"]["type"].is_string(), "{body}");
 }
 
+/// POST a body with `Expect: 100-continue`, sending it only if the server asks for it (as curl
+/// does for large bodies). A server that refuses a body by its announced length answers
+/// without reading it; a client that sends it anyway may find the connection closed under it.
+fn post_expecting_continue(
+    addr: std::net::SocketAddr,
+    body: &str,
+) -> (u16, Option<String>, serde_json::Value) {
+    let mut sock = std::net::TcpStream::connect(addr).unwrap();
+    sock.set_read_timeout(Some(LONG)).unwrap();
+    write!(
+        sock,
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\nExpect: 100-continue\r\nConnection: close\r\n\r\n",
+        body.len()
+    )
+    .unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        assert_eq!(sock.read(&mut byte).unwrap(), 1, "the server closed early");
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8(head).unwrap();
+    assert!(
+        !head.starts_with("HTTP/1.1 100"),
+        "the server asked for a body it cannot take: {head}"
+    );
+    let status: u16 = head[9..12].parse().unwrap();
+    let mut rest = String::new();
+    sock.read_to_string(&mut rest).unwrap();
+    (
+        status,
+        None,
+        serde_json::from_str(&rest).unwrap_or(serde_json::Value::Null),
+    )
+}
+
 #[test]
 fn serve_errors_are_openai_shaped_and_the_server_keeps_serving() {
     let dir = tempfile::tempdir().unwrap();
@@ -387,9 +424,9 @@ fn serve_errors_are_openai_shaped_and_the_server_keeps_serving() {
     assert_error(post_json(&url, &bad_top_p, None), 400, "top_p");
     // Body and image limits: 413.
     let huge = "x".repeat(100 << 10);
-    let big_body = chat_body("tiny-teacher", &huge, &uri, 8);
+    let big_body = chat_body("tiny-teacher", &huge, &uri, 8).to_string();
     assert_error(
-        post_json(&url, &big_body, None),
+        post_expecting_continue(server.addr, &big_body),
         413,
         "limit of 65536 bytes",
     );
