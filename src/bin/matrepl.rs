@@ -137,6 +137,10 @@ struct ServeArgs {
     /// Most requests generated together as one batch.
     #[arg(long, value_name = "N")]
     max_batch: Option<usize>,
+    /// Most models generating at the same time (each its own batch; compare mode needs 2 to
+    /// stream both answers together).
+    #[arg(long, value_name = "N")]
+    max_models_at_once: Option<usize>,
     /// Largest request body in bytes.
     #[arg(long, value_name = "BYTES")]
     max_body_bytes: Option<usize>,
@@ -201,6 +205,7 @@ fn serve(args: ServeArgs) -> Result<(), Failure> {
         cors: args.cors,
         queue: args.queue.unwrap_or(d.queue),
         max_batch: args.max_batch.unwrap_or(d.max_batch),
+        max_models_at_once: args.max_models_at_once.unwrap_or(d.max_models_at_once),
         max_body_bytes: args.max_body_bytes.unwrap_or(d.max_body_bytes),
         max_image_bytes: args.max_image_bytes.unwrap_or(d.max_image_bytes),
         max_images: args.max_images.unwrap_or(d.max_images),

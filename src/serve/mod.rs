@@ -62,6 +62,8 @@ pub struct ServeOptions {
     pub queue: usize,
     /// Most requests generated together in one batch.
     pub max_batch: usize,
+    /// Most models generating at the same time on one device (each its own batch).
+    pub max_models_at_once: usize,
     /// Largest request body in bytes (413 above it).
     pub max_body_bytes: usize,
     /// Largest image in bytes, encoded (413 above it).
@@ -83,6 +85,7 @@ impl Default for ServeOptions {
             cors: false,
             queue: 64,
             max_batch: 8,
+            max_models_at_once: 2,
             max_body_bytes: 8 << 20,
             max_image_bytes: 4 << 20,
             max_images: 1,
@@ -361,7 +364,13 @@ fn app_state(models: Vec<ServedModel>, opts: ServeOptions) -> Result<AppState> {
             None => {
                 let w = workers.len();
                 workers.push(
-                    Worker::start(&location, opts.queue, opts.max_batch).map_err(|e| {
+                    Worker::start(
+                        &location,
+                        opts.queue,
+                        opts.max_batch,
+                        opts.max_models_at_once,
+                    )
+                    .map_err(|e| {
                         Error::Other(format!("cannot start the worker for {location}: {e}"))
                     })?,
                 );

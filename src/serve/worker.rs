@@ -1,6 +1,7 @@
-//! The generation worker: one thread per device, fed by a bounded queue. Jobs of the same model
-//! with the same sampling settings are generated together as one left-padded batch; each row
-//! streams its own text pieces back to its request.
+//! The generation worker: one per device, fed by a bounded queue. Jobs of the same model with the
+//! same sampling settings are generated together as one left-padded batch; batches of different
+//! models waiting at the same time run side by side; each row streams its own text pieces back
+//! to its request.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Condvar, Mutex};
@@ -100,6 +101,8 @@ pub struct WorkerStats {
     pub batches: u64,
     /// The largest batch generated so far.
     pub largest_batch: usize,
+    /// The most batches (of different models) generated at the same time so far.
+    pub most_models_at_once: usize,
 }
 
 struct State {
@@ -124,9 +127,14 @@ pub enum Refused {
 }
 
 impl Worker {
-    /// Start a worker thread named `name` with a queue of `capacity` waiting jobs, generating at
-    /// most `max_batch` rows at once.
-    pub fn start(name: &str, capacity: usize, max_batch: usize) -> std::io::Result<Self> {
+    /// Start a worker thread named `name` with a queue of `capacity` waiting jobs, generating
+    /// batches of at most `max_batch` rows, for up to `max_models` models at the same time.
+    pub fn start(
+        name: &str,
+        capacity: usize,
+        max_batch: usize,
+        max_models: usize,
+    ) -> std::io::Result<Self> {
         let shared = Arc::new((
             Mutex::new(State {
                 queue: VecDeque::new(),
@@ -138,9 +146,10 @@ impl Worker {
         ));
         let inner = shared.clone();
         let max_batch = max_batch.max(1);
+        let max_models = max_models.max(1);
         let thread = std::thread::Builder::new()
             .name(format!("serve-{name}"))
-            .spawn(move || run(&inner, max_batch))?;
+            .spawn(move || run(&inner, max_batch, max_models))?;
         Ok(Self {
             shared,
             capacity,
@@ -208,10 +217,26 @@ impl Worker {
     }
 }
 
-fn run(shared: &(Mutex<State>, Condvar), max_batch: usize) {
+/// Take the job at `index` and up to `max_batch - 1` queued jobs that can share its batch.
+fn take_batch(queue: &mut VecDeque<Job>, index: usize, max_batch: usize) -> Vec<Job> {
+    let first = queue.remove(index).expect("index in range");
+    let key = first.batch_key();
+    let mut batch = vec![first];
+    let mut i = 0;
+    while i < queue.len() && batch.len() < max_batch {
+        if queue[i].batch_key() == key {
+            batch.push(queue.remove(i).expect("index in range"));
+        } else {
+            i += 1;
+        }
+    }
+    batch
+}
+
+fn run(shared: &(Mutex<State>, Condvar), max_batch: usize, max_models: usize) {
     let (lock, cv) = shared;
     loop {
-        let batch = {
+        let batches = {
             let mut st = lock.lock().unwrap_or_else(|e| e.into_inner());
             while !st.shutdown && (st.paused || st.queue.is_empty()) {
                 st = cv.wait(st).unwrap_or_else(|e| e.into_inner());
@@ -219,60 +244,82 @@ fn run(shared: &(Mutex<State>, Condvar), max_batch: usize) {
             if st.shutdown {
                 return;
             }
-            let first = st.queue.pop_front().expect("the queue is not empty");
-            let key = first.batch_key();
-            let mut batch = vec![first];
-            let mut i = 0;
-            while i < st.queue.len() && batch.len() < max_batch {
-                if st.queue[i].batch_key() == key {
-                    batch.push(st.queue.remove(i).expect("index in range"));
-                } else {
-                    i += 1;
+            let mut batches = vec![take_batch(&mut st.queue, 0, max_batch)];
+            // Batches of other models waiting now run beside the first (compare mode streams a
+            // teacher and a hybrid together instead of one after the other).
+            while batches.len() < max_models {
+                let busy: Vec<usize> = batches.iter().map(|b| b[0].model_index).collect();
+                match st.queue.iter().position(|j| !busy.contains(&j.model_index)) {
+                    Some(i) => batches.push(take_batch(&mut st.queue, i, max_batch)),
+                    None => break,
                 }
             }
             st.stats.queued = st.queue.len();
-            st.stats.running = batch.len();
-            st.stats.batches += 1;
-            st.stats.largest_batch = st.stats.largest_batch.max(batch.len());
-            batch
+            st.stats.running = batches.iter().map(Vec::len).sum();
+            st.stats.batches += batches.len() as u64;
+            st.stats.largest_batch = batches
+                .iter()
+                .map(Vec::len)
+                .fold(st.stats.largest_batch, usize::max);
+            st.stats.most_models_at_once = st.stats.most_models_at_once.max(batches.len());
+            batches
         };
-        // A panic inside the model fails its batch, not the worker: the queue behind it lives on.
-        let outcome =
-            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| generate_batch(&batch)))
-                .unwrap_or_else(|_| {
-                    Err(crate::Error::Other(
-                        "generation panicked; see the server's log".into(),
-                    ))
-                });
+        let outcomes: Vec<crate::Result<Vec<RowEnd>>> = if batches.len() == 1 {
+            vec![guarded(&batches[0])]
+        } else {
+            std::thread::scope(|scope| {
+                let handles: Vec<_> = batches
+                    .iter()
+                    .map(|b| scope.spawn(move || guarded(b)))
+                    .collect();
+                handles
+                    .into_iter()
+                    .map(|h| h.join().unwrap_or_else(|_| Err(panicked())))
+                    .collect()
+            })
+        };
         // Counters first, answers second: a client that has its answer sees it counted.
         let mut st = lock.lock().unwrap_or_else(|e| e.into_inner());
         st.stats.running = 0;
-        match outcome {
-            Ok(rows) => {
-                let mut done = Vec::new();
-                for (row, job) in rows.into_iter().zip(&batch) {
-                    match row {
-                        RowEnd::Completed(finish) => {
-                            st.stats.completed += 1;
-                            done.push((job, finish));
+        let mut done = Vec::new();
+        let mut failed = Vec::new();
+        for (outcome, batch) in outcomes.into_iter().zip(&batches) {
+            match outcome {
+                Ok(rows) => {
+                    for (row, job) in rows.into_iter().zip(batch) {
+                        match row {
+                            RowEnd::Completed(finish) => {
+                                st.stats.completed += 1;
+                                done.push((job, finish));
+                            }
+                            RowEnd::Cancelled => st.stats.cancelled += 1,
                         }
-                        RowEnd::Cancelled => st.stats.cancelled += 1,
                     }
                 }
-                drop(st);
-                for (job, finish) in done {
-                    let _ = job.events.send(Event::Done(finish));
-                }
-            }
-            Err(e) => {
-                st.stats.failed += batch.len() as u64;
-                drop(st);
-                for job in &batch {
-                    let _ = job.events.send(Event::Error(e.to_string()));
+                Err(e) => {
+                    st.stats.failed += batch.len() as u64;
+                    failed.extend(batch.iter().map(|job| (job, e.to_string())));
                 }
             }
         }
+        drop(st);
+        for (job, finish) in done {
+            let _ = job.events.send(Event::Done(finish));
+        }
+        for (job, e) in failed {
+            let _ = job.events.send(Event::Error(e));
+        }
     }
+}
+
+/// A panic inside the model fails its batch, not the worker: the queue behind it lives on.
+fn guarded(batch: &[Job]) -> crate::Result<Vec<RowEnd>> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| generate_batch(batch)))
+        .unwrap_or_else(|_| Err(panicked()))
+}
+
+fn panicked() -> crate::Error {
+    crate::Error::Other("generation panicked; see the server's log".into())
 }
 
 enum RowEnd {

@@ -543,7 +543,38 @@ fn serve_sixteen_streaming_clients_batched() {
     let stats = &server.stats()[0];
     assert_eq!(stats.completed, 16);
     assert_eq!(stats.largest_batch, 16);
-    assert_eq!(stats.batches, 1);
+    assert_eq!((stats.batches, stats.most_models_at_once), (1, 1));
+}
+
+#[test]
+fn serve_two_models_generate_side_by_side() {
+    let dir = tempfile::tempdir().unwrap();
+    let q = &world_questions(dir.path(), 1)[0];
+    let models = served_tiny_models();
+    let server = start(ServeOptions::default());
+    let url = chat_url(&server);
+    let describe = "Describe the image in one sentence.";
+    server.pause();
+    let clients: Vec<_> = models
+        .iter()
+        .map(|m| {
+            let body = chat_body(&m.id, describe, &data_uri(&q.image, "image/png"), 32);
+            let url = url.clone();
+            std::thread::spawn(move || post_stream(&url, &body))
+        })
+        .collect();
+    wait_for("both requests queued", LONG, || {
+        server.stats()[0].queued == 2
+    });
+    server.resume();
+    for (client, m) in clients.into_iter().zip(&models) {
+        let got = client.join().unwrap();
+        assert!(got.done);
+        assert_eq!(got.text, expected(m, describe, &q.image, 32), "{}", m.id);
+    }
+    let stats = &server.stats()[0];
+    assert_eq!((stats.completed, stats.batches), (2, 2));
+    assert_eq!(stats.most_models_at_once, 2);
 }
 
 #[test]
