@@ -55,8 +55,8 @@ pub mod api {
     use super::*;
 
     /// `serve(#{ models: [teacher, hybrid], port: 8080, host: "127.0.0.1", api_key, cors,
-    /// queue: 64, max_batch: 8, max_body_bytes, max_image_bytes, max_images: 1,
-    /// default_max_tokens: 128, image_dir })`: serve the web chat (`/`) and the
+    /// queue: 64, max_batch: 8, max_models_at_once: 2, max_body_bytes, max_image_bytes,
+    /// max_images: 1, default_max_tokens: 128, image_dir })`: serve the web chat (`/`) and the
     /// OpenAI-compatible API (`/v1/chat/completions`, `/v1/models`, `/health`) until Ctrl-C.
     /// `models`: Models, checkpoint paths or hub ids (or a map naming each); left out, the
     /// embedded tiny teacher and its 0.25 hybrid. Binding another host than 127.0.0.1 needs an
