@@ -25,6 +25,8 @@ pub mod repl;
 #[cfg(feature = "app")]
 pub mod script;
 pub mod search;
+#[cfg(feature = "app")]
+pub mod serve;
 pub mod teacher;
 pub mod tokenize;
 pub mod train;

@@ -6,6 +6,7 @@
 //! matrepl -e 'teacher().layers()'           # evaluate, print, exit
 //! matrepl --device cuda:0 --dtype bf16 ...  # where and how models are loaded
 //! matrepl --threads 1 scripts/train_0.25.rhai   # CPU threads for tensor operations
+//! matrepl serve [--model DIR]... [--port 8080]   # web chat + OpenAI-compatible server
 //! ```
 //!
 //! A failing script prints `file:line:col: message` for where the error was raised (inside an
@@ -22,7 +23,7 @@ use std::process::ExitCode;
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-use clap::Parser;
+use clap::{Args, Parser, Subcommand};
 use rhai::{EvalAltResult, Scope};
 
 use matvlm::repl::{self, format_error, Repl};
@@ -35,9 +36,13 @@ use matvlm::script::{self, display_value, Session};
     about = "The matvlm REPL and script runner",
     after_help = "Options go before FILE; everything after FILE is the script's own \
                   `--name value` arguments (ints, floats, bools or strings), which the script \
-                  sees as variables and in the map ARGS."
+                  sees as variables and in the map ARGS.",
+    args_conflicts_with_subcommands = true
 )]
 struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+
     /// Evaluate CODE, print its value (unless it is ()) and exit.
     #[arg(
         short = 'e',
@@ -94,6 +99,65 @@ struct Cli {
     args: Vec<String>,
 }
 
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Serve a web chat (GET /) and an OpenAI-compatible API (POST /v1/chat/completions,
+    /// GET /v1/models, GET /health) until Ctrl-C.
+    Serve(ServeArgs),
+}
+
+#[derive(Args, Debug)]
+struct ServeArgs {
+    /// A checkpoint folder or hub id to serve (repeat for several; served under this name).
+    /// Default: the embedded tiny teacher and its 0.25 hybrid (the distilled one in
+    /// runs/train_0.25/model if there is one, else built from the teacher now).
+    #[arg(long = "model", value_name = "PATH_OR_HUB_ID")]
+    models: Vec<String>,
+    /// Address to bind; anything but a loopback address needs --api-key.
+    #[arg(long, default_value = "127.0.0.1")]
+    host: String,
+    /// Port (0: any free port; the address is printed).
+    #[arg(long, default_value_t = 8080)]
+    port: u16,
+    /// Device for the models: cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// Dtype for the models: f32, bf16 or f16.
+    #[arg(long, default_value = "f32")]
+    dtype: String,
+    /// Bearer token the API requires (default: $MATVLM_API_KEY; none: no key on loopback).
+    #[arg(long, value_name = "KEY")]
+    api_key: Option<String>,
+    /// Answer cross-origin requests (Access-Control-Allow-Origin: *).
+    #[arg(long)]
+    cors: bool,
+    /// Requests that may wait for the worker before new ones get 429.
+    #[arg(long, value_name = "N")]
+    queue: Option<usize>,
+    /// Most requests generated together as one batch.
+    #[arg(long, value_name = "N")]
+    max_batch: Option<usize>,
+    /// Most models generating at the same time (each its own batch; compare mode needs 2 to
+    /// stream both answers together).
+    #[arg(long, value_name = "N")]
+    max_models_at_once: Option<usize>,
+    /// Largest request body in bytes.
+    #[arg(long, value_name = "BYTES")]
+    max_body_bytes: Option<usize>,
+    /// Largest image in bytes.
+    #[arg(long, value_name = "BYTES")]
+    max_image_bytes: Option<usize>,
+    /// Most images in one conversation.
+    #[arg(long, value_name = "N")]
+    max_images: Option<usize>,
+    /// Completion tokens of a request that names none.
+    #[arg(long, value_name = "N")]
+    default_max_tokens: Option<usize>,
+    /// Folder whose files file:// image URLs may name (default: file URLs refused).
+    #[arg(long, value_name = "DIR")]
+    image_dir: Option<PathBuf>,
+}
+
 /// Why the program stops early.
 enum Failure {
     /// Bad arguments or setup (exit 2).
@@ -128,6 +192,29 @@ fn main() -> ExitCode {
     }
 }
 
+fn serve(args: ServeArgs) -> Result<(), Failure> {
+    let usage = |e: matvlm::Error| Failure::Usage(e.to_string());
+    let device = script::parse_device(&args.device).map_err(usage)?;
+    let dtype = script::parse_dtype(&args.dtype).map_err(usage)?;
+    let cancel = matvlm::train::ctrlc_flag().map_err(usage)?;
+    let d = matvlm::serve::ServeOptions::default();
+    let opts = matvlm::serve::ServeOptions {
+        host: args.host,
+        port: args.port,
+        api_key: args.api_key,
+        cors: args.cors,
+        queue: args.queue.unwrap_or(d.queue),
+        max_batch: args.max_batch.unwrap_or(d.max_batch),
+        max_models_at_once: args.max_models_at_once.unwrap_or(d.max_models_at_once),
+        max_body_bytes: args.max_body_bytes.unwrap_or(d.max_body_bytes),
+        max_image_bytes: args.max_image_bytes.unwrap_or(d.max_image_bytes),
+        max_images: args.max_images.unwrap_or(d.max_images),
+        default_max_tokens: args.default_max_tokens.unwrap_or(d.default_max_tokens),
+        image_dir: args.image_dir,
+    };
+    matvlm::serve::load_and_serve(&args.models, &device, dtype, opts, &cancel).map_err(usage)
+}
+
 fn script_failure(source: &str, err: &EvalAltResult) -> Failure {
     Failure::Script {
         message: format_error(source, err),
@@ -137,6 +224,9 @@ fn script_failure(source: &str, err: &EvalAltResult) -> Failure {
 
 fn run(cli: Cli) -> Result<(), Failure> {
     let usage = |e: matvlm::Error| Failure::Usage(e.to_string());
+    if let Some(Command::Serve(args)) = cli.command {
+        return serve(args);
+    }
     // The one place the kernel switches are read (`MATVLM_MAMBA2_KERNELS=0`, `MATVLM_MAMBA2_TC=0`).
     matvlm::model::mamba2::fused::set_policy(matvlm::model::mamba2::fused::KernelPolicy::from_env());
     let device = script::parse_device(&cli.device).map_err(usage)?;

@@ -8,7 +8,7 @@
 //! * One plugin module per area of the library: [`model`] (load, inspect, run, save models),
 //!   [`tensor`] (the `Tensor` type), [`data`] (data sets), [`train`] (distillation, training,
 //!   evaluation and the `Run` type), [`io`] (files, stdin, number formatting), [`viz`] (figures
-//!   to PNG/SVG files, model comparisons).
+//!   to PNG/SVG files, model comparisons), [`serve`] (the web chat and OpenAI-compatible server).
 //!   Adding a binding is one documented `pub fn` in the right module; its `///` comment is what
 //!   the REPL's `:help` shows.
 //! * [`run_file`], [`parse_script_args`], [`parse_device`], [`parse_dtype`]: what `matrepl` needs
@@ -20,6 +20,7 @@ pub mod convert;
 pub mod data;
 pub mod io;
 pub mod model;
+pub mod serve;
 pub mod tensor;
 pub mod train;
 pub mod viz;
@@ -144,6 +145,7 @@ pub fn engine(session: &Session) -> Engine {
     engine.register_global_module(rhai::exported_module!(io::api).into());
     engine.register_global_module(rhai::exported_module!(train::api).into());
     engine.register_global_module(rhai::exported_module!(viz::api).into());
+    engine.register_global_module(rhai::exported_module!(serve::api).into());
     let cancel = session.cancel.clone();
     engine.on_progress(move |_| {
         cancel

@@ -245,3 +245,177 @@ pub fn matrepl_command() -> Command {
     );
     cmd
 }
+
+// ---------------------------------------------------------------------------------------------
+// `matrepl serve`: models, questions and an HTTP client for the server tests.
+
+/// The embedded tiny teacher (f32, CPU) and its 0.25 hybrid initialised from attention, as the
+/// server serves them: `tiny-teacher` and `tiny-hybrid`.
+pub fn served_tiny_models() -> Vec<matvlm::serve::ServedModel> {
+    use std::sync::Arc;
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/tiny-teacher");
+    let teacher =
+        matvlm::model::vlm::Vlm::load(dir.to_str().unwrap(), DType::F32, &Device::Cpu).unwrap();
+    let hybrid = teacher
+        .hybrid(&matvlm::model::hybrid::HybridSpec::ratio(0.25))
+        .unwrap();
+    vec![
+        matvlm::serve::ServedModel::new("tiny-teacher", Arc::new(teacher)),
+        matvlm::serve::ServedModel::new("tiny-hybrid", Arc::new(hybrid)),
+    ]
+}
+
+/// A question about an image of the synthetic world.
+#[derive(Debug, Clone)]
+pub struct WorldQuestion {
+    pub question: String,
+    pub image: PathBuf,
+    /// The world's reference answer.
+    pub answer: String,
+}
+
+/// `n` test questions of a small generated world (in `dir`), each about its own image.
+pub fn world_questions(dir: &Path, n: usize) -> Vec<WorldQuestion> {
+    small_world(dir, 7, (1, 1, n));
+    let text = std::fs::read_to_string(dir.join("test.json")).unwrap();
+    let records: Vec<matvlm::data::WorldRecord> = serde_json::from_str(&text).unwrap();
+    records
+        .iter()
+        .take(n)
+        .map(|r| WorldQuestion {
+            question: r.question().to_string(),
+            image: dir.join(&r.image),
+            answer: r.answer().to_string(),
+        })
+        .collect()
+}
+
+/// A file as a `data:` URI (base64).
+pub fn data_uri(path: &Path, mime: &str) -> String {
+    use base64::Engine as _;
+    let bytes = std::fs::read(path).unwrap();
+    format!(
+        "data:{mime};base64,{}",
+        base64::engine::general_purpose::STANDARD.encode(bytes)
+    )
+}
+
+/// A chat request body asking `question` about the image at `image_url`.
+pub fn chat_body(
+    model: &str,
+    question: &str,
+    image_url: &str,
+    max_tokens: usize,
+) -> serde_json::Value {
+    serde_json::json!({
+        "model": model,
+        "messages": [{
+            "role": "user",
+            "content": [
+                { "type": "image_url", "image_url": { "url": image_url } },
+                { "type": "text", "text": question },
+            ],
+        }],
+        "max_tokens": max_tokens,
+    })
+}
+
+/// POST `body` as JSON to `url`: the status, the `Retry-After` header and the body as JSON
+/// (`Null` when it is not JSON).
+pub fn post_json(
+    url: &str,
+    body: &serde_json::Value,
+    key: Option<&str>,
+) -> (u16, Option<String>, serde_json::Value) {
+    post_raw(url, &body.to_string(), key)
+}
+
+pub fn post_raw(
+    url: &str,
+    body: &str,
+    key: Option<&str>,
+) -> (u16, Option<String>, serde_json::Value) {
+    let mut req = ureq::post(url)
+        .timeout(std::time::Duration::from_secs(300))
+        .set("Content-Type", "application/json");
+    if let Some(k) = key {
+        req = req.set("Authorization", &format!("Bearer {k}"));
+    }
+    let resp = match req.send_string(body) {
+        Ok(r) => r,
+        Err(ureq::Error::Status(_, r)) => r,
+        Err(e) => panic!("POST {url}: {e}"),
+    };
+    let status = resp.status();
+    let retry = resp.header("Retry-After").map(str::to_string);
+    let text = resp.into_string().unwrap();
+    (
+        status,
+        retry,
+        serde_json::from_str(&text).unwrap_or(serde_json::Value::Null),
+    )
+}
+
+pub fn get_json(url: &str) -> (u16, serde_json::Value) {
+    let resp = match ureq::get(url)
+        .timeout(std::time::Duration::from_secs(60))
+        .call()
+    {
+        Ok(r) => r,
+        Err(ureq::Error::Status(_, r)) => r,
+        Err(e) => panic!("GET {url}: {e}"),
+    };
+    let status = resp.status();
+    (status, resp.into_json().unwrap_or(serde_json::Value::Null))
+}
+
+/// A streamed chat completion: the text of its deltas in order, its chunks, and whether the
+/// stream ended with `data: [DONE]`.
+pub struct Streamed {
+    pub text: String,
+    pub chunks: Vec<serde_json::Value>,
+    pub done: bool,
+}
+
+pub fn post_stream(url: &str, body: &serde_json::Value) -> Streamed {
+    use std::io::BufRead;
+    let mut body = body.clone();
+    body["stream"] = serde_json::Value::Bool(true);
+    let resp = ureq::post(url)
+        .timeout(std::time::Duration::from_secs(300))
+        .send_json(body)
+        .unwrap_or_else(|e| panic!("POST {url} (stream): {e}"));
+    assert_eq!(resp.content_type(), "text/event-stream");
+    let mut out = Streamed {
+        text: String::new(),
+        chunks: Vec::new(),
+        done: false,
+    };
+    for line in std::io::BufReader::new(resp.into_reader()).lines() {
+        let line = line.unwrap();
+        let Some(data) = line.strip_prefix("data: ") else {
+            assert!(line.is_empty(), "not an event line: {line:?}");
+            continue;
+        };
+        assert!(!out.done, "data after [DONE]: {data}");
+        if data == "[DONE]" {
+            out.done = true;
+            continue;
+        }
+        let chunk: serde_json::Value = serde_json::from_str(data).unwrap();
+        if let Some(piece) = chunk["choices"][0]["delta"]["content"].as_str() {
+            out.text.push_str(piece);
+        }
+        out.chunks.push(chunk);
+    }
+    out
+}
+
+/// Wait until `cond` holds, checking every 20 ms, for at most `timeout`; panics naming `what`.
+pub fn wait_for(what: &str, timeout: std::time::Duration, mut cond: impl FnMut() -> bool) {
+    let start = std::time::Instant::now();
+    while !cond() {
+        assert!(start.elapsed() < timeout, "timed out waiting for {what}");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
