@@ -127,7 +127,13 @@ fn completion_offers_functions_methods_variables_and_commands() {
     let mut c = r.completer();
     // Methods of the variable's own type, completed as calls: `()` when no overload takes more
     // than the receiver, an open `(` when one does.
-    assert_eq!(c.complete("m.la", 4), (2, vec!["layers()".to_string()]));
+    // (`m.la` would also offer `layer_sensitivity(`: a function whose first argument is a model
+    // is a method of models too.)
+    assert_eq!(c.complete("m.layers", 8), (2, vec!["layers()".to_string()]));
+    assert!(c
+        .complete("m.la", 4)
+        .1
+        .contains(&"layer_sensitivity(".to_string()));
     let (_, model_methods) = c.complete("m.", 2);
     assert!(model_methods.contains(&"generate(".to_string()));
     assert!(
@@ -137,9 +143,9 @@ fn completion_offers_functions_methods_variables_and_commands() {
     let (_, tensor_methods) = c.complete("t.so", 4);
     assert_eq!(tensor_methods, ["softmax("]);
     // Already followed by its parenthesis: the name alone.
-    assert_eq!(c.complete("m.la()", 4), (2, vec!["layers".to_string()]));
+    assert_eq!(c.complete("m.layers()", 8), (2, vec!["layers".to_string()]));
     // The completed entry runs (a bare `m.layers` is an unknown property).
-    let completed = format!("m.{}.len()", c.complete("m.la", 4).1[0]);
+    let completed = format!("m.{}.len()", c.complete("m.layers", 8).1[0]);
     assert_eq!(output(r.handle(&completed)), "4");
     assert!(error(r.handle("m.layers")).contains("layers"));
     // Properties (getters) complete without parentheses.

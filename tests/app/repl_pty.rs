@@ -50,8 +50,8 @@ fn completion_multi_line_caret_and_ctrl_c_on_a_terminal() {
         &format!("({teacher:?}); m.layers().len() * 1001"),
         "4004",
     );
-    // A method completes as a call: typed `m.lay`, the line runs as `m.layers()`.
-    p.send("m.lay").unwrap();
+    // A method completes as a call: typed `m.layers`, the line runs as `m.layers()`.
+    p.send("m.layers").unwrap();
     p.send("\t").unwrap();
     p.flush().unwrap();
     p.exp_string("layers()").unwrap();
