@@ -137,6 +137,20 @@ pub struct PromptIds<'a> {
     pub max_new_tokens: Option<usize>,
 }
 
+impl<'a> PromptIds<'a> {
+    /// The rows of a batch: prompt `i` is `ids[i]` with `pixels[i]`, at the batch's token limit.
+    pub fn rows(ids: &'a [Vec<i64>], pixels: &'a [Option<Tensor>]) -> Vec<PromptIds<'a>> {
+        ids.iter()
+            .zip(pixels)
+            .map(|(ids, px)| PromptIds {
+                ids,
+                pixel_values: px.as_ref(),
+                max_new_tokens: None,
+            })
+            .collect()
+    }
+}
+
 /// A token a row produced in one step, handed to the streaming callback.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RowToken {
@@ -338,16 +352,7 @@ impl Vlm {
                 None => None,
             });
         }
-        let rows: Vec<PromptIds> = ids
-            .iter()
-            .zip(&pixels)
-            .map(|(ids, px)| PromptIds {
-                ids,
-                pixel_values: px.as_ref(),
-                max_new_tokens: None,
-            })
-            .collect();
-        let out = self.generate_ids_batch(&rows, opts, &mut |_| true)?;
+        let out = self.generate_ids_batch(&PromptIds::rows(&ids, &pixels), opts, &mut |_| true)?;
         out.into_iter()
             .zip(prompts)
             .zip(&ids)

@@ -220,15 +220,7 @@ pub fn evaluate(vlm: &Vlm, dataset: &Dataset, opts: &EvalOptions) -> Result<Eval
                         None => None,
                     });
                 }
-                let prompts: Vec<PromptIds> = ids
-                    .iter()
-                    .zip(&pixels)
-                    .map(|(ids, px)| PromptIds {
-                        ids,
-                        pixel_values: px.as_ref(),
-                        max_new_tokens: None,
-                    })
-                    .collect();
+                let prompts = PromptIds::rows(&ids, &pixels);
                 let outs = vlm.generate_ids_batch(&prompts, &gen, &mut |_| true)?;
                 for (&i, (out, _)) in chunk.iter().zip(outs) {
                     let rec = &dataset.records[i];

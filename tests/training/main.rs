@@ -2,8 +2,8 @@
 //!
 //! - `train`: the trainer (AdamW and schedules against torch / transformers, the loop, resume);
 //! - `supervised`: supervised training and evaluation of a reduced teacher;
-//! - `distill`: the distillation losses (against independent computations) and the
-//!   distillation mode of the trainer;
+//! - `distill`: the distillation losses against independent computations;
+//! - `distill_mode`: the distillation mode of the trainer;
 //! - `search`: the placement search (per-layer scores, greedy pick, refinement, resume);
 //! - `data`: the LLaVA loader, the resumable batch loader and the synthetic world.
 
@@ -12,6 +12,7 @@ mod common;
 
 mod data;
 mod distill;
+mod distill_mode;
 mod search;
 mod supervised;
 mod train;
