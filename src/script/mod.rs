@@ -8,7 +8,8 @@
 //! * One plugin module per area of the library: [`model`] (load, inspect, run, save models),
 //!   [`tensor`] (the `Tensor` type), [`data`] (data sets), [`train`] (distillation, training,
 //!   evaluation and the `Run` type), [`io`] (files, stdin, number formatting), [`viz`] (figures
-//!   to PNG/SVG files, model comparisons), [`serve`] (the web chat and OpenAI-compatible server).
+//!   to PNG/SVG files, model comparisons), [`serve`] (the web chat and OpenAI-compatible server),
+//!   [`bench`] (the standard VLM benchmarks in their released layouts).
 //!   Adding a binding is one documented `pub fn` in the right module; its `///` comment is what
 //!   the REPL's `:help` shows.
 //! * [`run_file`], [`parse_script_args`], [`parse_device`], [`parse_dtype`]: what `matrepl` needs
@@ -16,6 +17,7 @@
 //!
 //! Errors from the library come back as rhai runtime errors; rhai adds the position of the call.
 
+pub mod bench;
 pub mod convert;
 pub mod data;
 pub mod io;
@@ -146,6 +148,7 @@ pub fn engine(session: &Session) -> Engine {
     engine.register_global_module(rhai::exported_module!(train::api).into());
     engine.register_global_module(rhai::exported_module!(viz::api).into());
     engine.register_global_module(rhai::exported_module!(serve::api).into());
+    engine.register_global_module(rhai::exported_module!(bench::api).into());
     let cancel = session.cancel.clone();
     engine.on_progress(move |_| {
         cancel

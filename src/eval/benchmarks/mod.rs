@@ -12,7 +12,11 @@
 //! * Multiple choice, ScienceQA / MMBench style ([`read_choice_jsonl`], [`extract_choice`],
 //!   [`score_choice`]): the option letter read from free text, accuracy overall and per
 //!   category, and MMBench's circular evaluation ([`circular_variants`]).
+//! * TextVQA ([`textvqa_accuracy`]) and the VQAv2 submission use the EvalAI answer processor
+//!   ([`evalai_normalize`]).
 //! * [`Comparison`]: models side by side, as a markdown table or JSON.
+//! * [`run`]: a model over the benchmarks in their released layouts (questions, images,
+//!   annotations), answers and submission files written, every metric scored.
 //!
 //! Predictions are plain strings aligned with the items (the i-th prediction answers the i-th
 //! item); [`read_predictions`] and [`align_predictions`] turn an answers file into that order.
@@ -29,14 +33,17 @@ use crate::{Error, Result};
 
 mod choice;
 mod compare;
+mod evalai;
 mod files;
 mod mme;
 mod pope;
 mod predictions;
+pub mod run;
 mod vqa;
 
 pub use choice::*;
 pub use compare::*;
+pub use evalai::*;
 use files::*;
 pub use mme::*;
 pub use pope::*;
