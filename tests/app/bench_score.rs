@@ -255,3 +255,20 @@ fn summary_json_collects_every_benchmark() {
         "{table}"
     );
 }
+
+#[test]
+fn evalai_processor_matches_the_official_one() {
+    // Pairs written by scripts/fixtures/crosscheck_bench.py --write-evalai-cases with LLaVA's
+    // m4c_evaluator.EvalAIAnswerProcessor (TextVQA's scorer, the VQAv2 converter).
+    let cases = read_json(fixture("bench").join("evalai_cases.json"));
+    let cases = cases.as_array().unwrap();
+    assert!(cases.len() >= 30);
+    for c in cases {
+        let (input, want) = (c[0].as_str().unwrap(), c[1].as_str().unwrap());
+        assert_eq!(
+            matvlm::eval::benchmarks::evalai_normalize(input),
+            want,
+            "{input:?}"
+        );
+    }
+}
