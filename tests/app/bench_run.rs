@@ -86,10 +86,26 @@ fn every_benchmark_runs_on_the_tiny_teacher_in_llava_answer_format() {
             .iter()
             .map(|q| (&q.question_id, q.text.as_str()))
             .collect();
-        assert_eq!(ids, want, "{}: one line per question, in order", bench.name());
+        assert_eq!(
+            ids,
+            want,
+            "{}: one line per question, in order",
+            bench.name()
+        );
         for line in lines.iter().map(|l| &l.value) {
-            for key in ["question_id", "prompt", "text", "answer_id", "model_id", "metadata"] {
-                assert!(line.get(key).is_some(), "{}: no {key} in {line}", bench.name());
+            for key in [
+                "question_id",
+                "prompt",
+                "text",
+                "answer_id",
+                "model_id",
+                "metadata",
+            ] {
+                assert!(
+                    line.get(key).is_some(),
+                    "{}: no {key} in {line}",
+                    bench.name()
+                );
             }
             assert_eq!(line["model_id"], "tiny-teacher");
         }
@@ -101,7 +117,9 @@ fn every_benchmark_runs_on_the_tiny_teacher_in_llava_answer_format() {
         .iter()
         .filter(|l| {
             let t = l.value["text"].as_str().unwrap_or("");
-            ["circle", "square", "triangle", "cross"].iter().any(|s| t.contains(s))
+            ["circle", "square", "triangle", "cross"]
+                .iter()
+                .any(|s| t.contains(s))
         })
         .count();
     assert!(named >= 10, "{pope:?}");
@@ -133,7 +151,10 @@ fn batched_answers_equal_one_at_a_time_and_a_run_resumes() {
     std::fs::write(&path, format!("{first}{{\"question_id\": 6, \"pro")).unwrap();
     o.limit = None;
     let s = evaluate_benchmark(tiny_teacher(), Bench::Pope, &o, None).unwrap();
-    assert_eq!((s["answered"].as_u64(), s["generated"].as_u64()), (Some(12), Some(7)));
+    assert_eq!(
+        (s["answered"].as_u64(), s["generated"].as_u64()),
+        (Some(12), Some(7))
+    );
     let all = std::fs::read_to_string(&path).unwrap();
     assert!(all.starts_with(&first), "answers already written are kept");
     assert_eq!(all.lines().count(), 12);
@@ -162,22 +183,34 @@ fn bad_records_name_file_and_line_or_are_counted_with_skip_bad() {
     lines[2] = "{\"question_id\": 3, \"text\": ".into();
     std::fs::write(&qfile, lines.join("\n") + "\n").unwrap();
     let first: Value = serde_json::from_str(&lines[0]).unwrap();
-    std::fs::remove_file(eval.join("pope/val2014").join(first["image"].as_str().unwrap()))
-        .unwrap();
+    std::fs::remove_file(
+        eval.join("pope/val2014")
+            .join(first["image"].as_str().unwrap()),
+    )
+    .unwrap();
     let err = evaluate_benchmark(tiny_teacher(), Bench::Pope, &o, None)
         .unwrap_err()
         .to_string();
     assert!(err.contains("llava_pope_test.jsonl"), "{err}");
-    assert!(err.contains("line 1") && err.contains("does not exist"), "{err}");
+    assert!(
+        err.contains("line 1") && err.contains("does not exist"),
+        "{err}"
+    );
     assert!(err.contains("line 3") && err.contains("not JSON"), "{err}");
     assert!(err.contains("--skip-bad"), "{err}");
-    assert!(!o.bench_dir(Bench::Pope).exists(), "nothing written on error");
+    assert!(
+        !o.bench_dir(Bench::Pope).exists(),
+        "nothing written on error"
+    );
     o.skip_bad = true;
     o.max_new_tokens = 2;
     let s = evaluate_benchmark(tiny_teacher(), Bench::Pope, &o, None).unwrap();
     // Labels are paired by image and question, so the questions after the bad ones keep theirs:
     // 10 answered and scored, 2 counted as bad.
-    assert_eq!((s["answered"].as_u64(), s["bad"].as_u64()), (Some(10), Some(2)));
+    assert_eq!(
+        (s["answered"].as_u64(), s["bad"].as_u64()),
+        (Some(10), Some(2))
+    );
     assert_eq!(s["bad_records"].as_array().unwrap().len(), 2);
     // A missing question file names itself.
     std::fs::remove_file(eval.join("gqa/llava_gqa_testdev_balanced.jsonl")).unwrap();
@@ -204,7 +237,10 @@ fn bad_records_name_file_and_line_or_are_counted_with_skip_bad() {
     let err = evaluate_benchmark(tiny_teacher(), Bench::MmBench, &o, None)
         .unwrap_err()
         .to_string();
-    assert!(err.contains("mmbench_dev_20230712.tsv") && err.contains("line 3"), "{err}");
+    assert!(
+        err.contains("mmbench_dev_20230712.tsv") && err.contains("line 3"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -213,7 +249,12 @@ fn eval_script_prints_the_paper_table_for_teacher_and_hybrid() {
     let result = matrepl_command()
         .current_dir(out.path())
         .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/eval.rhai"))
-        .args(["--model", "teacher,teacher@0.25", "--bench", "pope,sqa,mmbench"])
+        .args([
+            "--model",
+            "teacher,teacher@0.25",
+            "--bench",
+            "pope,sqa,mmbench",
+        ])
         .args(["--root", fixture("bench").to_str().unwrap()])
         .args(["--out", out.path().join("runs").to_str().unwrap()])
         .args(["--max-new-tokens", "4", "--limit", "2"])
@@ -222,7 +263,10 @@ fn eval_script_prints_the_paper_table_for_teacher_and_hybrid() {
     let stdout = String::from_utf8_lossy(&result.stdout);
     let stderr = String::from_utf8_lossy(&result.stderr);
     assert!(result.status.success(), "{stdout}\n{stderr}");
-    assert!(stdout.contains("| model | POPE (F1) | SQA-IMG | MMB |"), "{stdout}");
+    assert!(
+        stdout.contains("| model | POPE (F1) | SQA-IMG | MMB |"),
+        "{stdout}"
+    );
     assert!(stdout.contains("| teacher | "), "{stdout}");
     assert!(stdout.contains("| teacher@0.25 | "), "{stdout}");
     for dir in ["teacher", "teacher_0.25"] {

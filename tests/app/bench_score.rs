@@ -115,7 +115,10 @@ fn mme_scores_and_the_official_results_files() {
     let cols: Vec<&str> = lines[2].split('\t').collect();
     assert_eq!(cols.len(), 4);
     assert!(cols[0].ends_with(".txt"), "{cols:?}");
-    assert!(cols[1].ends_with("in total? Please answer yes or no."), "{cols:?}");
+    assert!(
+        cols[1].ends_with("in total? Please answer yes or no."),
+        "{cols:?}"
+    );
     assert_eq!((cols[2], cols[3]), ("Yes", "maybe"));
     assert!(out.path().join("mme/results/existence.txt").is_file());
 }
@@ -216,7 +219,12 @@ fn vqav2_and_mmvet_write_their_submission_files() {
         .as_array()
         .unwrap()
         .iter()
-        .map(|a| (a["question_id"].as_u64().unwrap(), a["answer"].as_str().unwrap()))
+        .map(|a| {
+            (
+                a["question_id"].as_u64().unwrap(),
+                a["answer"].as_str().unwrap(),
+            )
+        })
         .collect();
     // Every test2015 question; the one outside test-dev unanswered; answers through the EvalAI
     // processor ("Two." -> "2", "The Red one" -> "red 1").
@@ -251,7 +259,9 @@ fn summary_json_collects_every_benchmark() {
     // POPE F1 mean 76.7, MME perception 225.0, GQA 66.7, TextVQA 55.0, SQA-IMG 66.7, MMB 50.0,
     // SEED 50.0, MMMU 60.0; VQAv2 and MM-Vet are scored elsewhere.
     assert!(
-        table.contains("| fixed | 76.7 | 225.0 | 66.7 | 55.0 | 66.7 | 50.0 | 50.0 | 60.0 | submit | submit |"),
+        table.contains(
+            "| fixed | 76.7 | 225.0 | 66.7 | 55.0 | 66.7 | 50.0 | 50.0 | 60.0 | submit | submit |"
+        ),
         "{table}"
     );
 }

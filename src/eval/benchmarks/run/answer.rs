@@ -36,7 +36,10 @@ fn answer_line(value: Value) -> Option<AnswerLine> {
         Some(r) => format!("{id}#{r}"),
         None => id,
     };
-    let prompt = value.get("prompt").and_then(Value::as_str).unwrap_or_default();
+    let prompt = value
+        .get("prompt")
+        .and_then(Value::as_str)
+        .unwrap_or_default();
     Some(AnswerLine {
         keyed_prompt: format!("{key}|{prompt}"),
         key,
@@ -74,7 +77,10 @@ pub fn read_answers(path: &Path) -> Result<Vec<AnswerLine>> {
         if line.trim().is_empty() {
             continue;
         }
-        match serde_json::from_str::<Value>(line).ok().and_then(answer_line) {
+        match serde_json::from_str::<Value>(line)
+            .ok()
+            .and_then(answer_line)
+        {
             Some(a) => {
                 if !seen.insert(a.keyed_prompt.clone()) {
                     return Err(bad(i, format!("question {} answered twice", a.key)));
@@ -229,9 +235,8 @@ pub fn answer_questions(
             let positions = row.len() - n_images + n_images * vlm.config.image_tokens();
             let room = context.saturating_sub(positions);
             if room == 0 {
-                let why = format!(
-                    "the prompt takes {positions} positions, the model has {context}"
-                );
+                let why =
+                    format!("the prompt takes {positions} positions, the model has {context}");
                 if bad.skip {
                     bad.push(&q.origin, &why);
                     continue;
@@ -258,7 +263,10 @@ pub fn answer_questions(
             line.insert("question_id".into(), q.question_id.clone());
             line.insert("prompt".into(), Value::from(q.text.clone()));
             line.insert("text".into(), Value::from(tok.decode(&tokens)?.trim()));
-            line.insert("answer_id".into(), Value::from(answer_id(run.model_id, &q.key)));
+            line.insert(
+                "answer_id".into(),
+                Value::from(answer_id(run.model_id, &q.key)),
+            );
             line.insert("model_id".into(), Value::from(run.model_id));
             line.insert("metadata".into(), Value::Object(Map::new()));
             for (k, v) in &q.extra {
@@ -296,7 +304,13 @@ pub fn answer_questions(
             }
         }
     }
-    ordered.extend(lines.iter().zip(&used).filter(|(_, u)| !**u).map(|(l, _)| &l.value));
+    ordered.extend(
+        lines
+            .iter()
+            .zip(&used)
+            .filter(|(_, u)| !**u)
+            .map(|(l, _)| &l.value),
+    );
     crate::io::write_atomic(path, to_jsonl(&ordered).as_bytes())?;
     Ok(stats)
 }

@@ -117,7 +117,10 @@ pub fn read_mmbench_rows(path: &Path, bad: &mut Bad) -> Result<Vec<MmbenchRow>> 
     let text = read_text(path)?;
     let mut records = parse_tsv(&text).into_iter();
     let Some(header) = records.next() else {
-        bad.push(&format!("{} line 1", path.display()), "empty file, no header");
+        bad.push(
+            &format!("{} line 1", path.display()),
+            "empty file, no header",
+        );
         return Ok(Vec::new());
     };
     let col: HashMap<&str, usize> = header
@@ -147,7 +150,8 @@ pub fn read_mmbench_rows(path: &Path, bad: &mut Bad) -> Result<Vec<MmbenchRow>> 
             continue;
         }
         let options: Vec<String> = LETTERS.iter().map_while(|l| get(l)).collect();
-        let (Some(index), Some(question), Some(image)) = (get("index"), get("question"), get("image"))
+        let (Some(index), Some(question), Some(image)) =
+            (get("index"), get("question"), get("image"))
         else {
             bad.push(&origin, "needs `index`, `question` and `image`");
             continue;
@@ -213,7 +217,10 @@ pub fn mmbench_questions(path: &Path, rows: &[MmbenchRow], circular: bool) -> Ve
                 extra,
                 meta: [
                     ("index".to_string(), Value::from(row.index.clone())),
-                    ("answer".to_string(), row.answer.clone().map_or(Value::Null, Value::from)),
+                    (
+                        "answer".to_string(),
+                        row.answer.clone().map_or(Value::Null, Value::from),
+                    ),
                 ]
                 .into_iter()
                 .collect(),

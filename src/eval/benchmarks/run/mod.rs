@@ -339,7 +339,12 @@ fn aligned_answers(bench: Bench, opts: &BenchOptions, loaded: &Loaded) -> Result
             "{}: {} question(s) have no answer, e.g. {} (run the benchmark to answer them)",
             path.display(),
             missing.len(),
-            missing.iter().take(5).cloned().collect::<Vec<_>>().join(", ")
+            missing
+                .iter()
+                .take(5)
+                .cloned()
+                .collect::<Vec<_>>()
+                .join(", ")
         )));
     }
     Ok(out)
@@ -381,7 +386,10 @@ fn score_loaded(bench: Bench, opts: &BenchOptions, loaded: &Loaded) -> Result<Va
         m.insert("answered".into(), Value::from(questions.len()));
         m.insert("bad".into(), Value::from(loaded.bad.records.len()));
         if !loaded.bad.records.is_empty() {
-            m.insert("bad_records".into(), Value::from(loaded.bad.records.clone()));
+            m.insert(
+                "bad_records".into(),
+                Value::from(loaded.bad.records.clone()),
+            );
         }
         if loaded.skipped > 0 {
             m.insert("skipped".into(), Value::from(loaded.skipped));

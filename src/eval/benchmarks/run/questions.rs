@@ -151,7 +151,10 @@ pub fn read_llava_questions(path: &Path, image_dir: &Path, bad: &mut Bad) -> Res
             key,
             text: q.to_string(),
             image,
-            category: row.get("category").and_then(Value::as_str).map(str::to_owned),
+            category: row
+                .get("category")
+                .and_then(Value::as_str)
+                .map(str::to_owned),
             origin,
             extra: Map::new(),
             meta: Map::new(),
@@ -263,7 +266,10 @@ pub fn read_mmmu_questions(
         let choices = row.get("all_choices").filter(|c| c.is_array());
         let index2ans = row.get("index2ans").filter(|c| c.is_object());
         let (Some(choices), Some(index2ans)) = (choices, index2ans) else {
-            bad.push(&origin, "a multiple-choice question needs `all_choices` and `index2ans`");
+            bad.push(
+                &origin,
+                "a multiple-choice question needs `all_choices` and `index2ans`",
+            );
             continue;
         };
         let Some(image) = image_file(image_dir, name.unwrap_or_default(), &origin, bad) else {

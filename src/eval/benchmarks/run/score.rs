@@ -296,7 +296,12 @@ pub fn textvqa(ctx: &Ctx) -> Result<Value> {
     let path = ctx.eval_dir.join("textvqa/TextVQA_0.5.1_val.json");
     let data = read_json_value(&path)?;
     let mut truth: HashMap<(String, String), Vec<String>> = HashMap::new();
-    for a in data.get("data").and_then(Value::as_array).into_iter().flatten() {
+    for a in data
+        .get("data")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
         let (Some(img), Some(q)) = (
             a.get("image_id").and_then(id_text),
             a.get("question").and_then(Value::as_str),
@@ -306,7 +311,11 @@ pub fn textvqa(ctx: &Ctx) -> Result<Value> {
         let answers = a
             .get("answers")
             .and_then(Value::as_array)
-            .map(|v| v.iter().filter_map(|x| x.as_str().map(str::to_owned)).collect())
+            .map(|v| {
+                v.iter()
+                    .filter_map(|x| x.as_str().map(str::to_owned))
+                    .collect()
+            })
             .unwrap_or_default();
         truth.insert((img, q.to_lowercase()), answers);
     }
@@ -360,13 +369,18 @@ pub fn vqav2(ctx: &Ctx) -> Result<Value> {
             })
             .collect::<Result<_>>()?
     } else {
-        ctx.questions.iter().map(|q| q.question_id.clone()).collect()
+        ctx.questions
+            .iter()
+            .map(|q| q.question_id.clone())
+            .collect()
     };
     let upload: Vec<Value> = ids
         .iter()
         .map(|id| {
             let key = id_text(id).unwrap_or_default();
-            let answer = answered.get(key.as_str()).map_or(String::new(), |t| evalai_normalize(t));
+            let answer = answered
+                .get(key.as_str())
+                .map_or(String::new(), |t| evalai_normalize(t));
             json!({ "question_id": id, "answer": answer })
         })
         .collect();

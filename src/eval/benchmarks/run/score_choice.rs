@@ -22,7 +22,10 @@ pub fn sqa_parse_answer(text: &str) -> Option<char> {
         return text.chars().next();
     }
     let c: Vec<char> = text.chars().collect();
-    if c.len() >= 3 && SQA_OPTIONS.contains(&c[0].to_string().as_str()) && c[1] == '.' && c[2] == ' '
+    if c.len() >= 3
+        && SQA_OPTIONS.contains(&c[0].to_string().as_str())
+        && c[1] == '.'
+        && c[2] == ' '
     {
         return Some(c[0]);
     }
@@ -57,7 +60,10 @@ pub fn scienceqa(ctx: &Ctx) -> Result<Value> {
                 path.display()
             )));
         };
-        let choices = p.get("choices").and_then(Value::as_array).map_or(0, Vec::len);
+        let choices = p
+            .get("choices")
+            .and_then(Value::as_array)
+            .map_or(0, Vec::len);
         let answer = p.get("answer").and_then(Value::as_u64);
         let parsed = sqa_parse_answer(text);
         failed += usize::from(parsed.is_none());
@@ -106,7 +112,11 @@ pub fn mmbench(ctx: &Ctx) -> Result<Value> {
             q.extra
                 .get(k)
                 .and_then(Value::as_array)
-                .map(|a| a.iter().filter_map(|x| x.as_str().map(str::to_owned)).collect())
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|x| x.as_str().map(str::to_owned))
+                        .collect()
+                })
                 .unwrap_or_default()
         };
         let (options, chars) = (strings("options"), strings("option_char"));
@@ -139,7 +149,10 @@ pub fn mmbench(ctx: &Ctx) -> Result<Value> {
     let circular = rounds.values().filter(|r| r.iter().all(|&x| x)).count();
     let mut per: BTreeMap<String, (usize, usize)> = BTreeMap::new();
     for (idx, r) in &rounds {
-        let c = category.get(idx).cloned().unwrap_or_else(|| "uncategorized".into());
+        let c = category
+            .get(idx)
+            .cloned()
+            .unwrap_or_else(|| "uncategorized".into());
         let t = per.entry(c).or_default();
         t.0 += 1;
         t.1 += usize::from(r.iter().all(|&x| x));
@@ -163,10 +176,21 @@ fn write_mmbench_submission(
     out: &Path,
     first: &BTreeMap<String, String>,
 ) -> Result<()> {
-    const DROP: [&str; 6] = ["hint", "category", "source", "image", "comment", "l2-category"];
+    const DROP: [&str; 6] = [
+        "hint",
+        "category",
+        "source",
+        "image",
+        "comment",
+        "l2-category",
+    ];
     let rows = read_mmbench_rows(tsv, &mut Bad::new(true))?;
     let mut text = String::new();
-    for (i, row) in rows.iter().filter(|r| first.contains_key(&r.index)).enumerate() {
+    for (i, row) in rows
+        .iter()
+        .filter(|r| first.contains_key(&r.index))
+        .enumerate()
+    {
         let mut cols: Vec<(String, String)> = row
             .columns
             .iter()
@@ -222,7 +246,10 @@ pub fn seed(ctx: &Ctx) -> Result<Value> {
         .filter_map(|q| {
             let id = q.get("question_id").and_then(id_text)?;
             let answer = q.get("answer")?.as_str()?.to_string();
-            let t = q.get("question_type_id").and_then(id_text).unwrap_or_default();
+            let t = q
+                .get("question_type_id")
+                .and_then(id_text)
+                .unwrap_or_default();
             Some((id, (answer, names.get(&t).cloned().unwrap_or(t))))
         })
         .collect();
@@ -305,7 +332,11 @@ pub fn mmmu(ctx: &Ctx) -> Result<Value> {
     for (q, text) in ctx.questions.iter().zip(ctx.texts) {
         let choices: Vec<String> = q.meta["all_choices"]
             .as_array()
-            .map(|a| a.iter().filter_map(|x| x.as_str().map(str::to_owned)).collect())
+            .map(|a| {
+                a.iter()
+                    .filter_map(|x| x.as_str().map(str::to_owned))
+                    .collect()
+            })
             .unwrap_or_default();
         let index2ans: Vec<(String, String)> = q.meta["index2ans"]
             .as_object()
@@ -341,7 +372,10 @@ pub fn mmmu(ctx: &Ctx) -> Result<Value> {
         t.1 += usize::from(ok);
         output.insert(q.key.clone(), Value::from(pred.unwrap_or_default()));
     }
-    write_json(&ctx.out_dir.join("mmmu_output.json"), &Value::Object(output))?;
+    write_json(
+        &ctx.out_dir.join("mmmu_output.json"),
+        &Value::Object(output),
+    )?;
     let per: BTreeMap<String, Value> = per
         .into_iter()
         .map(|(c, (n, ok))| (c, json!({ "n": n, "accuracy": ratio(ok, n) })))

@@ -8,7 +8,12 @@ use super::Bench;
 /// A benchmark's headline number from its summary, with the unit the papers use: percent for
 /// fractions, MME's perception points. VQAv2 and MM-Vet have none here (scored elsewhere).
 pub fn headline(bench: Bench, summary: &Value) -> Option<f64> {
-    let pct = |p: &str| summary.pointer(p).and_then(Value::as_f64).map(|v| 100.0 * v);
+    let pct = |p: &str| {
+        summary
+            .pointer(p)
+            .and_then(Value::as_f64)
+            .map(|v| 100.0 * v)
+    };
     match bench {
         Bench::Pope => pct("/average/f1"),
         Bench::Mme => summary.get("perception").and_then(Value::as_f64),
@@ -58,19 +63,25 @@ pub fn paper_table(rows: &[(String, Value)]) -> String {
         .collect();
     let mut out = format!(
         "| model | {} |\n|---|{}\n",
-        benches.iter().map(|b| column(*b)).collect::<Vec<_>>().join(" | "),
+        benches
+            .iter()
+            .map(|b| column(*b))
+            .collect::<Vec<_>>()
+            .join(" | "),
         "---:|".repeat(benches.len())
     );
     for (model, summary) in &rows {
         let cells: Vec<String> = benches
             .iter()
-            .map(|b| match summary.iter().find(|(x, _)| x == b).map(|(_, v)| *v) {
-                None => "-".into(),
-                Some(s) => match headline(*b, s) {
-                    Some(v) => format!("{v:.1}"),
-                    None => "submit".into(),
+            .map(
+                |b| match summary.iter().find(|(x, _)| x == b).map(|(_, v)| *v) {
+                    None => "-".into(),
+                    Some(s) => match headline(*b, s) {
+                        Some(v) => format!("{v:.1}"),
+                        None => "submit".into(),
+                    },
                 },
-            })
+            )
             .collect();
         out.push_str(&format!("| {model} | {} |\n", cells.join(" | ")));
     }
