@@ -179,6 +179,16 @@ fn mmbench_circular_and_single_pass_and_submission() {
     let header: Vec<&str> = lines[0].split('\t').collect();
     assert_eq!(header[6], "prediction");
     assert!(!header.contains(&"image") && !header.contains(&"hint"));
+    // The server's .xlsx: a zip archive holding the sheet with the predictions.
+    let xlsx = std::fs::read(out.path().join("mmbench/submission.xlsx")).unwrap();
+    assert_eq!(&xlsx[..4], b"PK\x03\x04");
+    let sheet = String::from_utf8_lossy(&xlsx);
+    assert!(sheet.contains("xl/worksheets/sheet1.xml"));
+    assert!(
+        sheet.contains("<t xml:space=\"preserve\">prediction</t>"),
+        "{sheet}"
+    );
+    assert!(sheet.contains("<c r=\"A2\"><v>100</v></c>"), "{sheet}");
 }
 
 #[test]

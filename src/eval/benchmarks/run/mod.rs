@@ -18,7 +18,7 @@
 //! | `gqa` | `gqa/llava_gqa_testdev_balanced.jsonl` | `gqa/data/images/` | `gqa/data/testdev_balanced_questions.json` | `gqa/testdev_balanced_predictions.json` | `scripts/eval/gqa.sh`, `convert_gqa_for_eval.py` |
 //! | `textvqa` | `textvqa/llava_textvqa_val_v051_ocr.jsonl` | `textvqa/train_images/` | `textvqa/TextVQA_0.5.1_val.json` | — | `scripts/eval/textvqa.sh`, `eval_textvqa.py`, `m4c_evaluator.py` |
 //! | `scienceqa` | `scienceqa/llava_test_CQM-A.json` | `scienceqa/images/test/` | `scienceqa/problems.json`, `pid_splits.json` | — | `scripts/eval/sqa.sh`, `model_vqa_science.py`, `eval_science_qa.py` |
-//! | `mmbench` | `mmbench/mmbench_dev_20230712.tsv` | in the TSV (base64) | the TSV's `answer` column (dev) | `mmbench/submission.tsv` | LLaVA `scripts/v1_5/eval/mmbench.sh`, `model_vqa_mmbench.py`, `convert_mmbench_for_submission.py` |
+//! | `mmbench` | `mmbench/mmbench_dev_20230712.tsv` | in the TSV (base64) | the TSV's `answer` column (dev) | `mmbench/submission.xlsx` (+ `.tsv`) | LLaVA `scripts/v1_5/eval/mmbench.sh`, `model_vqa_mmbench.py`, `convert_mmbench_for_submission.py` |
 //! | `seed` | `seed_bench/llava-seed-bench.jsonl` | `seed_bench/` | `seed_bench/SEED-Bench.json` | `seed/answers_upload.jsonl` | LLaVA `scripts/v1_5/eval/seed.sh`, `convert_seed_for_submission.py` |
 //! | `mmmu` | `MMMU/anns_for_eval.json` | `MMMU/all_images/` | `MMMU/eval/answer_dict_val.json` | `mmmu/mmmu_output.json` for `main_eval_only.py` | `scripts/eval/mmmu.sh`, `model_vqa_mmmu.py`, `convert_answer_to_mmmu.py` |
 //! | `vqav2` | `vqav2/llava_vqav2_mscoco_test-dev2015.jsonl` | `vqav2/test2015/` | — (server-side) | `vqav2/answers_upload.json` | `scripts/eval/vqav2.sh`, `convert_vqav2_for_submission.py` |
@@ -33,6 +33,7 @@ mod questions;
 mod score;
 mod score_choice;
 mod table;
+mod xlsx;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;

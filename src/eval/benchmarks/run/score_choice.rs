@@ -100,7 +100,7 @@ fn tsv_field(s: &str) -> String {
 /// when every round is right, in `single` when its first round is. `submission.tsv` holds the
 /// columns LLaVA's `convert_mmbench_for_submission.py` keeps (`hint`, `category`, `source`,
 /// `image`, `comment`, `l2-category` dropped; `prediction`, the first round's answer, inserted
-/// as the seventh) — upstream saves them as .xlsx for the server.
+/// as the seventh), and `submission.xlsx` the same table for the server.
 pub fn mmbench(ctx: &Ctx) -> Result<Value> {
     let mut rounds: BTreeMap<String, Vec<bool>> = BTreeMap::new();
     let mut first: BTreeMap<String, String> = BTreeMap::new();
@@ -137,11 +137,11 @@ pub fn mmbench(ctx: &Ctx) -> Result<Value> {
         rounds.entry(index).or_default().push(ok);
     }
     let tsv = ctx.eval_dir.join(super::Bench::MmBench.question_file());
-    write_mmbench_submission(&tsv, &ctx.out_dir.join("submission.tsv"), &first)?;
+    write_mmbench_submission(&tsv, &ctx.out_dir, &first)?;
     if !scored {
         return Ok(json!({
             "n": first.len(),
-            "scoring": "no `answer` column (test split): upload submission.tsv (as .xlsx) to the MMBench server",
+            "scoring": "no `answer` column (test split): upload submission.xlsx to the MMBench server",
         }));
     }
     let n = rounds.len();
@@ -171,9 +171,10 @@ pub fn mmbench(ctx: &Ctx) -> Result<Value> {
     }))
 }
 
+/// `submission.xlsx` (what the server takes) and the same table as `submission.tsv`.
 fn write_mmbench_submission(
     tsv: &Path,
-    out: &Path,
+    out_dir: &Path,
     first: &BTreeMap<String, String>,
 ) -> Result<()> {
     const DROP: [&str; 6] = [
@@ -185,12 +186,8 @@ fn write_mmbench_submission(
         "l2-category",
     ];
     let rows = read_mmbench_rows(tsv, &mut Bad::new(true))?;
-    let mut text = String::new();
-    for (i, row) in rows
-        .iter()
-        .filter(|r| first.contains_key(&r.index))
-        .enumerate()
-    {
+    let mut table: Vec<Vec<String>> = Vec::new();
+    for row in rows.iter().filter(|r| first.contains_key(&r.index)) {
         let mut cols: Vec<(String, String)> = row
             .columns
             .iter()
@@ -199,14 +196,25 @@ fn write_mmbench_submission(
             .collect();
         let at = cols.len().min(6);
         cols.insert(at, ("prediction".into(), first[&row.index].clone()));
-        if i == 0 {
-            let header: Vec<String> = cols.iter().map(|(k, _)| tsv_field(k)).collect();
-            text.push_str(&format!("{}\n", header.join("\t")));
+        if table.is_empty() {
+            table.push(cols.iter().map(|(k, _)| k.clone()).collect());
         }
-        let values: Vec<String> = cols.iter().map(|(_, v)| tsv_field(v)).collect();
-        text.push_str(&format!("{}\n", values.join("\t")));
+        table.push(cols.into_iter().map(|(_, v)| v).collect());
     }
-    crate::io::write_atomic(out, text.as_bytes())
+    let text: String = table
+        .iter()
+        .map(|r| {
+            format!(
+                "{}\n",
+                r.iter()
+                    .map(|v| tsv_field(v))
+                    .collect::<Vec<_>>()
+                    .join("\t")
+            )
+        })
+        .collect();
+    crate::io::write_atomic(&out_dir.join("submission.tsv"), text.as_bytes())?;
+    crate::io::write_atomic(&out_dir.join("submission.xlsx"), &super::xlsx::xlsx(&table))
 }
 
 fn seed_annotations(eval_dir: &Path) -> Result<Value> {
