@@ -289,6 +289,14 @@ pub fn evaluate_benchmark(
         &mut loaded.bad,
     )?;
     loaded.bad.check(&answers)?;
+    if opts.progress && !loaded.bad.records.is_empty() {
+        eprintln!(
+            "{}: {} bad record(s) skipped, e.g. {}",
+            bench.name(),
+            loaded.bad.records.len(),
+            loaded.bad.records[0]
+        );
+    }
     let mut summary = score_loaded(bench, opts, &loaded)?;
     if let Value::Object(m) = &mut summary {
         m.insert("generated".into(), Value::from(stats.generated));

@@ -106,14 +106,22 @@ pub(super) fn id_text(v: &Value) -> Option<String> {
     }
 }
 
-/// The image file, checked to exist.
+/// The image file, checked to exist. A name `<folder>/<file>` also finds
+/// `<folder>/images/<file>`: MME's release keeps some categories' images there while question
+/// files name them without it.
 fn image_file(dir: &Path, name: &str, origin: &str, bad: &mut Bad) -> Option<ImageSource> {
     let path = dir.join(name);
-    if path.is_file() {
-        Some(ImageSource::File(path))
-    } else {
-        bad.push(origin, &format!("image {} does not exist", path.display()));
-        None
+    let nested = Path::new(name)
+        .parent()
+        .zip(Path::new(name).file_name())
+        .map(|(folder, file)| dir.join(folder).join("images").join(file));
+    match nested {
+        _ if path.is_file() => Some(ImageSource::File(path)),
+        Some(n) if n.is_file() => Some(ImageSource::File(n)),
+        _ => {
+            bad.push(origin, &format!("image {} does not exist", path.display()));
+            None
+        }
     }
 }
 
