@@ -5,11 +5,14 @@
 //! cargo run --release --features cuda --bin train_teacher -- --device cuda --out assets/tiny-teacher
 //! ```
 //!
-//! Generates the world into `runs/world` when missing, trains with checkpoints in `runs/teacher`
-//! (Ctrl-C stops after the current step with a checkpoint; the same command resumes), evaluates
-//! on val every `--eval-every` steps (teacher forced), then on test by greedy generation, with
-//! real and with blank (all-black) images, after casting the weights to `--dtype` and loading
-//! them back. Writes the checkpoint and `eval.json` to `--out`.
+//! Generates the world into `runs/world` when missing (`teacher_world_config()`: compositions
+//! held out of training, half of val and test showing them), trains with checkpoints in
+//! `runs/teacher` (Ctrl-C stops after the current step with a checkpoint; the same command
+//! resumes), evaluates on val every `--eval-every` steps (teacher forced; the only split any
+//! choice may look at), then on test by greedy generation, with real and with blank (all-black)
+//! images, after casting the weights to `--dtype` and loading them back. Every report counts
+//! seen and unseen compositions apart. Writes the checkpoint and `eval.json` (with the world's
+//! overlap of val and test with train) to `--out`.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
@@ -27,7 +30,7 @@ use clap::{Parser, ValueEnum};
 use serde_json::json;
 
 use matvlm::data::llava::ImageCheck;
-use matvlm::data::{ensure_world, Dataset, LoadOptions, OnBadRecord};
+use matvlm::data::{ensure_world, world_overlap, Dataset, LoadOptions, OnBadRecord};
 use matvlm::eval::{evaluate, EvalMode, EvalOptions, EvalReport, ImageInput};
 use matvlm::model::vlm::Vlm;
 use matvlm::teacher::{self, TeacherDims};
@@ -168,6 +171,8 @@ fn main() -> anyhow::Result<()> {
     let world_cfg = teacher::teacher_world_config();
     eprintln!("world: {}", world.display());
     ensure_world(&world, &world_cfg).context("generating the synthetic world")?;
+    let overlap = world_overlap(&world_cfg)?;
+    eprintln!("val and test against train: {overlap}");
     let tok = PromptTokenizer::from_file(&world.join("tokenizer.json"))?;
     let mut dims = match args.size {
         Size::Tiny => TeacherDims::tiny(),
@@ -310,6 +315,7 @@ fn main() -> anyhow::Result<()> {
             f32_tf: &f32_tf,
             cast_tf: &cast_tf,
             world: &world_cfg,
+            overlap: &overlap,
         },
     )?;
     eprintln!(
@@ -425,6 +431,7 @@ struct EvalFile<'a> {
     f32_tf: &'a EvalReport,
     cast_tf: &'a EvalReport,
     world: &'a matvlm::data::WorldConfig,
+    overlap: &'a matvlm::data::WorldOverlap,
 }
 
 fn write_eval(out: &Path, e: &EvalFile) -> anyhow::Result<()> {
@@ -443,6 +450,7 @@ fn write_eval(out: &Path, e: &EvalFile) -> anyhow::Result<()> {
         "dims": e.dims,
         "train_config": e.cfg,
         "world": e.world,
+        "world_overlap": e.overlap,
         "blank_image": "all-black image of the same size (the world's background: an empty scene)",
     });
     let text = serde_json::to_string_pretty(&value)?;
