@@ -416,6 +416,7 @@ fn the_committed_teacher_knows_its_world() {
     assert!(seen.accuracy >= 0.95, "{}", real.summary());
     let blank = evaluate(&teacher, &test, &opts(ImageInput::Blank)).unwrap();
     assert!(blank.accuracy <= 0.35, "{}", blank.summary());
+    println!("real: {}\nblank: {}", real.summary(), blank.summary());
     let unseen = &real.per_composition["unseen"];
     assert!(
         unseen.accuracy >= blank.accuracy + 0.1,

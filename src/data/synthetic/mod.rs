@@ -419,8 +419,8 @@ pub fn make_world_records(cfg: &WorldConfig) -> Result<Vec<Vec<(WorldRecord, Sce
     };
     let none = HashSet::new();
     let mut eval = Vec::new();
-    for id in 1..SPLITS.len() {
-        let n = cfg.split_len(SPLITS[id]);
+    for (id, split) in SPLITS.iter().enumerate().skip(1) {
+        let n = cfg.split_len(split);
         eval.push(make_held_out_split(
             cfg,
             holdout,
