@@ -25,10 +25,11 @@ use std::time::Instant;
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 use anyhow::{bail, Context};
-use candle_core::{DType, Device};
+use candle_core::DType;
 use clap::{Parser, ValueEnum};
 use serde_json::json;
 
+use matvlm::config::TinyLlavaConfig;
 use matvlm::data::llava::ImageCheck;
 use matvlm::data::{ensure_world, world_overlap, Dataset, LoadOptions, OnBadRecord};
 use matvlm::eval::{evaluate, EvalMode, EvalOptions, EvalReport, ImageInput};
@@ -185,7 +186,10 @@ fn main() -> anyhow::Result<()> {
         dims.select_strategy = s.clone();
     }
     let config = dims.config(&tok)?;
-    let load = |split: &str| -> anyhow::Result<Arc<Dataset>> {
+    let load_with = |split: &str,
+                     tok: &PromptTokenizer,
+                     config: &TinyLlavaConfig|
+     -> anyhow::Result<Arc<Dataset>> {
         let opts = LoadOptions {
             max_len: config.tokenizer_model_max_length,
             on_bad: OnBadRecord::Fail,
@@ -194,12 +198,18 @@ fn main() -> anyhow::Result<()> {
             cache_images: true,
         };
         let path = world.join(format!("{split}.json"));
-        let (ds, _) = Dataset::load_with(&path, &world, &tok, &opts)
+        let (ds, _) = Dataset::load_with(&path, &world, tok, &opts)
             .with_context(|| format!("loading {}", path.display()))?;
         Ok(Arc::new(ds))
     };
+    let load = |split: &str| load_with(split, &tok, &config);
     if args.eval_only {
-        return eval_only(&out, &run_dir, &*load("test")?, &device);
+        let dir = out.to_str().context("non-UTF-8 output path")?;
+        let vlm = Vlm::load(dir, DType::F32, &device)?;
+        // The checkpoint's own tokenizer: a teacher made from another world numbers its tokens
+        // differently from this world's BPE.
+        let test = load_with("test", vlm.tokenizer()?, &vlm.config)?;
+        return eval_only(&vlm, &out, &run_dir, &test);
     }
     let (train_set, val, test) = (load("train")?, load("val")?, load("test")?);
     eprintln!(
@@ -348,16 +358,14 @@ fn generated(
 /// `--eval-only`: evaluate the saved checkpoint on the whole test split and put the results in
 /// its eval.json (training facts already there are kept; when `--run-dir` holds the run that made
 /// the checkpoint, its configuration, step count and training seconds are recorded too).
-fn eval_only(out: &Path, run_dir: &Path, test: &Dataset, device: &Device) -> anyhow::Result<()> {
-    let dir = out.to_str().context("non-UTF-8 output path")?;
-    let vlm = Vlm::load(dir, DType::F32, device)?;
+fn eval_only(vlm: &Vlm, out: &Path, run_dir: &Path, test: &Dataset) -> anyhow::Result<()> {
     let tf = EvalOptions {
         mode: EvalMode::TeacherForced,
         ..EvalOptions::default()
     };
-    let cast_tf = evaluate(&vlm, test, &tf)?;
+    let cast_tf = evaluate(vlm, test, &tf)?;
     eprintln!("test, saved weights, teacher forced: {}", cast_tf.summary());
-    let (real, blank) = generated(&vlm, test, None)?;
+    let (real, blank) = generated(vlm, test, None)?;
     let path = out.join("eval.json");
     let mut value: serde_json::Value = match std::fs::read_to_string(&path) {
         Ok(text) => serde_json::from_str(&text)
