@@ -15,6 +15,9 @@
 //! * Question types are dealt out in exact proportions per split and yes/no answers alternate, so
 //!   a model that ignores the image can only reach the answer priors (about a quarter of the
 //!   questions with the default mix).
+//! * Optionally ([`WorldConfig::holdout`], on in the teacher's world) a rule-defined set of
+//!   compositions never appears in training; val and test are part seen, part unseen, each record
+//!   tagged, and no val or test sample repeats a train one ([`holdout`], [`world_overlap`]).
 //!
 //! Everything is a function of [`WorldConfig`]: the same config gives byte-identical files.
 //! Each sample draws from its own random stream, derived from (seed, split, index).
