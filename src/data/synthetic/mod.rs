@@ -17,7 +17,7 @@
 //!   questions with the default mix).
 //! * Optionally ([`WorldConfig::holdout`], on in the teacher's world) a rule-defined set of
 //!   compositions never appears in training; val and test are part seen, part unseen, each record
-//!   tagged, and no val or test sample repeats a train one ([`holdout`], [`world_overlap`]).
+//!   tagged, and no val or test sample repeats a train one ([`Holdout`], [`world_overlap`]).
 //!
 //! Everything is a function of [`WorldConfig`]: the same config gives byte-identical files.
 //! Each sample draws from its own random stream, derived from (seed, split, index).
