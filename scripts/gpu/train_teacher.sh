@@ -22,13 +22,15 @@
 # The teacher world holds compositions out of training (teacher_world_config); every eval line
 # and eval.json report seen and unseen apart, and only val is looked at during training.
 #
-# The committed teacher: one config "b|--generate-limit 0" (the defaults), two calls: 9000 steps
-# of batch 256 are ~823 s of steps on an H200, and each call also generates the world (~1 min
-# before the first step). Give SECONDS <= 540, so that the checkpoint written on SIGINT and its
-# upload fit in the 600-s call:
-#   call 1: bash .gpu/train_teacher.sh 540 "b|--generate-limit 0"   (about step 5000)
-#   here:   cat FILES_AT/b.run.tar.xz.* > .gpu/b.run.tar.xz
-#   call 2: the same command; it resumes and finishes, b.tar.gz comes back.
+# The committed teacher: one config with the defaults and "--generate-limit 0", two calls: 9000
+# steps of batch 256 are ~823 s of steps on an H200, and each call also generates the world and
+# decodes its images (well under a minute before the first step). Give SECONDS <= 540, so that
+# the checkpoint written on SIGINT and its upload fit in the 600-s call. Name the config after
+# its world ("h", the held-out one), so that a .gpu/NAME.run.tar.xz left by an earlier retrain
+# on another world is never resumed:
+#   call 1: bash .gpu/train_teacher.sh 540 "h|--generate-limit 0"   (about step 5000)
+#   here:   cat FILES_AT/h.run.tar.xz.* > .gpu/h.run.tar.xz
+#   call 2: the same command; it resumes and finishes, h.tar.gz comes back.
 set -u
 limit=$1; shift
 cd "$(dirname "$0")/.."
