@@ -309,6 +309,23 @@ impl EvalReport {
                 percent(s.accuracy),
             ]
         }));
+        // Seen / unseen compositions (a world with a hold-out): the group, then its types.
+        for (c, g) in &self.per_composition {
+            rows.push(vec![
+                c.clone(),
+                g.n.to_string(),
+                g.correct.to_string(),
+                percent(g.accuracy),
+            ]);
+            rows.extend(g.per_type.iter().map(|(t, s)| {
+                vec![
+                    format!("{c} {t}"),
+                    s.n.to_string(),
+                    s.correct.to_string(),
+                    percent(s.accuracy),
+                ]
+            }));
+        }
         let caption = format!(
             "Evaluation ({:?}, {:?} images) on {}",
             self.mode, self.image, self.source

@@ -313,9 +313,13 @@ impl Vlm {
                 tokens.push(t);
                 match tok.decode(&tokens) {
                     Ok(full) => {
+                        // A character whose bytes span tokens decodes as U+FFFD until its last
+                        // byte comes: hold that tail back, so that the pieces add up to the
+                        // returned text (the rest is sent at the end).
                         let full = continuation(full);
-                        let piece = full.get(text.len()..).unwrap_or("").to_string();
-                        text = full;
+                        let stable = full.trim_end_matches('\u{FFFD}');
+                        let piece = stable.get(text.len()..).unwrap_or("").to_string();
+                        text = stable.to_string();
                         on_text(&piece)
                     }
                     Err(e) => {
@@ -327,8 +331,12 @@ impl Vlm {
         if let Some(e) = decode_err {
             return Err(e);
         }
+        let full = continuation(tok.decode(&tokens_out)?);
+        if let Some(rest) = full.get(text.len()..).filter(|r| !r.is_empty()) {
+            on_text(rest);
+        }
         Ok(Generation {
-            text: continuation(tok.decode(&tokens_out)?),
+            text: full,
             tokens: tokens_out,
             prompt_len: ids.len(),
             stop,

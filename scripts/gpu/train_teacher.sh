@@ -19,7 +19,18 @@
 # with `train_teacher --eval-only --out DIR --run-dir RUN` (RUN: a folder with the metrics.jsonl
 # and config.json that came back, so that eval.json records the training facts).
 #
-# The committed teacher: one config "b|--generate-limit 0" (the defaults), two calls of ~9 min.
+# The teacher world holds compositions out of training (teacher_world_config); every eval line
+# and eval.json report seen and unseen apart, and only val is looked at during training.
+#
+# The committed teacher: one config with the defaults and "--generate-limit 0", two calls: 9000
+# steps of batch 256 are ~823 s of steps on an H200, and each call also generates the world and
+# decodes its images (well under a minute before the first step). Give SECONDS <= 540, so that
+# the checkpoint written on SIGINT and its upload fit in the 600-s call. Name the config after
+# its world ("h", the held-out one), so that a .gpu/NAME.run.tar.xz left by an earlier retrain
+# on another world is never resumed:
+#   call 1: bash .gpu/train_teacher.sh 540 "h|--generate-limit 0"   (about step 5000)
+#   here:   cat FILES_AT/h.run.tar.xz.* > .gpu/h.run.tar.xz
+#   call 2: the same command; it resumes and finishes, h.tar.gz comes back.
 set -u
 limit=$1; shift
 cd "$(dirname "$0")/.."
@@ -48,7 +59,11 @@ done
 wait
 for spec in "$@"; do
   name=${spec%%|*}; echo "== $spec"
-  grep '^eval @' /tmp/out-$name/log.txt | cut -c1-300 | tail -4
+  # Overall, seen and unseen val accuracy of the last evaluations (the per-type values are in
+  # metrics.jsonl).
+  awk '/^eval @/ { o = $1 " " $2 " " $3
+    for (i = 4; i < NF; i += 2) if ($i ~ /^val_acc(_seen|_unseen)?$/) o = o " " $i " " $(i + 1)
+    print o }' /tmp/out-$name/log.txt | tail -4
   grep '^step' /tmp/out-$name/log.txt | tail -1
   grep -v '^step\|^eval @\|^\s*$\|^ *[0-9]*: ' /tmp/out-$name/log.txt | tail -6 | cut -c1-300
 done

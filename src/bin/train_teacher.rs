@@ -5,11 +5,14 @@
 //! cargo run --release --features cuda --bin train_teacher -- --device cuda --out assets/tiny-teacher
 //! ```
 //!
-//! Generates the world into `runs/world` when missing, trains with checkpoints in `runs/teacher`
-//! (Ctrl-C stops after the current step with a checkpoint; the same command resumes), evaluates
-//! on val every `--eval-every` steps (teacher forced), then on test by greedy generation, with
-//! real and with blank (all-black) images, after casting the weights to `--dtype` and loading
-//! them back. Writes the checkpoint and `eval.json` to `--out`.
+//! Generates the world into `runs/world` when missing (`teacher_world_config()`: compositions
+//! held out of training, half of val and test showing them), trains with checkpoints in
+//! `runs/teacher` (Ctrl-C stops after the current step with a checkpoint; the same command
+//! resumes), evaluates on val every `--eval-every` steps (teacher forced; the only split any
+//! choice may look at), then on test by greedy generation, with real and with blank (all-black)
+//! images, after casting the weights to `--dtype` and loading them back. Every report counts
+//! seen and unseen compositions apart. Writes the checkpoint and `eval.json` (with the world's
+//! overlap of val and test with train) to `--out`.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
@@ -22,12 +25,13 @@ use std::time::Instant;
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 use anyhow::{bail, Context};
-use candle_core::{DType, Device};
+use candle_core::DType;
 use clap::{Parser, ValueEnum};
 use serde_json::json;
 
+use matvlm::config::TinyLlavaConfig;
 use matvlm::data::llava::ImageCheck;
-use matvlm::data::{ensure_world, Dataset, LoadOptions, OnBadRecord};
+use matvlm::data::{ensure_world, world_overlap, Dataset, LoadOptions, OnBadRecord};
 use matvlm::eval::{evaluate, EvalMode, EvalOptions, EvalReport, ImageInput};
 use matvlm::model::vlm::Vlm;
 use matvlm::teacher::{self, TeacherDims};
@@ -168,6 +172,8 @@ fn main() -> anyhow::Result<()> {
     let world_cfg = teacher::teacher_world_config();
     eprintln!("world: {}", world.display());
     ensure_world(&world, &world_cfg).context("generating the synthetic world")?;
+    let overlap = world_overlap(&world_cfg)?;
+    eprintln!("val and test against train: {overlap}");
     let tok = PromptTokenizer::from_file(&world.join("tokenizer.json"))?;
     let mut dims = match args.size {
         Size::Tiny => TeacherDims::tiny(),
@@ -180,7 +186,10 @@ fn main() -> anyhow::Result<()> {
         dims.select_strategy = s.clone();
     }
     let config = dims.config(&tok)?;
-    let load = |split: &str| -> anyhow::Result<Arc<Dataset>> {
+    let load_with = |split: &str,
+                     tok: &PromptTokenizer,
+                     config: &TinyLlavaConfig|
+     -> anyhow::Result<Arc<Dataset>> {
         let opts = LoadOptions {
             max_len: config.tokenizer_model_max_length,
             on_bad: OnBadRecord::Fail,
@@ -189,12 +198,18 @@ fn main() -> anyhow::Result<()> {
             cache_images: true,
         };
         let path = world.join(format!("{split}.json"));
-        let (ds, _) = Dataset::load_with(&path, &world, &tok, &opts)
+        let (ds, _) = Dataset::load_with(&path, &world, tok, &opts)
             .with_context(|| format!("loading {}", path.display()))?;
         Ok(Arc::new(ds))
     };
+    let load = |split: &str| load_with(split, &tok, &config);
     if args.eval_only {
-        return eval_only(&out, &run_dir, &*load("test")?, &device);
+        let dir = out.to_str().context("non-UTF-8 output path")?;
+        let vlm = Vlm::load(dir, DType::F32, &device)?;
+        // The checkpoint's own tokenizer: a teacher made from another world numbers its tokens
+        // differently from this world's BPE.
+        let test = load_with("test", vlm.tokenizer()?, &vlm.config)?;
+        return eval_only(&vlm, &out, &run_dir, &test);
     }
     let (train_set, val, test) = (load("train")?, load("val")?, load("test")?);
     eprintln!(
@@ -310,6 +325,7 @@ fn main() -> anyhow::Result<()> {
             f32_tf: &f32_tf,
             cast_tf: &cast_tf,
             world: &world_cfg,
+            overlap: &overlap,
         },
     )?;
     eprintln!(
@@ -342,16 +358,14 @@ fn generated(
 /// `--eval-only`: evaluate the saved checkpoint on the whole test split and put the results in
 /// its eval.json (training facts already there are kept; when `--run-dir` holds the run that made
 /// the checkpoint, its configuration, step count and training seconds are recorded too).
-fn eval_only(out: &Path, run_dir: &Path, test: &Dataset, device: &Device) -> anyhow::Result<()> {
-    let dir = out.to_str().context("non-UTF-8 output path")?;
-    let vlm = Vlm::load(dir, DType::F32, device)?;
+fn eval_only(vlm: &Vlm, out: &Path, run_dir: &Path, test: &Dataset) -> anyhow::Result<()> {
     let tf = EvalOptions {
         mode: EvalMode::TeacherForced,
         ..EvalOptions::default()
     };
-    let cast_tf = evaluate(&vlm, test, &tf)?;
+    let cast_tf = evaluate(vlm, test, &tf)?;
     eprintln!("test, saved weights, teacher forced: {}", cast_tf.summary());
-    let (real, blank) = generated(&vlm, test, None)?;
+    let (real, blank) = generated(vlm, test, None)?;
     let path = out.join("eval.json");
     let mut value: serde_json::Value = match std::fs::read_to_string(&path) {
         Ok(text) => serde_json::from_str(&text)
@@ -425,6 +439,7 @@ struct EvalFile<'a> {
     f32_tf: &'a EvalReport,
     cast_tf: &'a EvalReport,
     world: &'a matvlm::data::WorldConfig,
+    overlap: &'a matvlm::data::WorldOverlap,
 }
 
 fn write_eval(out: &Path, e: &EvalFile) -> anyhow::Result<()> {
@@ -443,6 +458,7 @@ fn write_eval(out: &Path, e: &EvalFile) -> anyhow::Result<()> {
         "dims": e.dims,
         "train_config": e.cfg,
         "world": e.world,
+        "world_overlap": e.overlap,
         "blank_image": "all-black image of the same size (the world's background: an empty scene)",
     });
     let text = serde_json::to_string_pretty(&value)?;

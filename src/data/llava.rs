@@ -9,8 +9,8 @@
 //! ```
 //!
 //! (a `.jsonl` file with one record per line is read too). Records without `image` are text-only.
-//! Fields we do not use are ignored, except `question_type` which the synthetic world adds for
-//! per-type evaluation.
+//! Fields we do not use are ignored, except `question_type` and `composition` which the synthetic
+//! world adds for per-type and seen/unseen evaluation.
 //!
 //! Turns follow TinyLLaVA Factory's `Template.get_list_from_message`: a first message that is not
 //! from `human` is dropped, then messages alternate question / answer. Upstream only asserts that
@@ -45,6 +45,9 @@ pub struct Record {
     pub turns: Vec<Turn>,
     /// The synthetic world's question type (`color`, `count`, ...), when present.
     pub question_type: Option<String>,
+    /// The synthetic world's `seen` / `unseen` tag (a world with held-out compositions), when
+    /// present.
+    pub composition: Option<String>,
 }
 
 /// What to do with a record that cannot be used.
@@ -148,6 +151,11 @@ fn parse_record(index: usize, v: &Value) -> std::result::Result<Record, String> 
         Some(Value::String(s)) => Some(s.clone()),
         Some(_) => return Err("`question_type` must be a string".into()),
     };
+    let composition = match obj.get("composition") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(s)) => Some(s.clone()),
+        Some(_) => return Err("`composition` must be a string".into()),
+    };
     let convs = obj
         .get("conversations")
         .ok_or("no `conversations` field")?
@@ -241,6 +249,7 @@ fn parse_record(index: usize, v: &Value) -> std::result::Result<Record, String> 
         image,
         turns,
         question_type,
+        composition,
     })
 }
 

@@ -20,5 +20,6 @@ pub use llava::{
 };
 pub use synthetic::{
     ensure_world, generate_world, normalize_answer, read_world_split, train_world_tokenizer,
-    QuestionType, WorldConfig, WorldRecord, WorldSummary,
+    world_overlap, Composition, Holdout, QuestionType, WorldConfig, WorldOverlap, WorldRecord,
+    WorldSummary,
 };

@@ -1,4 +1,5 @@
-//! Exact-match accuracy of a VLM on a question-answer data set, overall and per question type.
+//! Exact-match accuracy of a VLM on a question-answer data set, overall, per question type and,
+//! for a synthetic world with held-out compositions, on seen and unseen scenes apart.
 //!
 //! Two ways to score a sample:
 //!
@@ -88,8 +89,31 @@ impl Score {
     }
 }
 
+/// Accuracy of the records of one composition group (`seen` or `unseen`), overall and per
+/// question type.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct GroupScore {
+    pub n: usize,
+    pub correct: usize,
+    pub accuracy: f64,
+    pub per_type: BTreeMap<String, Score>,
+}
+
+impl GroupScore {
+    fn add(&mut self, question_type: &str, ok: bool) {
+        self.n += 1;
+        self.correct += usize::from(ok);
+        self.accuracy = self.correct as f64 / self.n as f64;
+        self.per_type
+            .entry(question_type.to_string())
+            .or_default()
+            .add(ok);
+    }
+}
+
 /// The outcome of [`evaluate`]: overall and per question type (`"untyped"` for samples without
-/// a type), plus a few wrong answers to look at.
+/// a type), per composition group (records with a `composition` tag only), plus a few wrong
+/// answers to look at.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct EvalReport {
     pub mode: EvalMode,
@@ -100,6 +124,10 @@ pub struct EvalReport {
     pub correct: usize,
     pub accuracy: f64,
     pub per_type: BTreeMap<String, Score>,
+    /// `seen` / `unseen` (a synthetic world with held-out compositions); empty when no record is
+    /// tagged.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub per_composition: BTreeMap<String, GroupScore>,
     /// Up to [`MAX_MISTAKES`] wrong answers (generation mode only).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub mistakes: Vec<Mistake>,
@@ -119,16 +147,24 @@ pub struct Mistake {
 }
 
 impl EvalReport {
-    /// `overall 97.3% (n 2000) | color 99.0% | ...`
+    /// `overall 97.3% (n 2000) | color 99.0% | ... | seen 99.0% (n 1000) | unseen ...`
     pub fn summary(&self) -> String {
         let mut s = format!("overall {:.1}% (n {})", 100.0 * self.accuracy, self.n);
         for (t, score) in &self.per_type {
             s.push_str(&format!(" | {t} {:.1}%", 100.0 * score.accuracy));
         }
+        for (c, score) in &self.per_composition {
+            s.push_str(&format!(
+                " | {c} {:.1}% (n {})",
+                100.0 * score.accuracy,
+                score.n
+            ));
+        }
         s
     }
 
-    /// Named values for a metrics line: `{prefix}acc`, `{prefix}acc_{type}`.
+    /// Named values for a metrics line: `{prefix}acc`, `{prefix}acc_{type}`, and with composition
+    /// tags `{prefix}acc_{seen|unseen}` and `{prefix}acc_{seen|unseen}_{type}`.
     pub fn metrics(&self, prefix: &str) -> Vec<(String, f64)> {
         let mut v = vec![(format!("{prefix}acc"), self.accuracy)];
         v.extend(
@@ -136,6 +172,15 @@ impl EvalReport {
                 .iter()
                 .map(|(t, s)| (format!("{prefix}acc_{t}"), s.accuracy)),
         );
+        for (c, group) in &self.per_composition {
+            v.push((format!("{prefix}acc_{c}"), group.accuracy));
+            v.extend(
+                group
+                    .per_type
+                    .iter()
+                    .map(|(t, s)| (format!("{prefix}acc_{c}_{t}"), s.accuracy)),
+            );
+        }
         v
     }
 }
@@ -157,10 +202,18 @@ pub fn evaluate(vlm: &Vlm, dataset: &Dataset, opts: &EvalOptions) -> Result<Eval
         correct: 0,
         accuracy: 0.0,
         per_type: BTreeMap::new(),
+        per_composition: BTreeMap::new(),
         mistakes: Vec::new(),
     };
     let record = |report: &mut EvalReport, i: usize, ok: bool| {
         let t = question_type(dataset, i);
+        if let Some(c) = &dataset.records[i].composition {
+            report
+                .per_composition
+                .entry(c.clone())
+                .or_default()
+                .add(&t, ok);
+        }
         report.per_type.entry(t).or_default().add(ok);
         report.n += 1;
         report.correct += usize::from(ok);

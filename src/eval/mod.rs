@@ -9,8 +9,8 @@ pub mod perplexity;
 pub mod speed;
 
 pub use accuracy::{
-    blank_images, evaluate, teacher_forced_correct, EvalMode, EvalOptions, EvalReport, ImageInput,
-    Mistake, Score,
+    blank_images, evaluate, teacher_forced_correct, EvalMode, EvalOptions, EvalReport, GroupScore,
+    ImageInput, Mistake, Score,
 };
 pub use agreement::{agreement, AgreementOptions, AgreementReport};
 pub use perplexity::{answer_perplexity, PerplexityReport};

@@ -263,7 +263,8 @@ pub mod api {
 
     /// Exact-match accuracy of `model` on `data`, teacher forced (equal to greedy exact match,
     /// one forward per batch): a map `#{ accuracy, n, correct, per_type: #{ type: #{ accuracy,
-    /// n, correct } }, mode, image, source }`.
+    /// n, correct } }, mode, image, source }`, plus `per_composition: #{ seen: #{ accuracy, n,
+    /// correct, per_type }, unseen: ... }` on a synthetic world with held-out compositions.
     #[rhai_fn(name = "evaluate", return_raw)]
     pub fn evaluate(model: Model, data: Data) -> RhaiResult<Dynamic> {
         evaluate_with(model, data, Map::new())

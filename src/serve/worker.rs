@@ -366,13 +366,20 @@ impl RowState {
                     })
                     .max()
                     .unwrap_or(0);
-                self.text.len() - held
+                // A character whose bytes span tokens decodes as U+FFFD until its last byte
+                // comes: held back too, so that the pieces add up to the final text.
+                (self.text.len() - held).min(stable_len(&self.text))
             }
         };
         let piece = self.text.get(self.sent..end).unwrap_or("").to_string();
         self.sent = self.sent.max(end);
         piece
     }
+}
+
+/// Bytes of `text` before a trailing run of U+FFFD (an incomplete multi-byte character).
+fn stable_len(text: &str) -> usize {
+    text.trim_end_matches('\u{FFFD}').len()
 }
 
 fn generate_batch(batch: &[Job]) -> crate::Result<Vec<RowEnd>> {

@@ -274,14 +274,31 @@ pub struct WorldQuestion {
     pub answer: String,
 }
 
-/// `n` test questions of a small generated world (in `dir`), each about its own image.
+/// `n` test questions of a small generated world (in `dir`), each about its own image, all about
+/// scenes of compositions the tiny teacher's training shows (the world holds the teacher's
+/// compositions out, and only its seen records are taken): a retrained teacher answers them as
+/// well as its test split's seen part, whatever it makes of held-out compositions.
 pub fn world_questions(dir: &Path, n: usize) -> Vec<WorldQuestion> {
-    small_world(dir, 7, (1, 1, n));
+    let base = matvlm::data::WorldConfig::default();
+    let cfg = matvlm::data::WorldConfig {
+        seed: 7,
+        train: 1,
+        val: 1,
+        test: 4 * n,
+        vocab_size: 400,
+        holdout: Some(matvlm::teacher::teacher_holdout(&base)),
+        ..base
+    };
+    matvlm::data::generate_world(&cfg, dir).unwrap();
     let text = std::fs::read_to_string(dir.join("test.json")).unwrap();
     let records: Vec<matvlm::data::WorldRecord> = serde_json::from_str(&text).unwrap();
-    records
+    let seen: Vec<&matvlm::data::WorldRecord> = records
         .iter()
+        .filter(|r| r.composition == Some(matvlm::data::Composition::Seen))
         .take(n)
+        .collect();
+    assert_eq!(seen.len(), n, "{n} seen questions among {}", records.len());
+    seen.into_iter()
         .map(|r| WorldQuestion {
             question: r.question().to_string(),
             image: dir.join(&r.image),

@@ -15,6 +15,9 @@
 //! * Question types are dealt out in exact proportions per split and yes/no answers alternate, so
 //!   a model that ignores the image can only reach the answer priors (about a quarter of the
 //!   questions with the default mix).
+//! * Optionally ([`WorldConfig::holdout`], on in the teacher's world) a rule-defined set of
+//!   compositions never appears in training; val and test are part seen, part unseen, each record
+//!   tagged, and no val or test sample repeats a train one ([`Holdout`], [`world_overlap`]).
 //!
 //! Everything is a function of [`WorldConfig`]: the same config gives byte-identical files.
 //! Each sample draws from its own random stream, derived from (seed, split, index).
@@ -35,12 +38,18 @@ use crate::tokenize::{
 };
 use crate::{Error, Result};
 
+mod generate;
+mod holdout;
 mod language;
+mod overlap;
 mod questions;
 mod scene;
 mod tokenizer;
 
+pub use generate::*;
+pub use holdout::*;
 pub use language::*;
+pub use overlap::*;
 use questions::*;
 pub use scene::*;
 pub use tokenizer::*;
@@ -261,6 +270,12 @@ pub struct WorldConfig {
     /// Make the phi system prompt one token (an added token) instead of ~35 BPE tokens: it is the
     /// same in every sample and carries nothing, so this only shortens the sequences.
     pub system_prompt_token: bool,
+    /// Compositions kept out of training, and the share of val and test that shows them (see
+    /// [`Holdout`]). `None` (the default, and what a `world.json` without the field reads as):
+    /// every split draws from the same scenes, and the files are those of worlds made before
+    /// hold-outs existed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub holdout: Option<Holdout>,
 }
 
 impl Default for WorldConfig {
@@ -291,6 +306,7 @@ impl Default for WorldConfig {
             test: 2_000,
             vocab_size: 1024,
             system_prompt_token: true,
+            holdout: None,
         }
     }
 }
@@ -386,8 +402,44 @@ impl WorldConfig {
                 self.vocab_size
             ));
         }
+        if let Some(h) = &self.holdout {
+            h.validate(self).or_else(bad)?;
+        }
         Ok(())
     }
+}
+
+/// The records (and scenes) of the three splits, in [`SPLITS`] order, images numbered across them.
+/// With a hold-out, val and test are drawn first so that train can leave their samples out.
+pub fn make_world_records(cfg: &WorldConfig) -> Result<Vec<Vec<(WorldRecord, Scene)>>> {
+    cfg.validate()?;
+    let first_image =
+        |split_id: usize| -> usize { SPLITS[..split_id].iter().map(|s| cfg.split_len(s)).sum() };
+    let Some(holdout) = &cfg.holdout else {
+        return Ok((0..SPLITS.len())
+            .map(|id| make_split(cfg, id as u64, cfg.split_len(SPLITS[id]), first_image(id)))
+            .collect());
+    };
+    let none = HashSet::new();
+    let mut eval = Vec::new();
+    for (id, split) in SPLITS.iter().enumerate().skip(1) {
+        let n = cfg.split_len(split);
+        eval.push(make_held_out_split(
+            cfg,
+            holdout,
+            id as u64,
+            n,
+            first_image(id),
+            &none,
+        )?);
+    }
+    let exclude: HashSet<SampleKey> = eval
+        .iter()
+        .flatten()
+        .map(|(record, _)| sample_key(record))
+        .collect();
+    let train = make_held_out_split(cfg, holdout, 0, cfg.train, 0, &exclude)?;
+    Ok(std::iter::once(train).chain(eval).collect())
 }
 
 fn has_duplicates<T: Ord>(items: &[T]) -> bool {
@@ -428,6 +480,9 @@ pub struct WorldRecord {
     pub conversations: Vec<Message>,
     pub question_type: QuestionType,
     pub scene: Scene,
+    /// Seen or unseen in a world with a hold-out; absent otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub composition: Option<Composition>,
 }
 
 impl WorldRecord {
@@ -442,160 +497,4 @@ impl WorldRecord {
     pub fn answer(&self) -> &str {
         self.conversations.get(1).map_or("", |m| m.value.as_str())
     }
-}
-
-/// What [`generate_world`] wrote.
-#[derive(Debug, Clone, PartialEq)]
-pub struct WorldSummary {
-    pub dir: PathBuf,
-    /// Samples per split.
-    pub split_sizes: BTreeMap<String, usize>,
-    /// Samples per split and question type.
-    pub type_counts: BTreeMap<String, BTreeMap<QuestionType, usize>>,
-    pub vocab_size: usize,
-    pub eos_id: u32,
-    /// Token ids per train sample with the phi template (the image placeholder counting one).
-    pub mean_tokens: f64,
-    pub max_tokens: usize,
-}
-
-fn write_file(path: &Path, bytes: &[u8]) -> Result<()> {
-    std::fs::write(path, bytes).map_err(|e| Error::io(path, e))
-}
-
-/// Generate the world described by `cfg` into `out_dir`: `train.json`, `val.json`, `test.json`,
-/// `images/NNNNNN.png`, `tokenizer.json` and, last, `world.json` (the config; its presence marks a
-/// complete world). Existing files of an earlier world there are replaced.
-pub fn generate_world(cfg: &WorldConfig, out_dir: &Path) -> Result<WorldSummary> {
-    cfg.validate()?;
-    let images_dir = out_dir.join("images");
-    std::fs::create_dir_all(&images_dir).map_err(|e| Error::io(&images_dir, e))?;
-    let world_json = out_dir.join("world.json");
-    if world_json.exists() {
-        std::fs::remove_file(&world_json).map_err(|e| Error::io(&world_json, e))?;
-    }
-    remove_old_images(&images_dir)?;
-
-    let mut split_sizes = BTreeMap::new();
-    let mut type_counts = BTreeMap::new();
-    let mut first_image = 0usize;
-    let mut train_texts: Vec<String> = Vec::new();
-    let mut train_turns: Vec<Vec<Turn>> = Vec::new();
-    for (split_id, split) in SPLITS.iter().enumerate() {
-        let n = cfg.split_len(split);
-        let records = make_split(cfg, split_id as u64, n, first_image);
-        first_image += n;
-
-        let mut json = String::from("[\n");
-        let mut counts: BTreeMap<QuestionType, usize> = BTreeMap::new();
-        for (i, (record, scene)) in records.iter().enumerate() {
-            let img = render_scene(cfg, scene);
-            let path = out_dir.join(&record.image);
-            img.save_with_format(&path, image::ImageFormat::Png)
-                .map_err(|e| Error::BadImage {
-                    path: path.clone(),
-                    reason: format!("cannot write: {e}"),
-                })?;
-            let line = serde_json::to_string(record)
-                .map_err(|e| Error::Other(format!("serialising record {}: {e}", record.id)))?;
-            json.push_str(&line);
-            json.push_str(if i + 1 < records.len() { ",\n" } else { "\n" });
-            *counts.entry(record.question_type).or_default() += 1;
-            if *split == "train" {
-                let turn = Turn {
-                    question: record.conversations[0].value.clone(),
-                    answer: Some(record.answer().to_string()),
-                };
-                train_texts.push(crate::tokenize::phi_prompt(std::slice::from_ref(&turn)));
-                train_turns.push(vec![turn]);
-            }
-        }
-        json.push_str("]\n");
-        write_file(&out_dir.join(format!("{split}.json")), json.as_bytes())?;
-        split_sizes.insert(split.to_string(), n);
-        type_counts.insert(split.to_string(), counts);
-    }
-
-    train_texts.extend(vocabulary_sheet(cfg));
-    let whole: Vec<&str> = if cfg.system_prompt_token {
-        vec![PHI_SYSTEM]
-    } else {
-        vec![]
-    };
-    let tokenizer = train_world_tokenizer(&train_texts, cfg.vocab_size, &whole)?;
-    let tok_json = tokenizer
-        .to_string(true)
-        .map_err(|e| Error::Tokenizer(format!("serialising the world tokenizer: {e}")))?;
-    write_file(&out_dir.join("tokenizer.json"), tok_json.as_bytes())?;
-
-    let prompt_tok = PromptTokenizer::new(tokenizer)?;
-    let mut total = 0usize;
-    let mut max_tokens = 0usize;
-    for turns in &train_turns {
-        let (ids, _) = encode_conversation(&prompt_tok, turns)?;
-        total += ids.len();
-        max_tokens = max_tokens.max(ids.len());
-    }
-
-    let cfg_json = serde_json::to_string_pretty(cfg)
-        .map_err(|e| Error::Other(format!("serialising the world config: {e}")))?;
-    write_file(&world_json, format!("{cfg_json}\n").as_bytes())?;
-
-    Ok(WorldSummary {
-        dir: out_dir.to_path_buf(),
-        split_sizes,
-        type_counts,
-        vocab_size: prompt_tok.vocab_size(),
-        eos_id: prompt_tok.eos_id(),
-        mean_tokens: total as f64 / train_turns.len().max(1) as f64,
-        max_tokens,
-    })
-}
-
-/// Delete the `NNNNNN.png` files an earlier generation left (and nothing else).
-fn remove_old_images(images_dir: &Path) -> Result<()> {
-    let entries = std::fs::read_dir(images_dir).map_err(|e| Error::io(images_dir, e))?;
-    for entry in entries {
-        let entry = entry.map_err(|e| Error::io(images_dir, e))?;
-        let name = entry.file_name();
-        let name = name.to_string_lossy();
-        let ours = name
-            .strip_suffix(".png")
-            .is_some_and(|stem| !stem.is_empty() && stem.bytes().all(|b| b.is_ascii_digit()));
-        if ours {
-            let path = entry.path();
-            std::fs::remove_file(&path).map_err(|e| Error::io(&path, e))?;
-        }
-    }
-    Ok(())
-}
-
-/// Make sure `dir` holds the world of `cfg`: generate it when it is missing, incomplete, or was
-/// made from a different config. Processes sharing `dir` (parallel tests, a REPL beside a run)
-/// take turns through a lock file there, so one generates and the others find it done.
-pub fn ensure_world(dir: &Path, cfg: &WorldConfig) -> Result<()> {
-    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-    let lock_path = dir.join(".generating.lock");
-    let lock = std::fs::File::create(&lock_path).map_err(|e| Error::io(&lock_path, e))?;
-    lock.lock().map_err(|e| Error::io(&lock_path, e))?;
-    let complete = ["train.json", "val.json", "test.json", "tokenizer.json"]
-        .iter()
-        .all(|f| dir.join(f).is_file());
-    let same_config = std::fs::read_to_string(dir.join("world.json"))
-        .ok()
-        .and_then(|text| serde_json::from_str::<WorldConfig>(&text).ok())
-        .is_some_and(|existing| existing == *cfg);
-    if complete && same_config {
-        return Ok(());
-    }
-    generate_world(cfg, dir).map(|_| ())
-}
-
-/// Read one of the world's split files with its scene metadata.
-pub fn read_world_split(path: &Path) -> Result<Vec<WorldRecord>> {
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-    serde_json::from_str(&text).map_err(|e| Error::BadConfig {
-        path: path.to_path_buf(),
-        reason: format!("not a world split file: {e}"),
-    })
 }

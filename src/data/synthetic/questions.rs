@@ -4,12 +4,14 @@
 use super::*;
 
 /// A question of type `qtype` about `scene`, and its answer. `yes` picks the answer of an
-/// `Exists` question (the caller alternates it so yes and no are balanced exactly).
-fn make_question(
+/// `Exists` question (the caller alternates it so yes and no are balanced exactly); a "no" never
+/// names a shape and colour that `avoid` holds out.
+pub(super) fn make_question(
     cfg: &WorldConfig,
     scene: &Scene,
     qtype: QuestionType,
     yes: bool,
+    avoid: Option<&Holdout>,
     rng: &mut SplitMix64,
 ) -> (String, String) {
     let objs = &scene.objects;
@@ -90,7 +92,7 @@ fn make_question(
                 let o = rng.choose(objs);
                 (o.shape, o.color)
             } else {
-                absent_pair(cfg, objs, &present, rng)
+                absent_pair(cfg, objs, &present, avoid, rng)
             };
             let answer = if yes { "yes" } else { "no" };
             (
@@ -110,38 +112,46 @@ fn make_question(
     }
 }
 
-/// A colour/shape pair not in the image. Two times out of three a near miss (an object's shape
-/// in another colour, or its colour on another shape), so that "no" needs colour and shape bound
-/// together rather than either alone.
+/// A colour/shape pair not in the image (nor held out by `avoid`). Two times out of three a near
+/// miss (an object's shape in another colour, or its colour on another shape), so that "no"
+/// needs colour and shape bound together rather than either alone.
 fn absent_pair(
     cfg: &WorldConfig,
     objs: &[SceneObject],
     present: &HashSet<(Shape, Color)>,
+    avoid: Option<&Holdout>,
     rng: &mut SplitMix64,
 ) -> (Shape, Color) {
+    let allowed = |&(s, c): &(Shape, Color)| {
+        !present.contains(&(s, c)) && !avoid.is_some_and(|h| h.holds_out_pair(s, c))
+    };
     let mut candidates: Vec<(Shape, Color)> = Vec::new();
     if rng.below(3) < 2 {
         let o = rng.choose(objs);
         candidates.extend(cfg.colors.iter().map(|&c| (o.shape, c)));
         candidates.extend(cfg.shapes.iter().map(|&s| (s, o.color)));
-        candidates.retain(|p| !present.contains(p));
+        candidates.retain(allowed);
     }
     if candidates.is_empty() {
         for &s in &cfg.shapes {
             for &c in &cfg.colors {
-                if !present.contains(&(s, c)) {
+                if allowed(&(s, c)) {
                     candidates.push((s, c));
                 }
             }
         }
     }
-    // Non-empty: validate() guarantees more colour/shape pairs than objects.
+    // Non-empty: validate() guarantees more (seen) colour/shape pairs than objects.
     *rng.choose(&candidates)
 }
 
 /// The question types of a split, in exact proportion to the mix (largest remainders), in a
 /// seeded random order.
-fn deal_question_types(cfg: &WorldConfig, n: usize, rng: &mut SplitMix64) -> Vec<QuestionType> {
+pub(super) fn deal_question_types(
+    cfg: &WorldConfig,
+    n: usize,
+    rng: &mut SplitMix64,
+) -> Vec<QuestionType> {
     let weights: Vec<f64> = QuestionType::ALL
         .iter()
         .map(|&t| cfg.question_mix.weight(t))
@@ -198,25 +208,49 @@ pub(super) fn make_split(
             } else {
                 false
             };
-            let (question, answer) = make_question(cfg, &scene, qtype, yes, &mut rng);
-            let number = first_image + i;
-            let record = WorldRecord {
-                id: format!("{}-{i:06}", SPLITS[split_id as usize]),
-                image: format!("images/{number:06}.png"),
-                conversations: vec![
-                    Message {
-                        from: "human".into(),
-                        value: format!("{IMAGE_MARKER}\n{question}"),
-                    },
-                    Message {
-                        from: "gpt".into(),
-                        value: answer,
-                    },
-                ],
-                question_type: qtype,
-                scene: scene.clone(),
-            };
+            let (question, answer) = make_question(cfg, &scene, qtype, yes, None, &mut rng);
+            let record = world_record(
+                split_id,
+                i,
+                first_image + i,
+                qtype,
+                question,
+                answer,
+                &scene,
+                None,
+            );
             (record, scene)
         })
         .collect()
+}
+
+/// Record `i` of split `split_id`, whose image is number `image`.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn world_record(
+    split_id: u64,
+    i: usize,
+    image: usize,
+    qtype: QuestionType,
+    question: String,
+    answer: String,
+    scene: &Scene,
+    composition: Option<Composition>,
+) -> WorldRecord {
+    WorldRecord {
+        id: format!("{}-{i:06}", SPLITS[split_id as usize]),
+        image: format!("images/{image:06}.png"),
+        conversations: vec![
+            Message {
+                from: "human".into(),
+                value: format!("{IMAGE_MARKER}\n{question}"),
+            },
+            Message {
+                from: "gpt".into(),
+                value: answer,
+            },
+        ],
+        question_type: qtype,
+        scene: scene.clone(),
+        composition,
+    }
 }

@@ -5,8 +5,18 @@ use super::*;
 /// Draw a random scene: `min..=max` objects in distinct cells, no two with the same colour and
 /// shape, sorted in reading order.
 pub(super) fn make_scene(cfg: &WorldConfig, rng: &mut SplitMix64) -> Scene {
+    let n = draw_object_count(cfg, rng);
+    make_scene_of(cfg, n, rng)
+}
+
+/// How many objects a scene has: uniform in `min_objects..=max_objects`.
+pub(super) fn draw_object_count(cfg: &WorldConfig, rng: &mut SplitMix64) -> usize {
+    rng.range_inclusive(cfg.min_objects as i64, cfg.max_objects as i64) as usize
+}
+
+/// A random scene of `n` objects (see [`make_scene`]).
+pub(super) fn make_scene_of(cfg: &WorldConfig, n: usize, rng: &mut SplitMix64) -> Scene {
     let cell = cfg.cell_px();
-    let n = rng.range_inclusive(cfg.min_objects as i64, cfg.max_objects as i64) as usize;
     let mut cells: Vec<u32> = (0..cfg.grid * cfg.grid).collect();
     rng.shuffle(&mut cells);
     let mut chosen = cells[..n].to_vec();

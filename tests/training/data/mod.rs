@@ -44,6 +44,7 @@ fn write_image(path: &Path, color: [u8; 3]) {
     RgbImage::from_pixel(20, 12, Rgb(color)).save(path).unwrap();
 }
 
+mod holdout;
 mod llava;
 mod loader;
 mod world;
