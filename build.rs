@@ -15,7 +15,7 @@ use std::process::Command;
 /// The targets the PTX is built for: sm_80 serves every card of compute capability 8.x
 /// (A100, A10, L4, L40, RTX 30/40) and sm_90 Hopper. The kernels use nothing newer than sm_80
 /// (mma.sync, ldmatrix, cp.async), so the two differ only in how ptxas schedules them; the
-/// runtime picks by the device's compute capability (src/model/mamba2/kernels/mod.rs).
+/// runtime picks by the device's compute capability (src/kernels/mod.rs).
 const ARCHS: [u32; 2] = [80, 90];
 
 fn main() {
@@ -28,7 +28,7 @@ fn main() {
     let out = PathBuf::from(std::env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
     let nvcc = std::env::var("NVCC").unwrap_or_else(|_| "nvcc".into());
     let mut jobs = Vec::new();
-    for name in ["conv", "ssd", "ssd_tc", "ssd_bwd", "norm"] {
+    for name in ["conv", "ssd", "ssd_tc", "ssd_bwd", "norm", "attention"] {
         for arch in ARCHS {
             let (nvcc, out) = (nvcc.clone(), out.clone());
             jobs.push(std::thread::spawn(move || compile(&nvcc, name, arch, &out)));

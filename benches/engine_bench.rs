@@ -2,7 +2,8 @@
 //!
 //! `cargo bench --bench engine_bench [--features cuda] -- [options]`; prints one JSON object per
 //! line (also appended to `--out FILE`):
-//! - `env`: device, dtype, commit, the card's copy bandwidth (a >= 1 GiB device-to-device copy,
+//! - `env`: device, dtype, commit, the kernel policy (`MATVLM_ATTENTION_KERNELS=0` etc., see
+//!   `KernelPolicy::from_env`), the card's copy bandwidth (a >= 1 GiB device-to-device copy,
 //!   read + write bytes counted);
 //! - `model`: per model, its layers, the bytes of its weights (language model, vision side);
 //! - `prefill` / `decode`: [`matvlm::eval::bench_generation`]'s records, with the bandwidth bound
@@ -164,6 +165,10 @@ impl StepBytes {
 
 fn main() -> matvlm::Result<()> {
     let args = parse_args();
+    // MATVLM_ATTENTION_KERNELS=0 (and the other switches of KernelPolicy::from_env) time the
+    // paths without a kernel in the same call; the env record says which ran.
+    let policy = matvlm::model::mamba2::fused::KernelPolicy::from_env();
+    matvlm::model::mamba2::fused::set_policy(policy);
     let device = matvlm::device::parse_device(&args.device)?;
     let mut out = args.out.as_ref().map(|p| {
         std::fs::OpenOptions::new()
@@ -179,6 +184,7 @@ fn main() -> matvlm::Result<()> {
             "record": "env", "device": args.device, "dtype": args.dtype, "config": args.config,
             "commit": option_env!("MATVLM_COMMIT"), "copy_gbps": bandwidth / 1e9,
             "copy_gib": args.bandwidth_gib, "options": args.bench,
+            "policy": format!("{policy:?}"),
         }),
     );
     if let Some(dir) = &args.check_model {

@@ -354,6 +354,22 @@ __device__ __forceinline__ void state_update_v4(float* __restrict__ state, const
     }
 }
 
+// dt = softplus(dt_raw + dt_bias), clamped to [lo, hi], as ssd::discretize_dt: [rows, H] f32 from
+// dt_raw rows `s_row` elements apart (the dt columns of in_proj's output, read in place). One
+// decode step's worth; the generic form is seven elementwise launches.
+template <typename T>
+__device__ __forceinline__ void dt_softplus(const T* __restrict__ dt_raw, long s_row,
+                                            const float* __restrict__ bias, float* __restrict__ out,
+                                            int rows, int H, float lo, float hi) {
+    const long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= (long)rows * H) return;
+    const long r = i / H;
+    const int h = (int)(i % H);
+    const float v = to_f32(dt_raw[r * s_row + h]) + bias[h];
+    const float sp = fmaxf(v, 0.0f) + logf(expf(-fabsf(v)) + 1.0f);
+    out[i] = fminf(fmaxf(sp, lo), hi);
+}
+
 #define SSD_ENTRY(T, S)                                                                            \
     extern "C" __global__ void __launch_bounds__(NTHREADS)                                         \
         mamba2_ssd_chunk_state_##S(const T* x, const float* dt, const float* A, const T* Bm,        \
@@ -378,5 +394,10 @@ __device__ __forceinline__ void state_update_v4(float* __restrict__ state, const
         const float* __restrict__ D, const T* __restrict__ z, T* __restrict__ y, int Bsz, int H,    \
         int G, int P, int N) {                                                                      \
         state_update_v4<T>(state, x, dt, A, Bm, Cm, D, z, y, Bsz, H, G, P, N);                      \
+    }                                                                                               \
+    extern "C" __global__ void mamba2_dt_softplus_##S(const T* dt_raw, long s_row,                  \
+                                                      const float* bias, float* out, int rows,      \
+                                                      int H, float lo, float hi) {                  \
+        dt_softplus<T>(dt_raw, s_row, bias, out, rows, H, lo, hi);                                  \
     }
 FOR_EACH_DTYPE(SSD_ENTRY)

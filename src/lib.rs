@@ -15,6 +15,8 @@ pub mod eval;
 pub mod generate;
 pub mod image;
 pub mod io;
+#[cfg(feature = "cuda")]
+pub mod kernels;
 pub mod loss;
 pub mod model;
 #[cfg(feature = "app")]

@@ -1,4 +1,5 @@
-//! Parity of the Mamba-2 CUDA kernels with the generic candle path on the CPU (`cuda` feature;
+//! Parity of the CUDA kernels with the generic candle path: the Mamba-2 kernels against the CPU,
+//! the engine's attention kernels against the generic attention on the GPU (`attention.rs`) (`cuda` feature;
 //! a test target with its own `main`, built only with the feature: `required-features` in
 //! Cargo.toml).
 //!
@@ -23,6 +24,9 @@
 
 use candle_core::{DType, Device, Tensor};
 use matvlm::model::mamba2::{fused, Mamba2, Mamba2Config, Mamba2State};
+
+#[path = "kernel_check/attention.rs"]
+mod attention;
 
 /// Tolerance on `rel` for an output of dtype `out` computed from inputs of dtype `input`.
 ///
@@ -710,6 +714,7 @@ fn check_case(k: &Case, dtype: DType, gpu: &Device, r: &mut Report) -> matvlm::R
         Ok(Mamba2State {
             conv: conv_in.to_device(dev)?,
             ssm: i.init.to_device(dev)?,
+            constants: None,
         })
     };
     let run_mixer = |dev: &Device| -> matvlm::Result<(Tensor, Tensor, Vec<Tensor>)> {
@@ -814,7 +819,7 @@ fn main() -> std::process::ExitCode {
         ..fused::KernelPolicy::ALL
     });
     let target = match &gpu {
-        Device::Cuda(d) => match matvlm::model::mamba2::kernels::target(d) {
+        Device::Cuda(d) => match matvlm::kernels::target(d) {
             Ok(t) => format!(
                 "{} (compute capability {}.{}), sm_{} PTX, {} B shared memory per block",
                 t.device, t.compute_capability.0, t.compute_capability.1, t.arch, t.smem_opt_in
@@ -829,6 +834,12 @@ fn main() -> std::process::ExitCode {
     eprintln!("kernel_check: {target}");
     let mut r = Report::default();
     let start = std::time::Instant::now();
+    // The engine's attention kernels (a few seconds) before the Mamba-2 cases.
+    for dtype in [DType::F32, DType::F16, DType::BF16] {
+        let t = std::time::Instant::now();
+        attention::check(dtype, &gpu, &mut r);
+        eprintln!("-- attention {dtype:?}: {:.1} s", t.elapsed().as_secs_f64());
+    }
     for k in CASES {
         if (quick && k.heads == 32) || ((quick || no_long) && k.scope == Long) {
             continue;

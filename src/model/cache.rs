@@ -41,12 +41,22 @@ pub struct CacheLayout {
     /// `[B, 1, 1, capacity]` additive f32 mask: [`PAD_SCORE`] at padding keys, 0 elsewhere.
     /// `None` when no row is padded.
     pub key_mask: Option<Tensor>,
+    /// u32 `[B]`, `left_pad` on the device (the decode kernel's row starts); `None` when no row
+    /// is padded.
+    pub key_start: Option<Tensor>,
 }
 
 impl CacheLayout {
     /// The layout of `left_pad.len()` rows holding `capacity` positions.
     pub fn new(capacity: usize, left_pad: Vec<usize>, device: &Device) -> Result<Self> {
-        let key_mask = if left_pad.iter().any(|&p| p > 0) {
+        let padded = left_pad.iter().any(|&p| p > 0);
+        let key_start = if padded {
+            let starts = left_pad.iter().map(|&p| p as u32).collect::<Vec<_>>();
+            Some(Tensor::from_vec(starts, left_pad.len(), device)?)
+        } else {
+            None
+        };
+        let key_mask = if padded {
             let b = left_pad.len();
             let values: Vec<f32> = left_pad
                 .iter()
@@ -61,6 +71,7 @@ impl CacheLayout {
             left_pad,
             rotary: None,
             key_mask,
+            key_start,
         })
     }
 

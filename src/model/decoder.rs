@@ -271,7 +271,13 @@ impl Decoder {
             (Some(c), Some(k)) => Some(k.broadcast_add(&c)?),
             (c, k) => c.or(k),
         };
-        Ok(AttentionInputs { cos, sin, mask })
+        let key_start = layout.and_then(|l| l.key_start.clone());
+        Ok(AttentionInputs {
+            cos,
+            sin,
+            mask,
+            key_start,
+        })
     }
 
     /// Embeddings of token ids `[B, T]` (u32).

@@ -124,6 +124,19 @@ impl KvCache {
         self.v.narrow(2, 0, self.len)
     }
 
+    /// The whole key and value buffers `[B, H_kv, capacity, Dh]`, for a kernel that writes
+    /// positions in place (then [`Self::advance`]).
+    #[cfg(feature = "cuda")]
+    pub(crate) fn buffers(&self) -> (&Tensor, &Tensor) {
+        (&self.k, &self.v)
+    }
+
+    /// Count `t` more positions as written (by a kernel, into [`Self::buffers`]).
+    #[cfg(feature = "cuda")]
+    pub(crate) fn advance(&mut self, t: usize) {
+        self.len += t;
+    }
+
     /// Add the keys and values of the next `T` positions (`[B, H_kv, T, Dh]`) and return views of
     /// every position written so far. In place when there is room and no gradient flows through
     /// the new keys (an in-place write has no backward).
@@ -154,6 +167,9 @@ pub struct AttentionInputs {
     /// Additive f32 mask broadcastable to the scores `[B, H, T, T_total]`: causal for a prefill,
     /// key padding for left-padded rows; `None` for one unpadded token.
     pub mask: Option<Tensor>,
+    /// u32 `[B]`: each row's first real key (its left padding), for the decode kernel, which
+    /// skips the padding instead of masking it; `None` when no row is padded.
+    pub key_start: Option<Tensor>,
 }
 
 /// Phi self-attention: q/k/v/dense with biases, partial rotary, causal softmax attention.
@@ -198,14 +214,43 @@ impl PhiAttention {
         want_weights: bool,
     ) -> Result<(Tensor, Option<Tensor>)> {
         let (b, t, _) = x.dims3()?;
-        let heads = |y: Tensor, n: usize| -> Result<Tensor> {
+        let (q, k, v) = (
+            self.q_proj.forward(x)?,
+            self.k_proj.forward(x)?,
+            self.v_proj.forward(x)?,
+        );
+        let (out, probs) = match self.engine_step(&q, &k, &v, rotary, inputs, cache, want_weights)? {
+            Some(out) => (out, None),
+            None => self.generic_step(&q, &k, &v, rotary, inputs, cache, want_weights)?,
+        };
+        let out = out
+            .transpose(1, 2)?
+            .reshape((b, t, self.num_heads * self.head_dim))?;
+        Ok((self.dense.forward(&out)?, probs))
+    }
+
+    /// Attention from the projections `q, k, v: [B, T, heads * Dh]` with tensor ops (any device,
+    /// any cache, under autograd): the output `[B, H, T, Dh]` and, when asked, the probabilities.
+    #[allow(clippy::too_many_arguments)]
+    fn generic_step(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        rotary: &Rotary,
+        inputs: &AttentionInputs,
+        cache: &mut Option<KvCache>,
+        want_weights: bool,
+    ) -> Result<(Tensor, Option<Tensor>)> {
+        let (b, t, _) = q.dims3()?;
+        let heads = |y: &Tensor, n: usize| -> Result<Tensor> {
             y.reshape((b, t, n, self.head_dim))?
                 .transpose(1, 2)?
                 .contiguous()
         };
-        let q = heads(self.q_proj.forward(x)?, self.num_heads)?;
-        let k = heads(self.k_proj.forward(x)?, self.num_kv_heads)?;
-        let v = heads(self.v_proj.forward(x)?, self.num_kv_heads)?;
+        let q = heads(q, self.num_heads)?;
+        let k = heads(k, self.num_kv_heads)?;
+        let v = heads(v, self.num_kv_heads)?;
         let q = rotary.apply(&q, &inputs.cos, &inputs.sin)?;
         let k = rotary.apply(&k, &inputs.cos, &inputs.sin)?;
         let (k, v) = match cache {
@@ -215,25 +260,94 @@ impl PhiAttention {
                 (k, v)
             }
         };
-        let rep = self.num_heads / self.num_kv_heads;
-        let (k, v) = (repeat_kv(&k, rep)?, repeat_kv(&v, rep)?);
+        self.attend(&q, &k, &v, inputs.mask.as_ref(), want_weights)
+    }
 
-        // Scores and softmax in f32 (as HF does for half precision), then back.
-        let dtype = x.dtype();
+    /// Softmax attention of `q [B, H, T, Dh]` over `k, v [B, H_kv, T_total, Dh]` with an additive
+    /// f32 mask: scores and softmax in f32 (as HF does for half precision), then back.
+    fn attend(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        mask: Option<&Tensor>,
+        want_weights: bool,
+    ) -> Result<(Tensor, Option<Tensor>)> {
+        let rep = self.num_heads / self.num_kv_heads;
+        let (k, v) = (repeat_kv(k, rep)?, repeat_kv(v, rep)?);
+        let dtype = q.dtype();
         let scale = 1.0 / (self.head_dim as f64).sqrt();
         // The rotary output of a single decoded token can carry strides CUDA's matmul rejects.
-        let scores = (upcast(&q)?.contiguous()?.matmul(&upcast(&k)?.t()?)? * scale)?;
-        let scores = match &inputs.mask {
+        let scores = (upcast(q)?.contiguous()?.matmul(&upcast(&k)?.t()?)? * scale)?;
+        let scores = match mask {
             Some(m) => scores.broadcast_add(m)?,
             None => scores,
         };
         let probs = softmax_last_dim(&scores)?;
         let out = probs.to_dtype(dtype)?.matmul(&v)?;
-        let out = out
-            .transpose(1, 2)?
-            .reshape((b, t, self.num_heads * self.head_dim))?;
-        let out = self.dense.forward(&out)?;
         Ok((out, want_weights.then_some(probs)))
+    }
+
+    /// The engine's path on CUDA (src/kernels/attention.rs): one launch from the projections
+    /// to rotated queries and the cache written in place, then flash-decoding for one token or
+    /// [`Self::attend`] over the cache for a prompt. Taken for a preallocated cache with room,
+    /// no gradient and no probabilities wanted, when the kernel policy allows; `None` otherwise.
+    #[allow(clippy::too_many_arguments)]
+    fn engine_step(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        rotary: &Rotary,
+        inputs: &AttentionInputs,
+        cache: &mut Option<KvCache>,
+        want_weights: bool,
+    ) -> Result<Option<Tensor>> {
+        #[cfg(feature = "cuda")]
+        {
+            use crate::kernels::attention;
+            let t = q.dim(1)?;
+            let Some(c) = cache.as_mut() else {
+                return Ok(None);
+            };
+            let applies = q.device().is_cuda()
+                && crate::model::mamba2::fused::attention_kernels_enabled()
+                && !want_weights
+                && !(q.track_op() || k.track_op() || v.track_op())
+                && attention::supported(q.dtype(), self.head_dim)
+                && rotary.rotary_dim > 0
+                && c.len() + t <= c.capacity();
+            if !applies {
+                return Ok(None);
+            }
+            crate::model::mamba2::fused::took("attention:kernel");
+            let pos0 = c.len();
+            let (kc, vc) = {
+                let (k, v) = c.buffers();
+                (k.clone(), v.clone())
+            };
+            let q = attention::prep(q, k, v, &inputs.cos, &inputs.sin, &kc, &vc, pos0)?;
+            c.advance(t);
+            let out = if t == 1 {
+                let scale = 1.0 / (self.head_dim as f32).sqrt();
+                // With the rows' starts the kernel skips the padding the mask would zero.
+                let mask = match inputs.key_start {
+                    Some(_) => None,
+                    None => inputs.mask.as_ref(),
+                };
+                let start = inputs.key_start.as_ref();
+                attention::decode(&q, &kc, &vc, c.len(), mask, start, scale)?
+            } else {
+                self.attend(&q, &c.keys()?, &c.values()?, inputs.mask.as_ref(), false)?
+                    .0
+            };
+            Ok(Some(out))
+        }
+        #[cfg(not(feature = "cuda"))]
+        {
+            let _ = (q, k, v, rotary, inputs, cache, want_weights);
+            Ok(None)
+        }
     }
 }
 

@@ -421,6 +421,7 @@ fn grad_setup(
     let state = Mamba2State {
         conv: (randn(&[2, cfg.conv_dim(), cfg.d_conv], DType::F64, 24) * 0.5).unwrap(),
         ssm: (randn(&[2, 2, 3, 4], DType::F64, 25) * 0.5).unwrap(),
+        constants: None,
     };
     (cfg, params, x, state)
 }

@@ -43,6 +43,9 @@ pub struct KernelPolicy {
     /// Load the sm_80 PTX on every card, Hopper included (off: sm_90's on compute capability
     /// 9.x): how the Ampere/Ada build is run and checked on an H100.
     pub sm80_everywhere: bool,
+    /// The generation engine's attention kernels (src/kernels/attention.rs), when `kernels` is
+    /// on too (off: attention through tensor ops, so the two can be timed in one run).
+    pub attention: bool,
 }
 
 impl KernelPolicy {
@@ -51,23 +54,27 @@ impl KernelPolicy {
         kernels: true,
         tensor_cores: true,
         sm80_everywhere: false,
+        attention: true,
     };
     /// The generic candle path only.
     pub const GENERIC: Self = Self {
         kernels: false,
         tensor_cores: false,
         sm80_everywhere: false,
+        attention: false,
     };
 
-    /// The policy the variables `MATVLM_MAMBA2_KERNELS` and `MATVLM_MAMBA2_TC` ask for (each
-    /// `0` switches its part off; unset or anything else leaves it on), and `MATVLM_PTX_ARCH=80`
-    /// for the sm_80 PTX everywhere. For a binary's `main`, read once.
+    /// The policy the variables `MATVLM_MAMBA2_KERNELS`, `MATVLM_MAMBA2_TC` and
+    /// `MATVLM_ATTENTION_KERNELS` ask for (each `0` switches its part off; unset or anything else
+    /// leaves it on), and `MATVLM_PTX_ARCH=80` for the sm_80 PTX everywhere. For a binary's
+    /// `main`, read once.
     pub fn from_env() -> Self {
         let on = |var: &str| std::env::var(var).map_or(true, |v| v != "0");
         Self {
             kernels: on("MATVLM_MAMBA2_KERNELS"),
             tensor_cores: on("MATVLM_MAMBA2_TC"),
             sm80_everywhere: std::env::var("MATVLM_PTX_ARCH").is_ok_and(|v| v == "80"),
+            attention: on("MATVLM_ATTENTION_KERNELS"),
         }
     }
 
@@ -75,6 +82,7 @@ impl KernelPolicy {
         u8::from(self.kernels)
             | (u8::from(self.tensor_cores) << 1)
             | (u8::from(self.sm80_everywhere) << 2)
+            | (u8::from(self.attention) << 3)
     }
 
     fn from_bits(b: u8) -> Self {
@@ -82,6 +90,7 @@ impl KernelPolicy {
             kernels: b & 1 != 0,
             tensor_cores: b & 2 != 0,
             sm80_everywhere: b & 4 != 0,
+            attention: b & 8 != 0,
         }
     }
 }
@@ -92,7 +101,7 @@ impl Default for KernelPolicy {
     }
 }
 
-static POLICY: AtomicU8 = AtomicU8::new(3);
+static POLICY: AtomicU8 = AtomicU8::new(11);
 
 /// Set the process's kernel policy (benchmarks and parity checks switch it between runs).
 pub fn set_policy(p: KernelPolicy) {
@@ -111,6 +120,11 @@ pub fn kernels_enabled() -> bool {
     cfg!(feature = "cuda") && policy().kernels
 }
 
+/// Whether the engine's attention kernels are built in and allowed by the policy.
+pub fn attention_kernels_enabled() -> bool {
+    kernels_enabled() && policy().attention
+}
+
 thread_local! {
     static TRACE: RefCell<Option<Vec<&'static str>>> = const { RefCell::new(None) };
 }
@@ -126,8 +140,9 @@ pub fn traced<R>(f: impl FnOnce() -> R) -> (R, Vec<&'static str>) {
     (r, seen.unwrap_or_default())
 }
 
-/// Record the path a call took (for [`traced`]; nothing when no trace is open).
-fn took(path: &'static str) {
+/// Record the path a call took (for [`traced`]; nothing when no trace is open). The attention
+/// kernels of the engine record theirs here too (`attention:kernel`), under the same policy.
+pub(crate) fn took(path: &'static str) {
     TRACE.with(|t| {
         if let Some(v) = t.borrow_mut().as_mut() {
             if !v.contains(&path) {
@@ -629,6 +644,33 @@ fn train_scan(
     packed_kernels(&xbc, (h, p, g, n), dt, a, d, z, chunk_size, initial)
 }
 
+/// `dt = softplus(dt_raw + dt_bias)`, clamped to `limit` ([`ssd::discretize_dt`]) for one
+/// decode step, `dt_raw [B, H]`: one kernel on CUDA (reading the dt columns of in_proj's output
+/// in place) where the generic form is about ten launches.
+pub fn discretize_dt(
+    dt_raw: &Tensor,
+    dt_bias: &Tensor,
+    limit: Option<(f64, f64)>,
+) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    {
+        let all = [Some(dt_raw), Some(dt_bias)];
+        if use_kernels(&all)
+            && dt_raw.rank() == 2
+            && dt_bias.dtype() == DType::F32
+            && dt_raw.stride().last() == Some(&1)
+        {
+            let (lo, hi) = limit.map_or((f32::NEG_INFINITY, f32::INFINITY), |(lo, hi)| {
+                (lo as f32, hi as f32)
+            });
+            took("dt-step:kernel");
+            return Ok(super::kernels::dt_softplus(dt_raw, dt_bias, lo, hi)?);
+        }
+    }
+    took("dt-step:generic");
+    ssd::discretize_dt(dt_raw, dt_bias, limit)
+}
+
 /// One decoding step ([`ssd::step`]) with an optional gate `z [B, H, P]`; `state` advances (in
 /// place on CUDA when it is f32 and contiguous, otherwise replaced). Returns `y [B, H, P]`.
 #[allow(clippy::too_many_arguments)]
@@ -838,6 +880,7 @@ mod tests {
                 kernels: true,
                 tensor_cores: false,
                 sm80_everywhere: true,
+                attention: false,
             },
         ] {
             assert_eq!(KernelPolicy::from_bits(p.bits()), p);

@@ -5,6 +5,7 @@
 //! `RMSNorm_group(y * silu(z)) * w`; `out_proj`.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::VarBuilder;
@@ -22,6 +23,24 @@ pub struct Mamba2State {
     pub conv: Tensor,
     /// The SSM state `[B, n_heads, head_dim, d_state]`, f32 (f64 for an f64 model).
     pub ssm: Tensor,
+    /// The parameters in the form a decode step reads them, made by the prefill that made this
+    /// state when no gradient was tracked (`None` otherwise: each step then derives them).
+    pub constants: Option<Arc<StepConstants>>,
+}
+
+/// What a decode step reads from the mixer's parameters, in the compute dtype (f32 for half
+/// models) and contiguous, with `A = -exp(A_log)`: each is a conversion launch on the GPU, so a
+/// generation makes them once, with its state, instead of once per token and layer. Tied to one
+/// generation (the parameters may be trained between two).
+#[derive(Debug)]
+pub struct StepConstants {
+    pub a: Tensor,
+    pub d: Tensor,
+    pub dt_bias: Tensor,
+    /// `[conv_dim, 1, d_conv]`, as the checkpoint holds it.
+    pub conv_weight: Tensor,
+    pub conv_bias: Option<Tensor>,
+    pub norm_weight: Tensor,
 }
 
 impl Mamba2State {
@@ -41,6 +60,7 @@ impl Mamba2State {
         Ok(Self {
             conv: Tensor::zeros((batch, cfg.conv_dim(), cfg.d_conv), cd, device)?,
             ssm: Tensor::zeros((batch, cfg.n_heads, cfg.head_dim, cfg.d_state), cd, device)?,
+            constants: None,
         })
     }
 
@@ -57,6 +77,7 @@ impl Mamba2State {
         Self {
             conv: self.conv.detach(),
             ssm: self.ssm.detach(),
+            constants: self.constants.clone(),
         }
     }
 }
@@ -448,11 +469,17 @@ impl Mamba2 {
             self.cfg.norm_eps,
         )?;
         let out = self.out_proj.forward(&y)?;
+        let constants = match state_in.constants {
+            Some(c) => Some(c),
+            None if !x.track_op() => Some(Arc::new(self.step_constants(x.dtype())?)),
+            None => None,
+        };
         Ok((
             out,
             Mamba2State {
                 conv: p.conv_state,
                 ssm,
+                constants,
             },
         ))
     }
@@ -462,33 +489,43 @@ impl Mamba2 {
     /// before (which shares them) advances too: snapshot with a copy, not a clone.
     pub fn step(&self, x: &Tensor, state: &mut Mamba2State) -> Result<Tensor> {
         self.check_input(x, "step")?;
+        let k = match &state.constants {
+            Some(k) => k.clone(),
+            None => Arc::new(self.step_constants(x.dtype())?),
+        };
         let (z, xbc, dt_raw) = self.split_zxbcdt(&self.in_proj.forward(x)?)?;
         let xbc = fused::conv_silu_step(
             &xbc,
-            &self.conv_weight,
-            self.conv_bias.as_ref(),
+            &k.conv_weight,
+            k.conv_bias.as_ref(),
             &mut state.conv,
         )?;
         let (xs, b, c) = self.split_xbc(&xbc)?;
-        let dt = ssd::discretize_dt(&dt_raw, &self.dt_bias, self.cfg.dt_limit)?;
-        let y = fused::scan_step(
-            &xs,
-            &dt,
-            &self.a()?,
-            &b,
-            &c,
-            Some(&self.d),
-            None,
-            &mut state.ssm,
-        )?;
+        let dt = fused::discretize_dt(&dt_raw, &k.dt_bias, self.cfg.dt_limit)?;
+        let y = fused::scan_step(&xs, &dt, &k.a, &b, &c, Some(&k.d), None, &mut state.ssm)?;
         let y = y.reshape((x.dim(0)?, self.cfg.d_inner))?;
         let y = fused::gated_rms_norm(
             &y,
             &z,
-            &self.norm_weight,
+            &k.norm_weight,
             self.cfg.norm_group(),
             self.cfg.norm_eps,
         )?;
         Ok(self.out_proj.forward(&y)?)
+    }
+
+    /// The parameters a decode step reads, for inputs of `dtype` (see [`StepConstants`]).
+    /// Detached: a generation reads them, it does not train them.
+    pub fn step_constants(&self, dtype: DType) -> Result<StepConstants> {
+        let cd = compute_dtype(dtype);
+        let conv = |t: &Tensor| -> Result<Tensor> { Ok(t.detach().to_dtype(cd)?.contiguous()?) };
+        Ok(StepConstants {
+            a: ssd::a_from_log(&self.a_log.detach())?.to_dtype(cd)?.contiguous()?,
+            d: conv(&self.d)?,
+            dt_bias: conv(&self.dt_bias)?,
+            conv_weight: conv(&self.conv_weight)?,
+            conv_bias: self.conv_bias.as_ref().map(conv).transpose()?,
+            norm_weight: conv(&self.norm_weight)?,
+        })
     }
 }

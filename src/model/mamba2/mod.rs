@@ -28,7 +28,7 @@ pub mod ssd;
 
 pub use config::Mamba2Config;
 pub use implicit::{implicit_attention, state_norms};
-pub use mixer::{Mamba2, Mamba2State, Projection, Scan};
+pub use mixer::{Mamba2, Mamba2State, Projection, Scan, StepConstants};
 
 use candle_core::DType;
 

@@ -138,3 +138,42 @@ pub fn ssd_state_update(
     state.inplace_op1(&op)?;
     take(&op.y, "state update output")
 }
+
+/// `softplus(dt_raw + bias)` clamped to `[lo, hi]`, f32 `[B, H]`: `dt_raw [B, H]` in the model
+/// dtype with contiguous heads (rows may be strided: the dt columns of in_proj's output),
+/// `bias [H]` f32.
+pub fn dt_softplus(dt_raw: &Tensor, bias: &Tensor, lo: f32, hi: f32) -> candle_core::Result<Tensor> {
+    let (rows, h) = dt_raw.dims2()?;
+    check_elems(bias, h, "dt-softplus", "dt_bias")?;
+    by_dtype!(dt_raw.dtype(), "dt-softplus", T => {
+        let (raw, bs) = (Side::new(dt_raw, "dt"), Side::new(bias, "dt_bias"));
+        let dev = raw.device()?;
+        let (view, strides) = raw.strided_view::<T>()?;
+        if strides[1] != 1 {
+            bail!("dt-softplus: dt's heads are not contiguous (strides {strides:?})");
+        }
+        let bias_view = bs.view::<f32>()?;
+        // SAFETY: fully written by the kernel.
+        let out = unsafe { dev.alloc::<f32>(rows * h)? };
+        let func = load!(SSD, dev, &format!("mamba2_dt_softplus_{}", suffix(T::DTYPE)?))?;
+        let cfg = LaunchConfig {
+            grid_dim: (grid(rows * h, 256)?, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let (s_row, rows_i, h_i) = (strides[0] as i64, i32_of(rows, "B")?, i32_of(h, "H")?);
+        let mut args = func.builder();
+        args.arg(&view);
+        args.arg(&s_row);
+        args.arg(&bias_view);
+        args.arg(&out);
+        args.arg(&rows_i);
+        args.arg(&h_i);
+        args.arg(&lo);
+        args.arg(&hi);
+        // SAFETY: the argument list matches mamba2_dt_softplus_* in kernels/ssd.cu; the view
+        // covers rows x H at stride s_row (checked by strided_view).
+        unsafe { args.launch(cfg) }.w()?;
+        Ok(wrap(out, &dev, &[rows, h]))
+    })
+}

@@ -13,8 +13,8 @@
 //! * `decode`: the one-token state update;
 //! * `norm`: the gated RMSNorm.
 //!
-//! The PTX is compiled by build.rs (nvcc at build time; that file says why) and loaded once per
-//! device by candle's module cache.
+//! The plumbing they share with the crate's other kernels (PTX targets, loading, side inputs)
+//! is [`crate::kernels`].
 
 use std::sync::Mutex;
 
@@ -23,138 +23,22 @@ use candle_core::cuda_backend::cudarc::driver::{
     CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg,
 };
 use candle_core::cuda_backend::{CudaDType, WrapErr};
-use candle_core::op::BackpropOp;
 use candle_core::{
     bail, CpuStorage, CudaDevice, CudaStorage, CustomOp1, CustomOp2, CustomOp3, DType, InplaceOp1,
-    Layout, Shape, Storage, StorageRef, Tensor, WithDType,
+    Layout, Shape, Storage, Tensor, WithDType,
 };
 
-/// `$body` with `$t` the Rust type of `$dtype` (f32, f16 or bf16: what every kernel entry is
-/// stamped for); another dtype is an error naming the op `$op`.
-macro_rules! by_dtype {
-    ($dtype:expr, $op:expr, $t:ident => $body:expr) => {
-        match $dtype {
-            DType::F32 => {
-                type $t = f32;
-                $body
-            }
-            DType::F16 => {
-                type $t = half::f16;
-                $body
-            }
-            DType::BF16 => {
-                type $t = half::bf16;
-                $body
-            }
-            other => bail!("{}: unsupported dtype {other:?}", $op),
-        }
-    };
-}
-
-/// The PTX of one `kernels/*.cu` file for each target build.rs compiles (sm_80, sm_90), under
-/// the module names candle caches them by.
-struct Module {
-    names: [&'static str; 2],
-    ptx: [&'static str; 2],
-}
-
-macro_rules! module {
-    ($file:literal) => {
-        Module {
-            names: [
-                concat!("matvlm_", $file, "_sm80"),
-                concat!("matvlm_", $file, "_sm90"),
-            ],
-            ptx: [
-                include_str!(concat!(env!("OUT_DIR"), "/", $file, ".sm80.ptx")),
-                include_str!(concat!(env!("OUT_DIR"), "/", $file, ".sm90.ptx")),
-            ],
-        }
-    };
-}
+pub use crate::kernels::{force_sm80, target, Target};
+use crate::kernels::{
+    allow_smem, by_dtype, check_elems, cpu_only_error, grid, i32_of, load, module, opt_view,
+    rows_layout, suffix, take, wrap, Module, Opt, Side, SMEM_LIMIT,
+};
 
 const CONV: Module = module!("conv");
 const SSD: Module = module!("ssd");
 const SSD_TC: Module = module!("ssd_tc");
 const SSD_BWD: Module = module!("ssd_bwd");
 const NORM: Module = module!("norm");
-
-impl Module {
-    /// The module name and PTX for `dev`'s target.
-    fn pick(&self, dev: &CudaDevice) -> candle_core::Result<(&'static str, &'static str)> {
-        let i = usize::from(target(dev)?.arch == 90);
-        Ok((self.names[i], self.ptx[i]))
-    }
-}
-
-/// Kernel `$name` of module `$module` (a [`Module`]) in the PTX for `$dev`'s target.
-macro_rules! load {
-    ($module:expr, $dev:expr, $name:expr $(,)?) => {{
-        let (module, ptx) = $module.pick(&$dev)?;
-        $dev.get_or_load_custom_func($name, module, ptx)
-    }};
-}
-
-static FORCE_SM80: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-
-/// Load the sm_80 PTX on every card, Hopper included; set by the kernel policy
-/// (`KernelPolicy::sm80_everywhere` through `fused::set_policy`).
-pub fn force_sm80(on: bool) {
-    FORCE_SM80.store(on, std::sync::atomic::Ordering::Relaxed);
-}
-
-/// What a device runs the kernels as: its compute capability, the PTX target taken for it
-/// (90 on Hopper, 80 on every 8.x card, or 80 everywhere when the policy says so) and the
-/// dynamic shared memory a block may opt into there (227 KiB on H100, 163 KiB on A100, 99 KiB
-/// on L40 or RTX 4090).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Target {
-    pub device: String,
-    pub compute_capability: (i32, i32),
-    pub arch: u32,
-    pub smem_opt_in: usize,
-}
-
-/// The [`Target`] of `dev`, read from the driver once per device; an error naming the device
-/// where no kernel applies (compute capability below 8.0: no `mma.sync` for bf16, no
-/// `cp.async`).
-pub fn target(dev: &CudaDevice) -> candle_core::Result<Target> {
-    use candle_core::cuda_backend::cudarc::driver::sys::CUdevice_attribute as A;
-    static TARGETS: Mutex<Vec<(usize, Target)>> = Mutex::new(Vec::new());
-    let ctx = dev.cuda_stream().context().clone();
-    let ordinal = ctx.ordinal();
-    let force_sm80 = FORCE_SM80.load(std::sync::atomic::Ordering::Relaxed);
-    let mut known = TARGETS.lock().unwrap_or_else(|e| e.into_inner());
-    let t = match known.iter().find(|(o, _)| *o == ordinal) {
-        Some((_, t)) => t.clone(),
-        None => {
-            let (major, minor) = ctx.compute_capability().w()?;
-            let t = Target {
-                device: ctx.name().w()?,
-                compute_capability: (major, minor),
-                arch: if major >= 9 { 90 } else { 80 },
-                smem_opt_in: ctx
-                    .attribute(A::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
-                    .w()? as usize,
-            };
-            known.push((ordinal, t.clone()));
-            t
-        }
-    };
-    if t.compute_capability.0 < 8 {
-        bail!(
-            "mamba2 kernels: {} (cuda:{ordinal}) has compute capability {}.{}; the kernels need \
-             8.0 or newer (turn them off with the kernel policy to use the generic path)",
-            t.device,
-            t.compute_capability.0,
-            t.compute_capability.1
-        );
-    }
-    Ok(Target {
-        arch: if force_sm80 { 80 } else { t.arch },
-        ..t
-    })
-}
 
 /// Time steps per shared-memory tile and output rows per chunk-scan block (`JT`, `RT` in ssd.cu).
 const JT: usize = 32;
@@ -165,8 +49,6 @@ const NTHREADS: u32 = 256;
 pub const MAX_HEAD_DIM: usize = 128;
 pub const MAX_D_STATE: usize = 128;
 pub const MAX_CHUNK: usize = 1024;
-/// Dynamic shared memory a block may use without an opt-in attribute.
-const SMEM_LIMIT: usize = 48 * 1024;
 /// Largest conv width (d_conv) conv.cu is meant for (it loops, so this is a sanity bound).
 pub const MAX_D_CONV: usize = 16;
 
@@ -238,19 +120,6 @@ fn ssd_tc_supported(dtype: DType, head_dim: usize, d_state: usize, offsets: [usi
     ssd_tc_shape(dtype, head_dim, d_state) && offsets.iter().all(|o| o % 8 == 0)
 }
 
-/// An error unless `t` (the side input `name` of `op`) holds `want` elements, which the kernel
-/// will read: a wrong shape must fail here, not read out of bounds.
-fn check_elems(t: &Tensor, want: usize, op: &str, name: &str) -> candle_core::Result<()> {
-    if t.elem_count() != want {
-        bail!(
-            "{op}: {name} has shape {:?} ({} elements), the kernel reads {want}",
-            t.dims(),
-            t.elem_count()
-        );
-    }
-    Ok(())
-}
-
 /// The sizes the SSD kernels take as `int`: L, H, G, P, N, chunk, chunks (in that order).
 fn ssd_dims_i32(
     len: usize,
@@ -270,127 +139,6 @@ fn ssd_dims_i32(
         i32_of(q, "chunk")?,
         i32_of(nc, "chunks")?,
     ])
-}
-
-/// Let `func` use `bytes` of dynamic shared memory (beyond the default 48 KiB), up to what
-/// `dev` allows a block.
-fn allow_smem(
-    dev: &CudaDevice,
-    func: &candle_core::cuda_backend::cudarc::driver::CudaFunction,
-    bytes: usize,
-) -> candle_core::Result<()> {
-    use candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute_enum as Attr;
-    if bytes > SMEM_LIMIT {
-        let t = target(dev)?;
-        if bytes > t.smem_opt_in {
-            bail!(
-                "mamba2 kernels: {bytes} bytes of shared memory exceed the {} a block may use on {}",
-                t.smem_opt_in,
-                t.device
-            );
-        }
-        func.set_attribute(
-            Attr::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-            bytes as i32,
-        )
-        .w()?;
-    }
-    Ok(())
-}
-
-fn suffix(dtype: DType) -> candle_core::Result<&'static str> {
-    Ok(match dtype {
-        DType::F32 => "f32",
-        DType::F16 => "f16",
-        DType::BF16 => "bf16",
-        other => bail!("mamba2 kernels: unsupported dtype {other:?} (f32, f16, bf16 only)"),
-    })
-}
-
-fn i32_of(v: usize, what: &str) -> candle_core::Result<i32> {
-    i32::try_from(v)
-        .map_err(|_| candle_core::Error::Msg(format!("mamba2 kernels: {what} = {v} exceeds i32")))
-}
-
-fn grid(n: usize, per: usize) -> candle_core::Result<u32> {
-    u32::try_from(n.div_ceil(per))
-        .map_err(|_| candle_core::Error::Msg(format!("mamba2 kernels: grid of {n} too large")))
-}
-
-/// A side input of an op: its storage, read-locked for the duration of the launch.
-struct Side<'a> {
-    guard: StorageRef<'a>,
-    layout: &'a Layout,
-    name: &'static str,
-}
-
-impl<'a> Side<'a> {
-    fn new(t: &'a Tensor, name: &'static str) -> Self {
-        let (guard, layout) = t.storage_and_layout();
-        Self {
-            guard,
-            layout,
-            name,
-        }
-    }
-
-    /// The tensor's elements as a contiguous device view of `T`.
-    fn view<T: CudaDType>(&self) -> candle_core::Result<CudaView<'_, T>> {
-        let Storage::Cuda(s) = &*self.guard else {
-            bail!("mamba2 kernels: {} is not on a CUDA device", self.name)
-        };
-        let Some((o1, o2)) = self.layout.contiguous_offsets() else {
-            bail!("mamba2 kernels: {} is not contiguous", self.name)
-        };
-        Ok(s.as_cuda_slice::<T>()?.slice(o1..o2))
-    }
-}
-
-/// A device slice as a tensor with no autograd history.
-fn wrap<T: CudaDType>(slice: CudaSlice<T>, dev: &CudaDevice, shape: &[usize]) -> Tensor {
-    let storage = Storage::Cuda(CudaStorage::wrap_cuda_slice(slice, dev.clone()));
-    Tensor::from_storage(storage, shape, BackpropOp::none(), false)
-}
-
-/// The offset and `(batch, row)` strides of a `[B, L, C]` layout whose channels are contiguous.
-fn rows_layout(l: &Layout, what: &str) -> candle_core::Result<(usize, i64, i64)> {
-    match l.stride() {
-        &[sb, st, 1] => Ok((l.start_offset(), sb as i64, st as i64)),
-        other => bail!("mamba2 kernels: {what} has strides {other:?}, channels must be contiguous"),
-    }
-}
-
-fn take<T>(slot: &Mutex<Option<T>>, what: &str) -> candle_core::Result<T> {
-    slot.lock()
-        .ok()
-        .and_then(|mut s| s.take())
-        .ok_or_else(|| candle_core::Error::Msg(format!("mamba2 kernels: {what} was not produced")))
-}
-
-fn cpu_only_error(name: &str) -> candle_core::Error {
-    candle_core::Error::Msg(format!("{name}: CUDA kernel called on the CPU"))
-}
-
-/// The pointer argument of an optional input: the view, or a null device pointer.
-enum Opt<'a, T> {
-    Some(CudaView<'a, T>),
-    Null(u64),
-}
-
-impl<'a, T> Opt<'a, T> {
-    fn push<'b>(&'b self, b: &mut candle_core::cuda_backend::cudarc::driver::LaunchArgs<'b>) {
-        match self {
-            Opt::Some(v) => b.arg(v),
-            Opt::Null(p) => b.arg(p),
-        };
-    }
-}
-
-fn opt_view<'a, T: CudaDType>(s: &'a Option<Side<'a>>) -> candle_core::Result<Opt<'a, T>> {
-    Ok(match s {
-        Some(s) => Opt::Some(s.view::<T>()?),
-        None => Opt::Null(0),
-    })
 }
 
 mod conv;
