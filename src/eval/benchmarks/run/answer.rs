@@ -12,7 +12,7 @@ use base64::Engine as _;
 use candle_core::Tensor;
 use serde_json::{Map, Value};
 
-use super::questions::{id_text, Bad, ImageSource, Question};
+use super::questions::{id_text, question_key, Bad, ImageSource, Question};
 use crate::generate::{GenerateOptions, PromptIds};
 use crate::model::vlm::Vlm;
 use crate::tokenize::single_turn_prompt;
@@ -45,16 +45,6 @@ fn answer_line(value: Value) -> Option<AnswerLine> {
         key,
         value,
     })
-}
-
-/// The key a question with this id and text has: the id, or `id|text` when the question file
-/// repeats the id ([`AnswerLine::keyed_prompt`] matches it).
-pub fn question_key(id: &str, text: &str, repeated: bool) -> String {
-    if repeated {
-        format!("{id}|{text}")
-    } else {
-        id.to_string()
-    }
 }
 
 /// The lines of an answers file, in file order. A last line cut short (a run killed while

@@ -181,7 +181,7 @@ fn unique_keys(questions: &mut Vec<Question>, bad: &mut Bad) {
     }
     let mut seen = std::collections::HashSet::new();
     questions.retain_mut(|q| {
-        q.key = super::answer::question_key(&q.key, &q.text, count[&q.key] > 1);
+        q.key = question_key(&q.key, &q.text, count[&q.key] > 1);
         let fresh = seen.insert(q.key.clone());
         if !fresh {
             bad.push(&q.origin, &format!("question {} occurs twice", q.key));
@@ -299,4 +299,14 @@ pub fn read_mmmu_questions(
     }
     unique_keys(&mut out, bad);
     Ok(out)
+}
+
+/// The key a question with this id and text has: the id, or `id|text` when the question file
+/// repeats the id (`AnswerLine::keyed_prompt` matches it).
+pub fn question_key(id: &str, text: &str, repeated: bool) -> String {
+    if repeated {
+        format!("{id}|{text}")
+    } else {
+        id.to_string()
+    }
 }
