@@ -17,7 +17,8 @@
 //!
 //! Build here: `scripts/gpu/kernels.sh prepare` (or `cargo test --release --features cuda --test
 //! kernel_check --no-run`); run on the GPU machine: `kernel_check` (`--quick`: the small shapes
-//! only; `--no-long`: skip the 4096- and 8192-token cases; `--budget-s S`: start no case (per
+//! only; `--no-long`: skip the 4096- and 8192-token cases; `--long-only`: only those (and the
+//! attention checks, which always run first); `--budget-s S`: start no case (per
 //! dtype) after S seconds, listing each one not run as `skipped` and in the summary; `--sm80`:
 //! the sm_80 PTX, as Ampere and Ada cards load it, also on Hopper). Through
 //! cargo on a machine with a GPU: `cargo test --release --features cuda --test kernel_check`.
@@ -795,7 +796,7 @@ fn check_case(k: &Case, dtype: DType, gpu: &Device, r: &mut Report) -> matvlm::R
 fn main() -> std::process::ExitCode {
     let args: Vec<String> = std::env::args().collect();
     let flag = |f: &str| args.iter().any(|a| a == f);
-    let (quick, no_long) = (flag("--quick"), flag("--no-long"));
+    let (quick, no_long, long_only) = (flag("--quick"), flag("--no-long"), flag("--long-only"));
     let budget = args
         .iter()
         .position(|a| a == "--budget-s")
@@ -841,7 +842,10 @@ fn main() -> std::process::ExitCode {
         eprintln!("-- attention {dtype:?}: {:.1} s", t.elapsed().as_secs_f64());
     }
     for k in CASES {
-        if (quick && k.heads == 32) || ((quick || no_long) && k.scope == Long) {
+        if (quick && k.heads == 32)
+            || ((quick || no_long) && k.scope == Long)
+            || (long_only && k.scope != Long)
+        {
             continue;
         }
         let dtypes: &[DType] = match k.scope {
