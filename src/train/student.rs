@@ -8,6 +8,7 @@ use std::sync::atomic::AtomicBool;
 
 use serde::Serialize;
 
+use super::collective::Collective;
 use super::params::{ParamSet, Selection};
 use super::run::RunDir;
 use super::trainer::{BatchSource, StepOutput, TrainConfig, TrainSummary, Trainer};
@@ -105,6 +106,9 @@ pub struct RunSetup<'a, C: Serialize> {
     /// Set (by Ctrl-C) to stop at the next step boundary with a checkpoint.
     pub cancel: Option<&'a AtomicBool>,
     pub eval: Option<EvalFn<'a>>,
+    /// Data parallelism: the group this run is one rank of, and the all-reduce bucket size in
+    /// bytes ([`Trainer::with_collective`]).
+    pub comm: Option<(&'a dyn Collective, usize)>,
 }
 
 /// Train `student.params` per `train` over `source`, with `step` computing each micro-batch's
@@ -117,7 +121,8 @@ pub fn fit_student<S: BatchSource, C: Serialize>(
     mut step: impl FnMut(&S::Batch) -> Result<StepOutput>,
 ) -> Result<TrainSummary> {
     let run = RunDir::open(setup.dir)?;
-    if run.read_config()?.is_none() {
+    let writer = setup.comm.is_none_or(|(c, _)| c.rank() == 0);
+    if writer && run.read_config()?.is_none() {
         let config = serde_json::to_value(setup.config)
             .map_err(|e| Error::Other(format!("serialising the run config: {e}")))?;
         run.write_config(&config)?;
@@ -128,6 +133,9 @@ pub fn fit_student<S: BatchSource, C: Serialize>(
     }
     if let Some(eval) = setup.eval {
         trainer = trainer.with_eval(eval);
+    }
+    if let Some((comm, bucket_bytes)) = setup.comm {
+        trainer = trainer.with_collective(comm, bucket_bytes);
     }
     trainer.fit(source, |_, batch| step(batch))
 }

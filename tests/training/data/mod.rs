@@ -46,4 +46,5 @@ fn write_image(path: &Path, color: [u8; 3]) {
 
 mod llava;
 mod loader;
+mod stream;
 mod world;
