@@ -100,7 +100,7 @@ fn picture(i: usize, (w, h): (u32, u32)) -> RgbImage {
     };
     RgbImage::from_fn(w, h, |x, y| {
         let cell = ((x / 37 + y / 29 + i as u32) % 5) as i32 * 30;
-        let px = |base: i32| (base + noise()).clamp(0, 255) as u8;
+        let mut px = |base: i32| (base + noise()).clamp(0, 255) as u8;
         Rgb([
             px((x * 255 / w) as i32 / 2 + cell),
             px((y * 255 / h) as i32 / 2 + 60),

@@ -74,7 +74,8 @@ pub struct LayerActivations {
     /// Mamba block: input, norm, `in_proj` output (4), conv and activation of `x|B|C` (3 + 3),
     /// scan output, gate and norm (3) + MLP (8).
     pub mamba_hidden: f64,
-    /// `[B, heads, T, T]` f32 tensors of eager attention (scores, masked, softmax).
+    /// `[B, heads, T, T]` f32 tensors of eager attention: the scores, scaled, masked, the
+    /// softmax, and its bf16 copy (half of one).
     pub attention_scores: f64,
     /// `[B, heads, T, chunk]` f32 tensors of the chunked scan (decay, C·B, product).
     pub scan_chunk: f64,
@@ -85,7 +86,7 @@ impl Default for LayerActivations {
         Self {
             attention_hidden: 16.0,
             mamba_hidden: 22.0,
-            attention_scores: 3.0,
+            attention_scores: 4.5,
             scan_chunk: 3.0,
         }
     }
@@ -190,6 +191,8 @@ impl MemoryPlan {
         add("student weights (own)", own_p * e, true);
         if master {
             add("master weights f32", train_p * f32_, true);
+            // Each step's model reads the masters cast to the model dtype.
+            add("casts of the master weights", train_p * e, true);
         }
         let grad_bytes = train_p * if master { f32_ } else { e };
         add("gradients of the trainable set", grad_bytes, true);

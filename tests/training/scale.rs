@@ -444,3 +444,55 @@ fn launcher_and_layout_rules() {
     assert!(err.contains("batch_size 8"), "{err}");
     assert!(local(0).check(8).is_err());
 }
+
+/// The memory plan's exact parts are the models' real sizes: on a small teacher's config, its
+/// parameter counts equal those of the built teacher (the test fixture's), hybrid and trainable set, the optimiser
+/// parts are 4 (master) + 4 (gradient) + 8 (moments) bytes per trainable parameter, and
+/// checkpointing lowers the peak while the weights stay.
+#[test]
+fn memory_plan_counts_the_real_models() {
+    use matvlm::train::memory::{MemoryOptions, MemoryPlan};
+    let teacher = crate::common::teacher();
+    let config = crate::common::fixture("teacher").join("config.json");
+    let opts = MemoryOptions {
+        config: config.display().to_string(),
+        ratio: 0.5,
+        batch: 4,
+        seq_len: 64,
+        dtype: "bf16".into(),
+        ..MemoryOptions::default()
+    };
+    let plan = MemoryPlan::distill(&opts).unwrap();
+    let count = |v: &Vlm| v.named_tensors().iter().map(|(_, t)| t.elem_count() as u64).sum::<u64>();
+    let hybrid = teacher.hybrid(&HybridSpec::ratio(0.5)).unwrap();
+    assert_eq!(plan.teacher_params, count(&teacher));
+    assert_eq!(plan.student_params, count(&hybrid));
+    let student = Trainable::MixersConnector.student(&hybrid).unwrap();
+    assert_eq!(plan.trainable_params, student.params.num_params() as u64);
+    let part = |p: &MemoryPlan, name: &str| {
+        p.parts
+            .iter()
+            .find(|x| x.name == name)
+            .unwrap_or_else(|| panic!("no part `{name}` in {}", p.table()))
+            .bytes
+    };
+    let n = plan.trainable_params;
+    assert_eq!(part(&plan, "master weights f32"), 4 * n);
+    assert_eq!(part(&plan, "gradients of the trainable set"), 4 * n);
+    assert_eq!(part(&plan, "AdamW moments f32"), 8 * n);
+    assert_eq!(part(&plan, "teacher weights"), 2 * plan.teacher_params);
+    let ck = MemoryPlan::distill(&MemoryOptions {
+        checkpoint_blocks: true,
+        ..opts.clone()
+    })
+    .unwrap();
+    assert!(ck.total_bytes < plan.total_bytes, "{}\n{}", ck.table(), plan.table());
+    assert_eq!(part(&ck, "teacher weights"), part(&plan, "teacher weights"));
+    let bf16 = MemoryPlan::distill(&MemoryOptions {
+        master_f32: false,
+        ..opts
+    })
+    .unwrap();
+    assert_eq!(part(&bf16, "gradients of the trainable set"), 2 * n);
+    assert!(bf16.parts.iter().all(|p| p.name != "master weights f32"));
+}
