@@ -7,7 +7,7 @@
 //!   lies (16 bytes a record, about 10 MB for 665K); a record is read, parsed and checked when a
 //!   batch needs it.
 //! - [`LlavaStream`] hands out batches, resumably (a training source in
-//!   [`crate::train::supervised`]): the [`Loader`] deals indices on the caller's
+//!   `train::supervised`): the [`Loader`] deals indices on the caller's
 //!   thread; `workers` threads read, check and tokenise each record, decode its image and
 //!   preprocess it (resize, normalise) into `[3, H, W]` f32; the caller's thread only pads the
 //!   rows and stacks the pixels. At most `prefetch` batches are in flight, so memory is bounded
@@ -19,7 +19,7 @@
 
 use std::collections::VecDeque;
 use std::fs::File;
-use std::io::{BufReader, Read};
+use std::io::{BufRead, BufReader};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{channel, Receiver, Sender};
@@ -97,7 +97,7 @@ impl LazyLlava {
 }
 
 /// Spans of the non-empty lines of a JSON Lines file.
-fn line_spans(reader: impl Read) -> std::io::Result<Vec<(u64, u64)>> {
+fn line_spans(reader: impl BufRead) -> std::io::Result<Vec<(u64, u64)>> {
     let mut spans = Vec::new();
     let (mut start, mut pos, mut blank) = (0u64, 0u64, true);
     for byte in reader.bytes() {
@@ -121,7 +121,7 @@ fn line_spans(reader: impl Read) -> std::io::Result<Vec<(u64, u64)>> {
 
 /// Spans of the elements of a top-level JSON array, found by tracking strings and nesting
 /// only (no parsing, one byte at a time through a large buffer).
-fn array_spans(reader: impl Read) -> std::result::Result<Vec<(u64, u64)>, String> {
+fn array_spans(reader: impl BufRead) -> std::result::Result<Vec<(u64, u64)>, String> {
     let mut spans = Vec::new();
     let (mut depth, mut in_string, mut escaped) = (0usize, false, false);
     let mut start: Option<u64> = None;

@@ -6,7 +6,7 @@
 //!   through shared memory. Tests and CPU runs use it; it sums in rank order, so a run over `W`
 //!   ranks adds the ranks' gradients in exactly the order a single rank accumulating `W`
 //!   micro-batches adds them.
-//! - `NcclComm` (feature `nccl`, [`super::nccl`]): NCCL on one GPU per rank.
+//! - `NcclComm` (feature `nccl`, in `train::nccl`): NCCL on one GPU per rank.
 //! - [`all_reduce_grads`]: the trainable set's gradients, flattened into buckets of a bounded
 //!   size (one collective per bucket instead of one per tensor; a bucket's f32 staging copy is
 //!   the only extra memory).
@@ -243,4 +243,21 @@ pub fn all_reduce_grads(
     flush(&mut bucket, &mut reduced)?;
     *grads = Grads::from_vec(params, reduced)?;
     Ok(())
+}
+
+/// A group member as the rank runner (`parallel::run_ranks`) holds it: the collective and a way to give up.
+pub trait GroupMember: Send + Sync {
+    fn as_collective(&self) -> &dyn Collective;
+    /// Make the other ranks' pending and later collectives fail (this rank failed).
+    fn abort(&self, why: &str);
+}
+
+impl GroupMember for LocalGroup {
+    fn as_collective(&self) -> &dyn Collective {
+        self
+    }
+
+    fn abort(&self, why: &str) {
+        LocalGroup::abort(self, why);
+    }
 }

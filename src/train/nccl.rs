@@ -7,8 +7,7 @@ use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::nccl::safe::{Comm, ReduceOp};
 use candle_core::{CpuStorage, CudaStorage, CustomOp1, DType, Device, Layout, Shape, Tensor};
 
-use super::collective::Collective;
-use super::parallel::GroupMember;
+use super::collective::{Collective, GroupMember};
 use crate::{Error, Result};
 
 /// One rank's NCCL communicator.

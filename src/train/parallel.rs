@@ -27,7 +27,7 @@ use std::ops::Range;
 use candle_core::Device;
 use serde::{Deserialize, Serialize};
 
-use super::collective::{Collective, LocalGroup};
+use super::collective::{Collective, GroupMember, LocalGroup};
 use crate::model::vlm::Vlm;
 use crate::{Error, Result};
 
@@ -124,7 +124,7 @@ impl Parallel {
                 self.ranks
             )));
         }
-        if !(self.bucket_mb > 0.0) {
+        if self.bucket_mb.is_nan() || self.bucket_mb <= 0.0 {
             return Err(Error::Invalid(format!(
                 "parallel: bucket_mb must be > 0, got {}",
                 self.bucket_mb
@@ -251,22 +251,5 @@ pub fn run_ranks<T: Send>(
     match own.or(induced) {
         Some(e) => Err(e),
         None => Ok(oks),
-    }
-}
-
-/// A group member as [`run_ranks`] holds it: the collective and a way to give up.
-pub trait GroupMember: Send + Sync {
-    fn as_collective(&self) -> &dyn Collective;
-    /// Make the other ranks' pending and later collectives fail (this rank failed).
-    fn abort(&self, why: &str);
-}
-
-impl GroupMember for LocalGroup {
-    fn as_collective(&self) -> &dyn Collective {
-        self
-    }
-
-    fn abort(&self, why: &str) {
-        LocalGroup::abort(self, why);
     }
 }

@@ -312,7 +312,10 @@ fn gpus_flag_needs_cuda_0_and_an_nccl_build() {
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(2), "{out:?}");
-    assert!(String::from_utf8_lossy(&out.stderr).contains("cuda:0"), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("cuda:0"),
+        "{out:?}"
+    );
     let out = matrepl_command()
         .args(["--gpus", "2", "-e", "1"])
         .output()

@@ -463,7 +463,12 @@ fn memory_plan_counts_the_real_models() {
         ..MemoryOptions::default()
     };
     let plan = MemoryPlan::distill(&opts).unwrap();
-    let count = |v: &Vlm| v.named_tensors().iter().map(|(_, t)| t.elem_count() as u64).sum::<u64>();
+    let count = |v: &Vlm| {
+        v.named_tensors()
+            .iter()
+            .map(|(_, t)| t.elem_count() as u64)
+            .sum::<u64>()
+    };
     let hybrid = teacher.hybrid(&HybridSpec::ratio(0.5)).unwrap();
     assert_eq!(plan.teacher_params, count(&teacher));
     assert_eq!(plan.student_params, count(&hybrid));
@@ -486,7 +491,12 @@ fn memory_plan_counts_the_real_models() {
         ..opts.clone()
     })
     .unwrap();
-    assert!(ck.total_bytes < plan.total_bytes, "{}\n{}", ck.table(), plan.table());
+    assert!(
+        ck.total_bytes < plan.total_bytes,
+        "{}\n{}",
+        ck.table(),
+        plan.table()
+    );
     assert_eq!(part(&ck, "teacher weights"), part(&plan, "teacher weights"));
     let bf16 = MemoryPlan::distill(&MemoryOptions {
         master_f32: false,

@@ -158,7 +158,8 @@ fn distill_and_train_are_the_librarys_runs() {
 fn scale_options_and_the_memory_plan() {
     use matvlm::train::parallel::Parallel;
     let fx = Fixture::new();
-    let common = "steps: 2, lr: 0.002, progress: \"silent\", save_every: 0, checkpoint_blocks: true";
+    let common =
+        "steps: 2, lr: 0.002, progress: \"silent\", save_every: 0, checkpoint_blocks: true";
     let code = format!(
         "let h = t.hybrid(#{{ ratio: 0.25 }});\n\
          let a = distill(t, h, train, #{{ {common}, batch: 4, run_dir: DIR + \"/p2\",\n\
@@ -186,15 +187,29 @@ fn scale_options_and_the_memory_plan() {
     };
     let (a, b, c) = (load("a"), load("b"), load("c"));
     let t = fx.teacher().hybrid(&HybridSpec::ratio(0.25)).unwrap();
-    assert!(logits_of(&a) == logits_of(&b), "2 ranks = 1 rank accumulating 2");
+    assert!(
+        logits_of(&a) == logits_of(&b),
+        "2 ranks = 1 rank accumulating 2"
+    );
     assert!(logits_of(&c) == logits_of(&a), "the session's 2 ranks");
     assert!(logits_of(&a) != logits_of(&t), "it trained");
     assert_eq!(m["a_lines"].as_int().unwrap(), 2);
     assert_eq!(m["c_lines"].as_int().unwrap(), 2);
     let total = |k: &str| m[k].clone().cast::<Map>()["total_bytes"].as_int().unwrap();
-    assert!(total("plan_ck") < total("plan"), "{} vs {}", total("plan_ck"), total("plan"));
-    let table = m["plan"].clone().cast::<Map>()["table"].clone().into_string().unwrap();
-    assert!(table.contains("AdamW moments f32") && table.contains("total"), "{table}");
+    assert!(
+        total("plan_ck") < total("plan"),
+        "{} vs {}",
+        total("plan_ck"),
+        total("plan")
+    );
+    let table = m["plan"].clone().cast::<Map>()["table"]
+        .clone()
+        .into_string()
+        .unwrap();
+    assert!(
+        table.contains("AdamW moments f32") && table.contains("total"),
+        "{table}"
+    );
 }
 
 #[test]
