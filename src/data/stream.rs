@@ -236,6 +236,8 @@ pub struct LlavaStream {
     opts: StreamOptions,
     device: Device,
     skipped: usize,
+    /// Data parallelism: this rank's share `(rank, world)` of every batch the loader deals.
+    shard: Option<(usize, usize)>,
 }
 
 impl LlavaStream {
@@ -301,7 +303,16 @@ impl LlavaStream {
             opts,
             device,
             skipped: 0,
+            shard: None,
         })
+    }
+
+    /// Prepare only rank `rank`'s share of each batch (rows `rank * n / world ..
+    /// (rank + 1) * n / world` of a batch of `n`): every rank holds the same loader, so the
+    /// order and the resumable state are the same on all of them.
+    pub fn with_shard(mut self, rank: usize, world: usize) -> Self {
+        self.shard = (world > 1).then_some((rank, world));
+        self
     }
 
     /// Records left out so far because they could not be used.
@@ -316,7 +327,16 @@ impl LlavaStream {
             .as_ref()
             .ok_or_else(|| Error::Other("the loader workers are gone".into()))?;
         while self.in_flight.len() < self.opts.prefetch {
-            let indices = self.loader.next_indices();
+            let mut indices = self.loader.next_indices();
+            if let Some((rank, world)) = self.shard {
+                let n = indices.len();
+                indices = indices[rank * n / world..(rank + 1) * n / world].to_vec();
+                if indices.is_empty() {
+                    return Err(Error::Invalid(format!(
+                        "a batch of {n} samples leaves rank {rank} of {world} nothing"
+                    )));
+                }
+            }
             let seq = self.next_seq;
             self.next_seq += 1;
             for (slot, &index) in indices.iter().enumerate() {

@@ -28,7 +28,7 @@ use super::params::{Grads, Selection};
 use super::schedule::LrSchedule;
 use super::student::{fit_student, EvalFn, RunSetup, Student};
 use super::supervised::SupervisedSource;
-use super::trainer::{StepOutput, TrainConfig, TrainSummary};
+use super::trainer::{BatchSource, StepOutput, TrainConfig, TrainSummary};
 use crate::data::{Dataset, Loader, SupervisedBatch};
 use crate::eval::{agreement, evaluate, AgreementOptions, EvalMode, EvalOptions};
 use crate::loss::{
@@ -283,12 +283,38 @@ pub fn distill(
     run_dir: &Path,
     cancel: Option<&AtomicBool>,
 ) -> Result<(Vlm, TrainSummary)> {
+    let source = |shard: Shard, student: &Vlm| -> Result<SupervisedSource> {
+        let source = cfg.source(train.clone(), student)?;
+        Ok(match shard {
+            Some((rank, world)) => source.with_shard(rank, world),
+            None => source,
+        })
+    };
+    distill_from(teacher, student_hybrid, &source, val, cfg, run_dir, cancel)
+}
+
+/// This rank's `(rank, world)` under data parallelism, `None` without.
+pub type Shard = Option<(usize, usize)>;
+
+/// [`distill`] over batches from `source(shard, student)`, called once per rank (on the
+/// rank's thread) with the rank's share and the student it trains: e.g. a
+/// [`crate::data::LlavaStream`] over a file too large to load (`with_shard` gives each rank
+/// its share; the loader must deal `cfg.batch_size` samples, the global micro-batch).
+pub fn distill_from<S: BatchSource<Batch = SupervisedBatch>>(
+    teacher: &Vlm,
+    student_hybrid: &Vlm,
+    source: &(dyn Fn(Shard, &Vlm) -> Result<S> + Sync),
+    val: Option<Arc<Dataset>>,
+    cfg: &DistillConfig,
+    run_dir: &Path,
+    cancel: Option<&AtomicBool>,
+) -> Result<(Vlm, TrainSummary)> {
     check_pair(teacher, student_hybrid)?;
     if !cfg.parallel.is_parallel() {
         return distill_rank(
             teacher,
             student_hybrid,
-            train,
+            source,
             val,
             cfg,
             run_dir,
@@ -305,7 +331,7 @@ pub fn distill(
         distill_rank(
             &teacher,
             &hybrid,
-            train.clone(),
+            source,
             val,
             cfg,
             run_dir,
@@ -321,10 +347,10 @@ pub fn distill(
 
 /// One rank of [`distill`] (the only one without data parallelism).
 #[allow(clippy::too_many_arguments)]
-fn distill_rank(
+fn distill_rank<S: BatchSource<Batch = SupervisedBatch>>(
     teacher: &Vlm,
     student_hybrid: &Vlm,
-    train: Arc<Dataset>,
+    source: &(dyn Fn(Shard, &Vlm) -> Result<S> + Sync),
     val: Option<Arc<Dataset>>,
     cfg: &DistillConfig,
     run_dir: &Path,
@@ -336,10 +362,7 @@ fn distill_rank(
     } else {
         cfg.trainable.student(student_hybrid)?
     };
-    let mut source = cfg.source(train, &student.vlm)?;
-    if let Some(ctx) = rank {
-        source = source.with_shard(ctx.rank, ctx.world);
-    }
+    let mut source = source(rank.map(|ctx| (ctx.rank, ctx.world)), &student.vlm)?;
 
     let mut teacher_acc: Option<f64> = None;
     let student_ref = &student;

@@ -20,7 +20,8 @@ use crate::common::{load_split, max_abs_diff};
 use crate::distill_mode::{reduced_teacher, same_bits, small_world};
 
 struct Setup {
-    _world: tempfile::TempDir,
+    world: tempfile::TempDir,
+    tok: matvlm::tokenize::PromptTokenizer,
     teacher: Vlm,
     hybrid: Vlm,
     train: Arc<Dataset>,
@@ -33,7 +34,8 @@ fn setup(seed: u64) -> Setup {
     let hybrid = teacher.hybrid(&HybridSpec::ratio(0.5)).unwrap();
     let train = load_split(world.path(), "train", &tok, teacher.config.image_tokens());
     Setup {
-        _world: world,
+        world,
+        tok,
         teacher,
         hybrid,
         train,
@@ -505,4 +507,65 @@ fn memory_plan_counts_the_real_models() {
     .unwrap();
     assert_eq!(part(&bf16, "gradients of the trainable set"), 2 * n);
     assert!(bf16.parts.iter().all(|p| p.name != "master weights f32"));
+}
+
+/// The lazy LLaVA stream as the training source of a data-parallel run (each rank's stream
+/// prepares its own share on worker threads) trains the weights of the loaded data set's run,
+/// bit for bit.
+#[test]
+fn a_data_parallel_run_over_lazy_streams_equals_the_loaded_data() {
+    use matvlm::data::{LazyLlava, LlavaStream, LoadOptions, Loader, OnBadRecord, StreamOptions};
+    use matvlm::train::distill::{distill_from, Shard};
+    let s = setup(8);
+    let mut cfg = short_cfg(8, 1);
+    cfg.parallel = Parallel {
+        ranks: 2,
+        ..Parallel::default()
+    };
+    let dir_a = tempfile::tempdir().unwrap();
+    let a = run(&s, &cfg, dir_a.path());
+
+    let json = s.world.path().join("train.json");
+    let lazy = Arc::new(LazyLlava::open(&json, s.world.path()).unwrap());
+    let tok = Arc::new(s.tok.clone());
+    let source = |shard: Shard, student: &Vlm| -> matvlm::Result<LlavaStream> {
+        let loader = Loader::new(lazy.len(), cfg.batch_size, cfg.train.seed)?.with_drop_last(true);
+        let opts = StreamOptions {
+            workers: 2,
+            prefetch: 2,
+            load: LoadOptions {
+                max_len: 256,
+                on_bad: OnBadRecord::Fail,
+                image_tokens: student.config.image_tokens(),
+                ..LoadOptions::default()
+            },
+            image_tokens: student.config.image_tokens(),
+        };
+        let stream = LlavaStream::new(
+            lazy.clone(),
+            loader,
+            tok.clone(),
+            student.preprocessor.clone(),
+            opts,
+            student.device.clone(),
+        )?;
+        Ok(match shard {
+            Some((rank, world)) => stream.with_shard(rank, world),
+            None => stream,
+        })
+    };
+    let dir_b = tempfile::tempdir().unwrap();
+    let (b, summary) = distill_from(
+        &s.teacher,
+        &s.hybrid,
+        &source,
+        None,
+        &cfg,
+        dir_b.path(),
+        None,
+    )
+    .unwrap();
+    assert_eq!(summary.step, 3);
+    let b: HashMap<String, Tensor> = b.named_tensors().into_iter().collect();
+    assert_same_weights(&a, &b, "lazy streams");
 }
