@@ -3,6 +3,8 @@
 //! on the stream candle computes on, so they are ordered after the backward that produced the
 //! gradients without an explicit synchronisation.
 
+use std::sync::{Arc, Mutex};
+
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::nccl::safe::{Comm, ReduceOp};
 use candle_core::{CpuStorage, CudaStorage, CustomOp1, DType, Device, Layout, Shape, Tensor};
@@ -15,6 +17,9 @@ pub struct NcclComm {
     comm: Comm,
     rank: usize,
     world: usize,
+    /// Set when a rank of the group failed: later collectives fail at once instead of waiting
+    /// for it.
+    failed: Arc<Mutex<Option<String>>>,
 }
 
 // SAFETY: an NCCL communicator may be used from any thread as long as calls on it do not
@@ -39,10 +44,16 @@ impl NcclComm {
         let world = streams.len();
         let comms = Comm::from_devices(streams)
             .map_err(|e| Error::Other(format!("creating {world} NCCL communicators: {e:?}")))?;
+        let failed = Arc::new(Mutex::new(None));
         Ok(comms
             .into_iter()
             .enumerate()
-            .map(|(rank, comm)| NcclComm { comm, rank, world })
+            .map(|(rank, comm)| NcclComm {
+                comm,
+                rank,
+                world,
+                failed: failed.clone(),
+            })
             .collect())
     }
 }
@@ -104,6 +115,9 @@ impl Collective for NcclComm {
     }
 
     fn all_reduce_sum(&self, t: &Tensor) -> Result<Tensor> {
+        if let Some(why) = self.failed.lock().ok().and_then(|f| f.clone()) {
+            return Err(Error::Other(format!("collective aborted: {why}")));
+        }
         let op = AllReduce { comm: &self.comm };
         Ok(t.contiguous()?.apply_op1_no_bwd(&op)?)
     }
@@ -114,10 +128,14 @@ impl GroupMember for NcclComm {
         self
     }
 
-    /// NCCL has no way to release a peer blocked in a collective short of destroying the
-    /// communicator, which the other ranks still hold; a failed rank's error is reported when
-    /// the process exits.
+    /// Later collectives of every rank fail at once. A peer already blocked inside an NCCL
+    /// collective cannot be released short of destroying its communicator, which its own
+    /// thread holds; the failure is printed so that a hung run says why.
     fn abort(&self, why: &str) {
-        eprintln!("rank {} failed: {why}", self.rank);
+        let why = format!("rank {} failed: {why}", self.rank);
+        eprintln!("{why}");
+        if let Ok(mut f) = self.failed.lock() {
+            f.get_or_insert(why);
+        }
     }
 }

@@ -139,11 +139,18 @@ impl Parallel {
         Ok(())
     }
 
-    /// The device of every rank: the model's own for [`Backend::Local`], `cuda:r` for NCCL.
+    /// The device of every rank: the model's own for [`Backend::Local`], `cuda:r` for NCCL,
+    /// where the rank on the model's own GPU keeps `base` itself (a second handle on the same
+    /// GPU would make the models' tensors look foreign there and be copied).
     pub fn devices(&self, base: &Device) -> Result<Vec<Device>> {
         match self.backend {
             Backend::Local => Ok(vec![base.clone(); self.ranks]),
-            Backend::Nccl => (0..self.ranks).map(crate::device::cuda).collect(),
+            Backend::Nccl => (0..self.ranks)
+                .map(|r| match base.location() {
+                    candle_core::DeviceLocation::Cuda { gpu_id } if gpu_id == r => Ok(base.clone()),
+                    _ => crate::device::cuda(r),
+                })
+                .collect(),
         }
     }
 }
