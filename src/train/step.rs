@@ -2,7 +2,7 @@
 //! ([`BatchSource`], resumable), where a step is called from ([`StepCtx`]) and what a step
 //! returns ([`StepOutput`]).
 
-use candle_core::Tensor;
+use candle_core::{DType, Tensor};
 use rand::{rngs::StdRng, SeedableRng};
 use serde_json::json;
 
@@ -140,4 +140,45 @@ impl StepOutput {
         self.terms.push((name.into(), value));
         self
     }
+}
+
+/// Keys of a train metrics line that loss terms may not take.
+const RESERVED: [&str; 9] = [
+    "kind",
+    "step",
+    "loss",
+    "lr",
+    "grad_norm",
+    "tokens",
+    "tokens_per_s",
+    "step_s",
+    "elapsed_s",
+];
+
+/// The value of a one-element loss tensor.
+pub(super) fn scalar_value(loss: &Tensor, step: usize) -> Result<f64> {
+    if loss.elem_count() != 1 {
+        return Err(Error::Invalid(format!(
+            "step {step}: the step function returned a loss of shape {:?}; it must be a scalar",
+            loss.dims()
+        )));
+    }
+    let v = loss.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?;
+    Ok(v[0])
+}
+
+/// Add one micro-batch's named terms to the running sums, keeping first-seen order.
+pub(super) fn add_terms(sums: &mut Vec<(String, f64)>, terms: &[(String, f64)]) -> Result<()> {
+    for (name, v) in terms {
+        if RESERVED.contains(&name.as_str()) {
+            return Err(Error::Invalid(format!(
+                "loss term `{name}` clashes with a metrics field ({RESERVED:?}); rename it"
+            )));
+        }
+        match sums.iter_mut().find(|(n, _)| n == name) {
+            Some((_, s)) => *s += v,
+            None => sums.push((name.clone(), *v)),
+        }
+    }
+    Ok(())
 }

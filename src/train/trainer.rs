@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
-use candle_core::{DType, Tensor};
+use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
@@ -17,6 +17,7 @@ use super::params::{Grads, ParamSet};
 use super::progress::{Progress, ProgressMode, StepReport};
 use super::run::{CheckpointState, RunDir, CHECKPOINT_FORMAT};
 use super::schedule::{LrSchedule, Schedule};
+use super::step::{add_terms, scalar_value};
 pub use super::step::{BatchSource, IndexedSource, Resumable, StepCtx, StepOutput};
 use crate::{Error, Result};
 
@@ -167,19 +168,6 @@ pub struct Resumed {
     pub tokens: u64,
     pub dir: PathBuf,
 }
-
-/// Keys of a train metrics line that loss terms may not take.
-const RESERVED: [&str; 9] = [
-    "kind",
-    "step",
-    "loss",
-    "lr",
-    "grad_norm",
-    "tokens",
-    "tokens_per_s",
-    "step_s",
-    "elapsed_s",
-];
 
 type EvalFn<'a> = Box<dyn FnMut(usize) -> Result<Vec<(String, f64)>> + 'a>;
 
@@ -573,32 +561,4 @@ impl<'a> Trainer<'a> {
             self.cfg.keep_last,
         )
     }
-}
-
-/// The value of a one-element loss tensor.
-fn scalar_value(loss: &Tensor, step: usize) -> Result<f64> {
-    if loss.elem_count() != 1 {
-        return Err(Error::Invalid(format!(
-            "step {step}: the step function returned a loss of shape {:?}; it must be a scalar",
-            loss.dims()
-        )));
-    }
-    let v = loss.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?;
-    Ok(v[0])
-}
-
-/// Add one micro-batch's named terms to the running sums, keeping first-seen order.
-fn add_terms(sums: &mut Vec<(String, f64)>, terms: &[(String, f64)]) -> Result<()> {
-    for (name, v) in terms {
-        if RESERVED.contains(&name.as_str()) {
-            return Err(Error::Invalid(format!(
-                "loss term `{name}` clashes with a metrics field ({RESERVED:?}); rename it"
-            )));
-        }
-        match sums.iter_mut().find(|(n, _)| n == name) {
-            Some((_, s)) => *s += v,
-            None => sums.push((name.clone(), *v)),
-        }
-    }
-    Ok(())
 }
