@@ -24,7 +24,9 @@ use crate::{Error, Result};
 /// With master weights ([`Student::with_master`]) the `Var`s are kept in a wider dtype than the
 /// model's (f32 under a bf16 model, as upstream's DeepSpeed bf16 setting keeps them): the
 /// optimiser and its state work on those, and each step's model ([`Student::model`]) reads them
-/// cast to the model's dtype, so the gradient flows back through the cast.
+/// cast to the model's dtype, so the gradient flows back through the cast; `vlm` is then the
+/// model as it was given (its configuration, preprocessing and device; its trainable tensors
+/// are the starting point, not the training state).
 pub struct Student {
     pub params: ParamSet,
     pub vlm: Vlm,
@@ -51,12 +53,12 @@ impl Student {
             return Self::new(model, selection);
         }
         let tensors = model.named_tensors().into_iter().collect();
-        let (params, tensors) = ParamSet::select_as(&tensors, selection, Some(master))?;
-        // `rebuilt` reads every tensor in the model's dtype: the Vars arrive cast.
-        let vlm = model.rebuilt(tensors)?;
+        let (params, _) = ParamSet::select_as(&tensors, selection, Some(master))?;
+        // `vlm` stays the model as given (no cast copy of the trainable tensors is kept: every
+        // step casts the masters afresh in `model()`).
         Ok(Self {
             params,
-            vlm,
+            vlm: model.clone(),
             master_of: Some(model.clone()),
         })
     }
