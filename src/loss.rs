@@ -20,6 +20,12 @@ use crate::model::vlm::Vlm;
 use crate::tokenize::IGNORE_INDEX;
 use crate::{Error, Result};
 
+mod checkpointed;
+mod cross_entropy;
+
+pub use checkpointed::distill_grads_checkpointed;
+pub use cross_entropy::{shifted_cross_entropy, token_accuracy};
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum HiddenLoss {
@@ -382,26 +388,8 @@ pub fn distill_loss_with(
         )));
     }
     let device = s_logits.device().clone();
-    let mask = position_mask(&lengths, t, batch.labels, cfg.positions, &device)?;
-    let n_pos = mask.sum_all()?.to_scalar::<f32>()? as usize;
-    let ce_targets = if cfg.ce_labels != 0.0 {
-        let labels = batch
-            .labels
-            .ok_or_else(|| Error::Invalid("ce_labels needs labels".into()))?;
-        Some(label_targets(labels, &lengths, t, &device)?)
-    } else {
-        None
-    };
-    let n_labels = match &ce_targets {
-        Some((_, keep)) => keep.sum_all()?.to_scalar::<f32>()? as usize,
-        None => 0,
-    };
-    let logits = LogitInputs {
-        mask: &mask,
-        batch: b,
-        n_pos,
-        ce_targets: ce_targets.as_ref().map(|(tg, keep)| (tg, keep, n_labels)),
-    };
+    let setup = LogitSetup::new(&lengths, t, b, batch.labels, cfg, &device)?;
+    let logits = setup.inputs();
 
     let mut total = Tensor::zeros((), DType::F32, &device)?;
     let mut terms = Vec::new();
@@ -438,131 +426,110 @@ pub fn distill_loss_with(
         Ok(())
     };
     if cfg.hidden != 0.0 && !student.mamba_layers().is_empty() {
-        let valid = Tensor::from_vec(
-            lengths
-                .iter()
-                .flat_map(|&len| (0..t).map(move |p| f32::from(u8::from(p < len))))
-                .collect::<Vec<f32>>(),
-            (b, t, 1),
-            &device,
-        )?;
+        let valid = valid_positions(&lengths, t, &device)?;
         let mut sum = Tensor::zeros((), DType::F32, &device)?;
         for &i in student.mamba_layers() {
-            let get = |k: String| -> Result<&Tensor> {
-                teach.hidden.get(&k).ok_or_else(|| {
-                    Error::Invalid(format!("the teacher outputs lack `{k}` (layer {i})"))
-                })
-            };
-            let h_in = get(format!("layers.{i}.input"))?;
-            let h_out = get(format!("layers.{i}.output"))?;
-            let mut layer_cache = student.decoder.new_layer_cache(i);
-            let ours = student.decoder.block_forward(
-                i,
-                h_in,
-                0,
-                &mut layer_cache,
-                &Capture::none(),
-                &mut Captured::new(),
-            )?;
-            let diff = (ours - h_out)?
-                .to_dtype(DType::F32)?
-                .broadcast_mul(&valid)?;
-            let term = match cfg.hidden_kind {
-                HiddenLoss::L2Norm => diff.sqr()?.sum_all()?.sqrt()?,
-                HiddenLoss::Mse => {
-                    let n = valid.sum_all()?.to_scalar::<f32>()? as f64 * diff.dim(2)? as f64;
-                    (diff.sqr()?.sum_all()? / n.max(1.0))?
-                }
-            };
-            sum = (sum + term)?;
+            sum = (sum + hidden_term(teach, student, i, &valid, cfg.hidden_kind)?)?;
         }
         add("hidden", cfg.hidden, sum)?;
     }
     Ok(DistillOutput {
         loss: total,
         terms,
-        positions: n_pos,
+        positions: setup.n_pos,
     })
 }
 
-/// The positions of `logits` flattened to `[B * T, V]` that predict a label, and those labels:
-/// row `b`, position `t` predicts `labels[b][t + 1]`.
-fn shifted_targets(
-    labels: &[Vec<i64>],
-    seq_len: usize,
-    vocab: usize,
-) -> Result<(Vec<u32>, Vec<u32>)> {
-    let mut positions = Vec::new();
-    let mut targets = Vec::new();
-    for (b, row) in labels.iter().enumerate() {
-        if row.len() != seq_len {
-            return Err(Error::Invalid(format!(
-                "label row {b} has {} positions but the logits have {seq_len}",
-                row.len()
-            )));
-        }
-        for t in 0..seq_len.saturating_sub(1) {
-            let label = row[t + 1];
-            if label == IGNORE_INDEX {
-                continue;
-            }
-            if label < 0 || label as usize >= vocab {
-                return Err(Error::Invalid(format!(
-                    "label {label} at row {b}, position {} is outside the vocabulary (size {vocab})",
-                    t + 1
-                )));
-            }
-            positions.push((b * seq_len + t) as u32);
-            targets.push(label as u32);
-        }
-    }
-    Ok((positions, targets))
+/// `[B, T, 1]` f32: 1 at the real positions of rows of `lengths`, 0 at padding.
+fn valid_positions(lengths: &[usize], t: usize, device: &candle_core::Device) -> Result<Tensor> {
+    Ok(Tensor::from_vec(
+        lengths
+            .iter()
+            .flat_map(|&len| (0..t).map(move |p| f32::from(u8::from(p < len))))
+            .collect::<Vec<f32>>(),
+        (lengths.len(), t, 1),
+        device,
+    )?)
 }
 
-/// Mean cross-entropy of next-token prediction over the labelled positions: `logits` `[B, T, V]`,
-/// `labels` `B` rows of `T` unshifted labels with [`IGNORE_INDEX`] where nothing is predicted.
-/// Differentiable (log-softmax from elementary ops, gather). Returns the loss and the number of
-/// labelled positions; no labelled position at all is an error.
-pub fn shifted_cross_entropy(logits: &Tensor, labels: &[Vec<i64>]) -> Result<(Tensor, usize)> {
-    let (b, t, v) = logits.dims3()?;
-    if labels.len() != b {
-        return Err(Error::Invalid(format!(
-            "{} label rows for a batch of {b}",
-            labels.len()
-        )));
-    }
-    let (positions, targets) = shifted_targets(labels, t, v)?;
-    if positions.is_empty() {
-        return Err(Error::Invalid(
-            "the batch has no labelled position to learn from".into(),
-        ));
-    }
-    let n = positions.len();
-    let device = logits.device();
-    let flat = logits.reshape((b * t, v))?.to_dtype(DType::F32)?;
-    let picked = flat.index_select(&Tensor::new(positions, device)?, 0)?;
-    let log_probs = candle_nn::ops::log_softmax(&picked, D::Minus1)?;
-    let targets = Tensor::new(targets, device)?.unsqueeze(1)?;
-    let nll = log_probs.gather(&targets, 1)?.neg()?;
-    Ok((nll.mean_all()?, n))
+/// The layer-wise term of Mamba layer `i`: the student's block run on the teacher's input
+/// hidden state there, against the teacher's output, over the `valid` positions.
+fn hidden_term(
+    teach: &TeacherOutputs,
+    student: &Vlm,
+    i: usize,
+    valid: &Tensor,
+    kind: HiddenLoss,
+) -> Result<Tensor> {
+    let get = |k: String| -> Result<&Tensor> {
+        teach
+            .hidden
+            .get(&k)
+            .ok_or_else(|| Error::Invalid(format!("the teacher outputs lack `{k}` (layer {i})")))
+    };
+    let h_in = get(format!("layers.{i}.input"))?;
+    let h_out = get(format!("layers.{i}.output"))?;
+    let mut layer_cache = student.decoder.new_layer_cache(i);
+    let ours = student.decoder.block_forward(
+        i,
+        h_in,
+        0,
+        &mut layer_cache,
+        &Capture::none(),
+        &mut Captured::new(),
+    )?;
+    let diff = (ours - h_out)?.to_dtype(DType::F32)?.broadcast_mul(valid)?;
+    Ok(match kind {
+        HiddenLoss::L2Norm => diff.sqr()?.sum_all()?.sqrt()?,
+        HiddenLoss::Mse => {
+            let n = valid.sum_all()?.to_scalar::<f32>()? as f64 * diff.dim(2)? as f64;
+            (diff.sqr()?.sum_all()? / n.max(1.0))?
+        }
+    })
 }
 
-/// Fraction of labelled positions whose argmax is the label (teacher forced), for monitoring.
-pub fn token_accuracy(logits: &Tensor, labels: &[Vec<i64>]) -> Result<f64> {
-    let (_, t, v) = logits.dims3()?;
-    let (positions, targets) = shifted_targets(labels, t, v)?;
-    if positions.is_empty() {
-        return Ok(0.0);
+/// What the logit terms of one batch need, owned: the position mask, the normalisers and the
+/// label targets ([`LogitInputs`] borrows them).
+struct LogitSetup {
+    mask: Tensor,
+    batch: usize,
+    n_pos: usize,
+    ce: Option<(Tensor, Tensor, usize)>,
+}
+
+impl LogitSetup {
+    fn new(
+        lengths: &[usize],
+        t: usize,
+        batch: usize,
+        labels: Option<&Tensor>,
+        cfg: &DistillLoss,
+        device: &candle_core::Device,
+    ) -> Result<Self> {
+        let mask = position_mask(lengths, t, labels, cfg.positions, device)?;
+        let n_pos = mask.sum_all()?.to_scalar::<f32>()? as usize;
+        let ce = if cfg.ce_labels != 0.0 {
+            let labels = labels.ok_or_else(|| Error::Invalid("ce_labels needs labels".into()))?;
+            let (targets, keep) = label_targets(labels, lengths, t, device)?;
+            let n = keep.sum_all()?.to_scalar::<f32>()? as usize;
+            Some((targets, keep, n))
+        } else {
+            None
+        };
+        Ok(Self {
+            mask,
+            batch,
+            n_pos,
+            ce,
+        })
     }
-    let argmax: Vec<u32> = logits
-        .detach()
-        .argmax(D::Minus1)?
-        .flatten_all()?
-        .to_vec1()?;
-    let hits = positions
-        .iter()
-        .zip(&targets)
-        .filter(|(&p, &y)| argmax[p as usize] == y)
-        .count();
-    Ok(hits as f64 / positions.len() as f64)
+
+    fn inputs(&self) -> LogitInputs<'_> {
+        LogitInputs {
+            mask: &self.mask,
+            batch: self.batch,
+            n_pos: self.n_pos,
+            ce_targets: self.ce.as_ref().map(|(tg, keep, n)| (tg, keep, *n)),
+        }
+    }
 }

@@ -6,6 +6,7 @@
 //! matrepl -e 'teacher().layers()'           # evaluate, print, exit
 //! matrepl --device cuda:0 --dtype bf16 ...  # where and how models are loaded
 //! matrepl --threads 1 scripts/train_0.25.rhai   # CPU threads for tensor operations
+//! matrepl --gpus 4 --dtype bf16 scripts/train_0.25.rhai   # data-parallel over 4 GPUs (NCCL)
 //! matrepl serve [--model DIR]... [--port 8080]   # web chat + OpenAI-compatible server
 //! ```
 //!
@@ -59,6 +60,12 @@ struct Cli {
     /// Dtype for everything loaded: f32, bf16 or f16.
     #[arg(long, default_value = "f32")]
     dtype: String,
+
+    /// Data-parallel training over the first N GPUs of this host with NCCL (a build with the
+    /// `nccl` feature): every training call of the script runs one rank per GPU, rank r on
+    /// cuda:r, each with 1/N of every batch; models load on cuda:0.
+    #[arg(long, value_name = "N")]
+    gpus: Option<usize>,
 
     /// CPU threads for tensor operations (sets CANDLE_NUM_THREADS and RAYON_NUM_THREADS unless
     /// they are set; default: candle's, one per core). One is often fastest for the tiny models
@@ -229,7 +236,9 @@ fn run(cli: Cli) -> Result<(), Failure> {
     }
     // The one place the kernel switches are read (`MATVLM_MAMBA2_KERNELS=0`, `MATVLM_MAMBA2_TC=0`).
     matvlm::model::mamba2::fused::set_policy(matvlm::model::mamba2::fused::KernelPolicy::from_env());
-    let device = script::parse_device(&cli.device).map_err(usage)?;
+    let (parallel, device) =
+        matvlm::train::parallel::Parallel::launch(cli.gpus, &cli.device).map_err(usage)?;
+    let device = script::parse_device(&device).map_err(usage)?;
     let dtype = script::parse_dtype(&cli.dtype).map_err(usage)?;
     // Ctrl-C sets this flag instead of killing the process: training and generation stop at
     // their next step, the script at its next operation, and the REPL returns to its prompt.
@@ -244,7 +253,8 @@ fn run(cli: Cli) -> Result<(), Failure> {
     };
     let session = Session::new(device, dtype)
         .with_cancel(cancel)
-        .with_limits(limits);
+        .with_limits(limits)
+        .with_parallel(parallel);
 
     if let Some(code) = &cli.eval {
         let engine = script::engine(&session);

@@ -132,7 +132,7 @@ fn record_id(v: &Value) -> Option<String> {
 }
 
 /// Structure checks and TinyLLaVA's question/answer pairing for one record.
-fn parse_record(index: usize, v: &Value) -> std::result::Result<Record, String> {
+pub(crate) fn parse_record(index: usize, v: &Value) -> std::result::Result<Record, String> {
     let obj = v.as_object().ok_or("a record must be a JSON object")?;
     let id = match obj.get("id") {
         None => String::new(),
@@ -535,7 +535,7 @@ impl Dataset {
 
 /// Tokenise a record with the phi template and cut it to `opts.max_len`; a reason when the
 /// record cannot make a training sample.
-fn encode_record(
+pub(crate) fn encode_record(
     tok: &PromptTokenizer,
     record: &Record,
     opts: &LoadOptions,

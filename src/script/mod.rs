@@ -49,6 +49,8 @@ pub struct Session {
     pub cancel: Arc<AtomicBool>,
     /// What one evaluation may use (operations, call depth, string and collection sizes).
     pub limits: ScriptLimits,
+    /// The data-parallel layout training calls start from (`matrepl --gpus N`).
+    pub parallel: crate::train::parallel::Parallel,
 }
 
 /// rhai's resource limits for the engines of a [`Session`]. The defaults are far above what the
@@ -107,7 +109,14 @@ impl Session {
             dtype,
             cancel: Arc::new(AtomicBool::new(false)),
             limits: ScriptLimits::default(),
+            parallel: crate::train::parallel::Parallel::default(),
         }
+    }
+
+    /// Run training calls data-parallel per `parallel` unless their options say otherwise.
+    pub fn with_parallel(mut self, parallel: crate::train::parallel::Parallel) -> Self {
+        self.parallel = parallel;
+        self
     }
 
     /// Other resource limits for the engines of this session.

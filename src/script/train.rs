@@ -188,7 +188,10 @@ pub mod api {
     /// "answers" }, trainable: "mixers" | "mixers_connector" | "all_but_vision", run_dir, val:
     /// data, eval_every, eval_limit, save_every, keep_last, seed, warmup_ratio, warmup_steps,
     /// weight_decay, clip (a number, or false), schedule: "constant" | #{ kind: "wsd", ... },
-    /// resume: true, progress: "auto" | "bar" | "lines" | "silent", log_every, betas, eps }`
+    /// resume: true, progress: "auto" | "bar" | "lines" | "silent", log_every, betas, eps,
+    /// master_f32, checkpoint_blocks, loss.chunk_positions, parallel: #{ ranks, backend:
+    /// "local" | "nccl", bucket_mb } }` (`parallel` defaults to `matrepl --gpus N`; `batch` is
+    /// then the global micro-batch)
     /// (the fields of `DistillConfig` and its `TrainConfig`).
     /// A `run_dir` holding a checkpoint is resumed; without `run_dir` a fresh one under `runs/`
     /// is used. Returns a Run (`run.model` is the distilled student). Ctrl-C stops it at the
@@ -202,7 +205,11 @@ pub mod api {
         options: Map,
     ) -> RhaiResult<Run> {
         let s = session_of(&ctx)?;
-        let (val, run_dir, cfg) = training_options("distill", options, &DistillConfig::default())?;
+        let base = DistillConfig {
+            parallel: s.parallel.clone(),
+            ..DistillConfig::default()
+        };
+        let (val, run_dir, cfg) = training_options("distill", options, &base)?;
         let (vlm, summary) = crate::train::distill::distill(
             &teacher.vlm,
             &student.vlm,
@@ -215,6 +222,21 @@ pub mod api {
         .or_rhai()?;
         let source = format!("distill({} -> {})", teacher.source, student.source);
         finish(&ctx, vlm, source, summary, &run_dir)
+    }
+
+    /// `distill_memory_plan(#{ config: "tinyllava-3.1b", ratio: 0.25, trainable, batch: 8,
+    /// seq_len: 828, dtype: "bf16", master_f32: true, checkpoint_blocks: false,
+    /// chunk_positions: 128, shared_frozen: true })`: the peak memory of one distillation step,
+    /// part by part (weights, master weights, gradients, AdamW moments, teacher outputs,
+    /// activations with or without checkpointing, logit chunks), from the models' shapes; no
+    /// model is loaded. Returns the plan as a map, its `table` as aligned text.
+    #[rhai_fn(return_raw)]
+    pub fn distill_memory_plan(options: Map) -> RhaiResult<Dynamic> {
+        let opts: crate::train::memory::MemoryOptions = from_map("distill_memory_plan", options)?;
+        let plan = crate::train::memory::MemoryPlan::distill(&opts).or_rhai()?;
+        let mut value = serde_json::to_value(&plan).map_err(|e| e.to_string())?;
+        value["table"] = serde_json::Value::String(plan.table());
+        to_map(&value)
     }
 
     /// `distill(teacher, student, data)` with every option at its default.

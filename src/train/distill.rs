@@ -23,14 +23,17 @@ use std::sync::Arc;
 use candle_core::{DType, Tensor};
 use serde::{Deserialize, Serialize};
 
-use super::params::Selection;
+use super::parallel::{on_device, run_ranks, Parallel, RankCtx};
+use super::params::{Grads, Selection};
 use super::schedule::LrSchedule;
 use super::student::{fit_student, EvalFn, RunSetup, Student};
 use super::supervised::SupervisedSource;
-use super::trainer::{StepOutput, TrainConfig, TrainSummary};
+use super::trainer::{BatchSource, StepOutput, TrainConfig, TrainSummary};
 use crate::data::{Dataset, Loader, SupervisedBatch};
 use crate::eval::{agreement, evaluate, AgreementOptions, EvalMode, EvalOptions};
-use crate::loss::{distill_loss_with, teacher_outputs, DistillBatch, DistillLoss};
+use crate::loss::{
+    distill_grads_checkpointed, distill_loss_with, teacher_outputs, DistillBatch, DistillLoss,
+};
 use crate::model::vlm::Vlm;
 use crate::{Error, Result};
 
@@ -96,6 +99,15 @@ pub struct DistillConfig {
     /// (upstream's DeepSpeed bf16 setting), the forward in the student's dtype; off, they train
     /// in the student's own dtype (pure bf16 on a bf16 model). No effect on an f32 student.
     pub master_f32: bool,
+    /// Gradient checkpointing of the student's blocks: keep only each block's input during the
+    /// forward and recompute one block at a time in the backward
+    /// ([`crate::loss::distill_grads_checkpointed`]); about one more student forward per step
+    /// for the activations of one block instead of all of them.
+    pub checkpoint_blocks: bool,
+    /// Data parallelism ([`super::parallel`]): `batch_size` is then the global micro-batch,
+    /// shared equally by the ranks, and an epoch's last batch is dropped when it is short (so
+    /// that every rank gets an equal share).
+    pub parallel: Parallel,
 }
 
 impl Default for DistillConfig {
@@ -136,6 +148,8 @@ impl DistillConfig {
             batch_size: 64,
             eval_limit: None,
             master_f32: false,
+            checkpoint_blocks: false,
+            parallel: Parallel::default(),
         }
     }
 
@@ -143,7 +157,8 @@ impl DistillConfig {
     /// run's seed, preprocessed for `student`. A run resumed from a checkpoint continues this
     /// exact stream.
     pub fn source(&self, train: Arc<Dataset>, student: &Vlm) -> Result<SupervisedSource> {
-        let loader = Loader::new(train.len(), self.batch_size, self.train.seed)?;
+        let loader = Loader::new(train.len(), self.batch_size, self.train.seed)?
+            .with_drop_last(self.parallel.is_parallel());
         Ok(SupervisedSource::for_model(train, loader, student))
     }
 }
@@ -199,6 +214,42 @@ pub fn distill_step(
     ))
 }
 
+/// [`distill_step`] for a [`Student`], with its blocks checkpointed when `checkpoint` is set:
+/// the step then returns the gradients of its trainable set itself
+/// ([`StepOutput::with_grads`]), the same as differentiating [`distill_step`]'s loss up to f32
+/// summation order.
+pub fn student_step(
+    teacher: &Vlm,
+    student: &Student,
+    batch: &SupervisedBatch,
+    loss: &DistillLoss,
+    checkpoint: bool,
+) -> Result<StepOutput> {
+    let model = student.model()?;
+    if !checkpoint {
+        return distill_step(teacher, &model, batch, loss);
+    }
+    let rows = batch.unpadded_rows();
+    let labels = labels_tensor(&batch.labels, &model.device)?;
+    let inputs = DistillBatch {
+        rows: &rows,
+        pixel_values: batch.pixel_values.as_ref(),
+        labels: Some(&labels),
+    };
+    let teach = teacher_outputs(teacher, &inputs, model.mamba_layers())?;
+    let vars: Vec<Tensor> = student
+        .params
+        .iter()
+        .map(|(_, v)| v.as_tensor().clone())
+        .collect();
+    let (out, grads) = distill_grads_checkpointed(&teach, &model, &inputs, loss, &vars)?;
+    let grads = Grads::from_vec(&student.params, grads)?;
+    Ok(out.terms.into_iter().fold(
+        StepOutput::with_grads(out.loss, batch.tokens, grads),
+        |step, (name, v)| step.term(name, v),
+    ))
+}
+
 /// Expanded label rows as a `[B, T]` i64 tensor.
 fn labels_tensor(labels: &[Vec<i64>], device: &candle_core::Device) -> Result<Tensor> {
     let width = labels.first().map_or(0, Vec::len);
@@ -232,13 +283,86 @@ pub fn distill(
     run_dir: &Path,
     cancel: Option<&AtomicBool>,
 ) -> Result<(Vlm, TrainSummary)> {
+    let source = |shard: Shard, student: &Vlm| -> Result<SupervisedSource> {
+        let source = cfg.source(train.clone(), student)?;
+        Ok(match shard {
+            Some((rank, world)) => source.with_shard(rank, world),
+            None => source,
+        })
+    };
+    distill_from(teacher, student_hybrid, &source, val, cfg, run_dir, cancel)
+}
+
+/// This rank's `(rank, world)` under data parallelism, `None` without.
+pub type Shard = Option<(usize, usize)>;
+
+/// [`distill`] over batches from `source(shard, student)`, called once per rank (on the
+/// rank's thread) with the rank's share and the student it trains: e.g. a
+/// [`crate::data::LlavaStream`] over a file too large to load (`with_shard` gives each rank
+/// its share; the loader must deal `cfg.batch_size` samples, the global micro-batch).
+pub fn distill_from<S: BatchSource<Batch = SupervisedBatch>>(
+    teacher: &Vlm,
+    student_hybrid: &Vlm,
+    source: &(dyn Fn(Shard, &Vlm) -> Result<S> + Sync),
+    val: Option<Arc<Dataset>>,
+    cfg: &DistillConfig,
+    run_dir: &Path,
+    cancel: Option<&AtomicBool>,
+) -> Result<(Vlm, TrainSummary)> {
     check_pair(teacher, student_hybrid)?;
+    if !cfg.parallel.is_parallel() {
+        return distill_rank(
+            teacher,
+            student_hybrid,
+            source,
+            val,
+            cfg,
+            run_dir,
+            cancel,
+            None,
+        );
+    }
+    cfg.parallel.check(cfg.batch_size)?;
+    let mut results = run_ranks(&cfg.parallel, &student_hybrid.device, |ctx| {
+        let teacher = on_device(teacher, &ctx.device)?;
+        let hybrid = on_device(student_hybrid, &ctx.device)?;
+        // Only rank 0 evaluates (its metrics are the run's); the others would repeat it.
+        let val = val.clone().filter(|_| ctx.rank == 0);
+        distill_rank(
+            &teacher,
+            &hybrid,
+            source,
+            val,
+            cfg,
+            run_dir,
+            cancel,
+            Some(&ctx),
+        )
+    })?;
+    if results.is_empty() {
+        return Err(Error::Other("parallel: no rank ran".into()));
+    }
+    Ok(results.swap_remove(0))
+}
+
+/// One rank of [`distill`] (the only one without data parallelism).
+#[allow(clippy::too_many_arguments)]
+fn distill_rank<S: BatchSource<Batch = SupervisedBatch>>(
+    teacher: &Vlm,
+    student_hybrid: &Vlm,
+    source: &(dyn Fn(Shard, &Vlm) -> Result<S> + Sync),
+    val: Option<Arc<Dataset>>,
+    cfg: &DistillConfig,
+    run_dir: &Path,
+    cancel: Option<&AtomicBool>,
+    rank: Option<&RankCtx<'_>>,
+) -> Result<(Vlm, TrainSummary)> {
     let student = if cfg.master_f32 {
         Student::with_master(student_hybrid, &cfg.trainable.selection(), DType::F32)?
     } else {
         cfg.trainable.student(student_hybrid)?
     };
-    let mut source = cfg.source(train, &student.vlm)?;
+    let mut source = source(rank.map(|ctx| (ctx.rank, ctx.world)), &student.vlm)?;
 
     let mut teacher_acc: Option<f64> = None;
     let student_ref = &student;
@@ -269,9 +393,10 @@ pub fn distill(
         config: cfg,
         cancel,
         eval,
+        comm: rank.map(|ctx| (ctx.comm, ctx.bucket_bytes)),
     };
     let summary = fit_student(&student, &cfg.train, setup, &mut source, |batch| {
-        distill_step(teacher, &student.model()?, batch, &cfg.loss)
+        student_step(teacher, &student, batch, &cfg.loss, cfg.checkpoint_blocks)
     })?;
     Ok((student.detached()?, summary))
 }

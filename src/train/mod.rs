@@ -19,12 +19,18 @@
 //! ```
 
 pub mod cancel;
+pub mod collective;
 pub mod distill;
+pub mod memory;
+#[cfg(feature = "nccl")]
+pub mod nccl;
 pub mod optim;
+pub mod parallel;
 pub mod params;
 pub mod progress;
 pub mod run;
 pub mod schedule;
+pub mod step;
 pub mod student;
 pub mod supervised;
 pub mod trainer;

@@ -288,6 +288,27 @@ impl Grads {
         Ok(Self { grads })
     }
 
+    /// Gradients in the order of `params` (as [`ParamSet::iter`] lists them).
+    pub fn from_vec(params: &ParamSet, grads: Vec<Option<Tensor>>) -> Result<Self> {
+        if grads.len() != params.len() {
+            return Err(Error::Invalid(format!(
+                "{} gradients for a parameter set of {}",
+                grads.len(),
+                params.len()
+            )));
+        }
+        for ((name, var), g) in params.iter().zip(&grads) {
+            if let Some(g) = g.as_ref().filter(|g| g.dims() != var.dims()) {
+                return Err(Error::ShapeMismatch {
+                    key: format!("gradient of {name}"),
+                    expected: var.dims().to_vec(),
+                    found: g.dims().to_vec(),
+                });
+            }
+        }
+        Ok(Self { grads })
+    }
+
     pub fn len(&self) -> usize {
         self.grads.len()
     }

@@ -8,6 +8,7 @@ use std::sync::atomic::AtomicBool;
 
 use serde::Serialize;
 
+use super::collective::Collective;
 use super::params::{ParamSet, Selection};
 use super::run::RunDir;
 use super::trainer::{BatchSource, StepOutput, TrainConfig, TrainSummary, Trainer};
@@ -23,7 +24,9 @@ use crate::{Error, Result};
 /// With master weights ([`Student::with_master`]) the `Var`s are kept in a wider dtype than the
 /// model's (f32 under a bf16 model, as upstream's DeepSpeed bf16 setting keeps them): the
 /// optimiser and its state work on those, and each step's model ([`Student::model`]) reads them
-/// cast to the model's dtype, so the gradient flows back through the cast.
+/// cast to the model's dtype, so the gradient flows back through the cast; `vlm` is then the
+/// model as it was given (its configuration, preprocessing and device; its trainable tensors
+/// are the starting point, not the training state).
 pub struct Student {
     pub params: ParamSet,
     pub vlm: Vlm,
@@ -50,12 +53,12 @@ impl Student {
             return Self::new(model, selection);
         }
         let tensors = model.named_tensors().into_iter().collect();
-        let (params, tensors) = ParamSet::select_as(&tensors, selection, Some(master))?;
-        // `rebuilt` reads every tensor in the model's dtype: the Vars arrive cast.
-        let vlm = model.rebuilt(tensors)?;
+        let (params, _) = ParamSet::select_as(&tensors, selection, Some(master))?;
+        // `vlm` stays the model as given (no cast copy of the trainable tensors is kept: every
+        // step casts the masters afresh in `model()`).
         Ok(Self {
             params,
-            vlm,
+            vlm: model.clone(),
             master_of: Some(model.clone()),
         })
     }
@@ -105,6 +108,9 @@ pub struct RunSetup<'a, C: Serialize> {
     /// Set (by Ctrl-C) to stop at the next step boundary with a checkpoint.
     pub cancel: Option<&'a AtomicBool>,
     pub eval: Option<EvalFn<'a>>,
+    /// Data parallelism: the group this run is one rank of, and the all-reduce bucket size in
+    /// bytes ([`Trainer::with_collective`]).
+    pub comm: Option<(&'a dyn Collective, usize)>,
 }
 
 /// Train `student.params` per `train` over `source`, with `step` computing each micro-batch's
@@ -117,7 +123,8 @@ pub fn fit_student<S: BatchSource, C: Serialize>(
     mut step: impl FnMut(&S::Batch) -> Result<StepOutput>,
 ) -> Result<TrainSummary> {
     let run = RunDir::open(setup.dir)?;
-    if run.read_config()?.is_none() {
+    let writer = setup.comm.is_none_or(|(c, _)| c.rank() == 0);
+    if writer && run.read_config()?.is_none() {
         let config = serde_json::to_value(setup.config)
             .map_err(|e| Error::Other(format!("serialising the run config: {e}")))?;
         run.write_config(&config)?;
@@ -128,6 +135,9 @@ pub fn fit_student<S: BatchSource, C: Serialize>(
     }
     if let Some(eval) = setup.eval {
         trainer = trainer.with_eval(eval);
+    }
+    if let Some((comm, bucket_bytes)) = setup.comm {
+        trainer = trainer.with_collective(comm, bucket_bytes);
     }
     trainer.fit(source, |_, batch| step(batch))
 }

@@ -38,6 +38,8 @@ pub struct SupervisedSource {
     preprocessor: ImagePreprocessor,
     n_image_tokens: usize,
     device: Device,
+    /// Data parallelism: this rank's share `(rank, world)` of every batch the loader deals.
+    shard: Option<(usize, usize)>,
 }
 
 impl SupervisedSource {
@@ -56,7 +58,15 @@ impl SupervisedSource {
             preprocessor,
             n_image_tokens,
             device,
+            shard: None,
         }
+    }
+
+    /// Only rank `rank`'s share of each batch ([`super::parallel::shard_rows`]): every rank
+    /// holds the same loader (same order, same resumable state) and preprocesses its own rows.
+    pub fn with_shard(mut self, rank: usize, world: usize) -> Self {
+        self.shard = (world > 1).then_some((rank, world));
+        self
     }
 
     /// Batches for `vlm`: its preprocessor, image token count and device.
@@ -93,7 +103,18 @@ impl BatchSource for SupervisedSource {
 
     /// Never runs dry: the loader starts a new epoch when one ends.
     fn next_batch(&mut self) -> Result<Option<SupervisedBatch>> {
-        let indices = self.loader.next_indices();
+        let mut indices = self.loader.next_indices();
+        if let Some((rank, world)) = self.shard {
+            let rows = super::parallel::shard_rows(indices.len(), rank, world);
+            if rows.is_empty() {
+                return Err(Error::Invalid(format!(
+                    "a batch of {} samples leaves rank {rank} of {world} nothing; the global \
+                     batch must have at least one sample per rank",
+                    indices.len()
+                )));
+            }
+            indices = indices[rows].to_vec();
+        }
         let batch = self.dataset.batch(&indices)?;
         SupervisedBatch::from_batch(
             &batch,
@@ -228,9 +249,32 @@ pub fn train(
         config: cfg,
         cancel,
         eval,
+        comm: None,
     };
     let summary = fit_student(&student, &cfg.train, setup, &mut source, |batch| {
         supervised_step(&student.vlm, batch)
     })?;
     Ok((student.detached()?, summary))
+}
+
+impl Resumable for crate::data::LlavaStream {
+    fn state(&self) -> serde_json::Value {
+        serde_json::to_value(crate::data::LlavaStream::state(self))
+            .unwrap_or(serde_json::Value::Null)
+    }
+
+    fn restore(&mut self, state: &serde_json::Value) -> Result<()> {
+        let state: LoaderState = serde_json::from_value(state.clone()).map_err(|e| {
+            Error::Invalid(format!("data state {state} is not a loader state: {e}"))
+        })?;
+        crate::data::LlavaStream::restore(self, state)
+    }
+}
+
+impl BatchSource for crate::data::LlavaStream {
+    type Batch = SupervisedBatch;
+
+    fn next_batch(&mut self) -> Result<Option<SupervisedBatch>> {
+        crate::data::LlavaStream::next_batch(self).map(Some)
+    }
 }

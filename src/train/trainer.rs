@@ -7,16 +7,18 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
-use candle_core::{DType, Tensor};
-use rand::{rngs::StdRng, SeedableRng};
+use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
+use super::collective::{all_reduce_grads, Collective};
 use super::optim::{clip_grad_norm, AdamW, AdamWConfig};
 use super::params::{Grads, ParamSet};
 use super::progress::{Progress, ProgressMode, StepReport};
 use super::run::{CheckpointState, RunDir, CHECKPOINT_FORMAT};
 use super::schedule::{LrSchedule, Schedule};
+use super::step::{add_terms, scalar_value};
+pub use super::step::{BatchSource, IndexedSource, Resumable, StepCtx, StepOutput};
 use crate::{Error, Result};
 
 /// Everything that shapes a training run. The defaults are MaTVLM's distillation recipe (AdamW
@@ -130,126 +132,6 @@ impl TrainConfig {
     }
 }
 
-/// Something whose position can be saved in a checkpoint and restored on resume: a data loader
-/// (epoch, index, shuffle seed...). The state is opaque JSON to the trainer.
-pub trait Resumable {
-    fn state(&self) -> serde_json::Value;
-    fn restore(&mut self, state: &serde_json::Value) -> Result<()>;
-}
-
-/// A resumable stream of batches. `Ok(None)` means the data is exhausted: the run stops there
-/// (a partly filled accumulation still makes its step, averaged over the micro-batches it got).
-pub trait BatchSource: Resumable {
-    type Batch;
-    fn next_batch(&mut self) -> Result<Option<Self::Batch>>;
-}
-
-/// Batches as a pure function of their index: `make(i)` builds batch `i` (or `None` past the end).
-/// The position is just the next index, so resuming is exact by construction.
-pub struct IndexedSource<F> {
-    next: usize,
-    make: F,
-}
-
-impl<F> IndexedSource<F> {
-    pub fn new(make: F) -> Self {
-        Self { next: 0, make }
-    }
-
-    /// The index of the next batch.
-    pub fn position(&self) -> usize {
-        self.next
-    }
-}
-
-impl<F> Resumable for IndexedSource<F> {
-    fn state(&self) -> serde_json::Value {
-        json!({ "next": self.next })
-    }
-
-    fn restore(&mut self, state: &serde_json::Value) -> Result<()> {
-        let next = state.get("next").and_then(serde_json::Value::as_u64);
-        self.next = next.ok_or_else(|| {
-            Error::Invalid(format!(
-                "data state {state} has no `next` index for an IndexedSource"
-            ))
-        })? as usize;
-        Ok(())
-    }
-}
-
-impl<B, F: FnMut(usize) -> Result<Option<B>>> BatchSource for IndexedSource<F> {
-    type Batch = B;
-
-    fn next_batch(&mut self) -> Result<Option<B>> {
-        let batch = (self.make)(self.next)?;
-        if batch.is_some() {
-            self.next += 1;
-        }
-        Ok(batch)
-    }
-}
-
-/// Where a step function is called from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct StepCtx {
-    /// The optimiser step being computed, from 1 (the `step` of its metrics line).
-    pub step: usize,
-    /// The micro-batch within the step, from 0.
-    pub micro: usize,
-    pub accum: usize,
-    /// The run's seed.
-    pub seed: u64,
-}
-
-impl StepCtx {
-    /// A seed derived from the run seed, the step and the micro-batch: the same at the same
-    /// point of a run whether it was interrupted and resumed or not.
-    pub fn derived_seed(&self) -> u64 {
-        splitmix(splitmix(splitmix(self.seed) ^ self.step as u64) ^ self.micro as u64)
-    }
-
-    /// A random generator for this micro-batch, seeded by [`StepCtx::derived_seed`].
-    pub fn rng(&self) -> StdRng {
-        StdRng::seed_from_u64(self.derived_seed())
-    }
-}
-
-fn splitmix(x: u64) -> u64 {
-    let mut z = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
-}
-
-/// What a step function returns for one micro-batch.
-#[derive(Debug, Clone)]
-pub struct StepOutput {
-    /// The scalar to differentiate (one element).
-    pub loss: Tensor,
-    /// Named parts of the loss (e.g. `l2`, `kl`), logged each step; averaged over micro-batches.
-    pub terms: Vec<(String, f64)>,
-    /// Tokens in the micro-batch, for throughput.
-    pub tokens: usize,
-}
-
-impl StepOutput {
-    /// A loss with no separate terms.
-    pub fn new(loss: Tensor, tokens: usize) -> Self {
-        Self {
-            loss,
-            terms: Vec::new(),
-            tokens,
-        }
-    }
-
-    /// Add a named term (builder style).
-    pub fn term(mut self, name: impl Into<String>, value: f64) -> Self {
-        self.terms.push((name.into(), value));
-        self
-    }
-}
-
 /// Why [`Trainer::fit`] returned.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -287,19 +169,6 @@ pub struct Resumed {
     pub dir: PathBuf,
 }
 
-/// Keys of a train metrics line that loss terms may not take.
-const RESERVED: [&str; 9] = [
-    "kind",
-    "step",
-    "loss",
-    "lr",
-    "grad_norm",
-    "tokens",
-    "tokens_per_s",
-    "step_s",
-    "elapsed_s",
-];
-
 type EvalFn<'a> = Box<dyn FnMut(usize) -> Result<Vec<(String, f64)>> + 'a>;
 
 /// A training run over a [`ParamSet`], writing into a [`RunDir`]. Owns its AdamW, built from the
@@ -311,6 +180,8 @@ pub struct Trainer<'a> {
     run: RunDir,
     cancel: Option<&'a AtomicBool>,
     eval: Option<EvalFn<'a>>,
+    /// Data parallelism: the group this trainer is one rank of, and the all-reduce bucket size.
+    comm: Option<(&'a dyn Collective, usize)>,
 }
 
 impl<'a> Trainer<'a> {
@@ -324,6 +195,7 @@ impl<'a> Trainer<'a> {
             run,
             cancel: None,
             eval: None,
+            comm: None,
         })
     }
 
@@ -339,6 +211,22 @@ impl<'a> Trainer<'a> {
     pub fn with_eval(mut self, eval: impl FnMut(usize) -> Result<Vec<(String, f64)>> + 'a) -> Self {
         self.eval = Some(Box::new(eval));
         self
+    }
+
+    /// Train as one rank of `comm` (data parallelism): each rank reads its own share of every
+    /// batch, the step's gradients are summed over the ranks in buckets of `bucket_bytes`
+    /// ([`all_reduce_grads`]) and divided by the micro-batches of all ranks together, so every
+    /// rank applies the same update. Rank 0 alone writes metrics, checkpoints and progress;
+    /// every rank resumes from the run directory's newest checkpoint; a cancel seen by any rank
+    /// stops all of them at the same step.
+    pub fn with_collective(mut self, comm: &'a dyn Collective, bucket_bytes: usize) -> Self {
+        self.comm = Some((comm, bucket_bytes));
+        self
+    }
+
+    /// Whether this trainer writes the run directory (no group, or rank 0 of one).
+    pub fn is_writer(&self) -> bool {
+        self.comm.is_none_or(|(c, _)| c.rank() == 0)
     }
 
     pub fn config(&self) -> &TrainConfig {
@@ -357,6 +245,47 @@ impl<'a> Trainer<'a> {
         self.cancel.is_some_and(|f| f.load(Ordering::SeqCst))
     }
 
+    /// Whether any rank was cancelled (one collective per step under data parallelism).
+    fn cancelled_anywhere(&self) -> Result<bool> {
+        let mine = self.cancelled();
+        let Some((comm, _)) = self.comm else {
+            return Ok(mine);
+        };
+        let flag = Tensor::new(&[f64::from(u8::from(mine))], &self.params.device())?;
+        let any = comm.all_reduce_sum(&flag)?.to_vec1::<f64>()?[0];
+        Ok(any > 0.0)
+    }
+
+    /// The step's scalars summed over the ranks: loss sum, micro-batches, tokens, each term's
+    /// sum, and which parameters got a gradient on some rank. Without a group, the local values.
+    fn reduce_scalars(
+        &self,
+        loss_sum: f64,
+        micro_done: usize,
+        tokens: usize,
+        terms: &mut [(String, f64)],
+        grads: Option<&Grads>,
+    ) -> Result<(f64, usize, usize, Vec<bool>)> {
+        let present: Vec<bool> = (0..self.params.len())
+            .map(|i| grads.is_some_and(|g| g.get(i).is_some()))
+            .collect();
+        let Some((comm, _)) = self.comm else {
+            return Ok((loss_sum, micro_done, tokens, present));
+        };
+        let mut v = vec![loss_sum, micro_done as f64, tokens as f64];
+        v.extend(terms.iter().map(|(_, x)| *x));
+        v.extend(present.iter().map(|&p| f64::from(u8::from(p))));
+        let n = v.len();
+        let sum = comm
+            .all_reduce_sum(&Tensor::from_vec(v, n, &self.params.device())?)?
+            .to_vec1::<f64>()?;
+        for (k, (_, x)) in terms.iter_mut().enumerate() {
+            *x = sum[3 + k];
+        }
+        let present = sum[3 + terms.len()..].iter().map(|&p| p > 0.0).collect();
+        Ok((sum[0], sum[1] as usize, sum[2] as usize, present))
+    }
+
     /// Restore weights, optimiser state, step and data position from the newest checkpoint of
     /// the run directory; `None` for a fresh run. Metrics lines logged after that checkpoint are
     /// dropped (the resumed run redoes those steps).
@@ -368,7 +297,9 @@ impl<'a> Trainer<'a> {
         self.params.load(&ck.weights, &location)?;
         self.opt.load_state_tensors(&ck.optimizer, &location)?;
         data.restore(&ck.state.data)?;
-        self.run.truncate_metrics_after(ck.state.step)?;
+        if self.is_writer() {
+            self.run.truncate_metrics_after(ck.state.step)?;
+        }
         Ok(Some(Resumed {
             step: ck.state.step,
             tokens: ck.state.tokens,
@@ -390,7 +321,11 @@ impl<'a> Trainer<'a> {
     {
         let cfg = self.cfg.clone();
         let schedule = cfg.schedule()?;
-        if self.run.read_config()?.is_none() {
+        let writer = self.is_writer();
+        let (rank, world) = self
+            .comm
+            .map_or((0, 1), |(c, _)| (c.rank(), c.world_size()));
+        if writer && self.run.read_config()?.is_none() {
             self.run.write_config(&json!({ "train": cfg }))?;
         }
 
@@ -411,7 +346,7 @@ impl<'a> Trainer<'a> {
                 existing.display()
             )));
         }
-        if resumed_from.is_none() {
+        if resumed_from.is_none() && writer {
             // A run killed before its first checkpoint logged steps that this start redoes.
             self.run.truncate_metrics_after(0)?;
         }
@@ -419,7 +354,12 @@ impl<'a> Trainer<'a> {
         let mut saved_at = resumed_from.as_ref().map(|_| step);
         let mut last_checkpoint = resumed_from.clone();
 
-        let mut progress = Progress::new(cfg.progress, step, cfg.steps, cfg.log_every);
+        let shown = if writer {
+            cfg.progress
+        } else {
+            ProgressMode::Silent
+        };
+        let mut progress = Progress::new(shown, step, cfg.steps, cfg.log_every);
         if let Some(dir) = &resumed_from {
             progress.message(&format!("resumed from {} at step {step}", dir.display()));
         }
@@ -430,7 +370,7 @@ impl<'a> Trainer<'a> {
             if step >= cfg.steps {
                 break StopReason::Completed;
             }
-            if self.cancelled() {
+            if self.cancelled_anywhere()? {
                 break StopReason::Cancelled;
             }
             let t0 = Instant::now();
@@ -444,10 +384,12 @@ impl<'a> Trainer<'a> {
                 let Some(batch) = data.next_batch()? else {
                     break;
                 };
+                // Numbered across ranks: rank r's micro-batches are those a single rank
+                // accumulating `world * accum` of them would see from `r * accum` on.
                 let ctx = StepCtx {
                     step: step + 1,
-                    micro,
-                    accum: cfg.accum,
+                    micro: rank * cfg.accum + micro,
+                    accum: cfg.accum * world,
                     seed: cfg.seed,
                 };
                 let out = step_fn(&ctx, &batch)?;
@@ -463,15 +405,33 @@ impl<'a> Trainer<'a> {
                 loss_sum += loss;
                 tokens += out.tokens;
                 micro_done += 1;
-                let g = self.params.grads(&out.loss.backward()?);
+                let g = match out.grads {
+                    Some(g) => g,
+                    None => self.params.grads(&out.loss.backward()?),
+                };
                 match grads.as_mut() {
                     Some(acc) => acc.accumulate(g)?,
                     None => grads = Some(g),
                 }
             }
-            let Some(mut grads) = grads else {
+            let (loss_sum, micro_done, tokens, present) =
+                self.reduce_scalars(loss_sum, micro_done, tokens, &mut term_sums, grads.as_ref())?;
+            if micro_done == 0 {
                 break StopReason::DataExhausted;
+            }
+            let Some(mut grads) = grads else {
+                return Err(Error::Other(format!(
+                    "rank {rank} ran out of data at step {} while other ranks did not (shards of \
+                     unequal length?)",
+                    step + 1
+                )));
             };
+            if let Some((comm, bucket_bytes)) = self.comm {
+                all_reduce_grads(comm, self.params, &mut grads, &present, bucket_bytes)?;
+            }
+            // The mean over every micro-batch of the step, all ranks together: with `accum`
+            // micro-batches of equal size and a loss that is a mean over its micro-batch's
+            // samples, the gradient of one batch `accum` times as large.
             if micro_done > 1 {
                 grads.scale(1.0 / micro_done as f64)?;
             }
@@ -512,7 +472,9 @@ impl<'a> Trainer<'a> {
             for (k, v) in &terms {
                 record[k.as_str()] = json!(v);
             }
-            self.run.log(&record)?;
+            if writer {
+                self.run.log(&record)?;
+            }
             progress.step(&StepReport {
                 step,
                 total: cfg.steps,
@@ -524,7 +486,9 @@ impl<'a> Trainer<'a> {
             });
             last_loss = Some(loss);
 
-            if cfg.eval_every > 0 && (step.is_multiple_of(cfg.eval_every) || step == cfg.steps) {
+            let eval_now =
+                cfg.eval_every > 0 && (step.is_multiple_of(cfg.eval_every) || step == cfg.steps);
+            if writer && eval_now {
                 if let Some(eval) = self.eval.as_mut() {
                     let values = eval(step)?;
                     let mut record = json!({ "kind": "eval", "step": step });
@@ -542,13 +506,13 @@ impl<'a> Trainer<'a> {
                     progress.message(&shown);
                 }
             }
-            if cfg.save_every > 0 && step.is_multiple_of(cfg.save_every) {
+            if writer && cfg.save_every > 0 && step.is_multiple_of(cfg.save_every) {
                 last_checkpoint = Some(self.save(step, lr, data, tokens_total)?);
                 saved_at = Some(step);
             }
         };
 
-        if step > 0 && saved_at != Some(step) {
+        if writer && step > 0 && saved_at != Some(step) {
             let lr = schedule.lr(step - 1);
             last_checkpoint = Some(self.save(step, lr, data, tokens_total)?);
         }
@@ -597,32 +561,4 @@ impl<'a> Trainer<'a> {
             self.cfg.keep_last,
         )
     }
-}
-
-/// The value of a one-element loss tensor.
-fn scalar_value(loss: &Tensor, step: usize) -> Result<f64> {
-    if loss.elem_count() != 1 {
-        return Err(Error::Invalid(format!(
-            "step {step}: the step function returned a loss of shape {:?}; it must be a scalar",
-            loss.dims()
-        )));
-    }
-    let v = loss.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?;
-    Ok(v[0])
-}
-
-/// Add one micro-batch's named terms to the running sums, keeping first-seen order.
-fn add_terms(sums: &mut Vec<(String, f64)>, terms: &[(String, f64)]) -> Result<()> {
-    for (name, v) in terms {
-        if RESERVED.contains(&name.as_str()) {
-            return Err(Error::Invalid(format!(
-                "loss term `{name}` clashes with a metrics field ({RESERVED:?}); rename it"
-            )));
-        }
-        match sums.iter_mut().find(|(n, _)| n == name) {
-            Some((_, s)) => *s += v,
-            None => sums.push((name.clone(), *v)),
-        }
-    }
-    Ok(())
 }

@@ -303,6 +303,33 @@ fn binary_evaluates_an_expression() {
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "4");
 }
 
+/// `--gpus N`: NCCL ranks on cuda:0..N-1, so another `--device` is refused, and a build
+/// without the `nccl` feature says which feature it needs (exit status 2, bad arguments).
+#[test]
+fn gpus_flag_needs_cuda_0_and_an_nccl_build() {
+    let out = matrepl_command()
+        .args(["--gpus", "2", "--device", "cuda:1", "-e", "1"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("cuda:0"),
+        "{out:?}"
+    );
+    let out = matrepl_command()
+        .args(["--gpus", "2", "-e", "1"])
+        .output()
+        .unwrap();
+    if cfg!(feature = "nccl") {
+        return;
+    }
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("--features nccl"),
+        "{out:?}"
+    );
+}
+
 #[test]
 fn binary_runs_a_script_with_arguments_and_reports_errors() {
     let dir = tempfile::tempdir().unwrap();

@@ -26,14 +26,14 @@ use matvlm::train::distill::{distill, distill_step, DistillConfig, Trainable};
 use matvlm::train::{LrSchedule, ProgressMode, RunDir, StopReason, Trainer};
 
 /// A small generated world: train and val splits, the world's own tokenizer.
-fn small_world(dir: &Path) -> PromptTokenizer {
+pub(crate) fn small_world(dir: &Path) -> PromptTokenizer {
     crate::common::small_world(dir, 11, (96, 16, 8))
 }
 
 /// A reduced teacher of 4 decoder layers (so ratio 0.5 swaps layers 0 and 2), randomly
 /// initialised with a larger spread than usual so that its next-token distributions are far
 /// from uniform and the KL has something to measure.
-fn reduced_teacher(tok: &PromptTokenizer, seed: u64) -> Vlm {
+pub(crate) fn reduced_teacher(tok: &PromptTokenizer, seed: u64) -> Vlm {
     let dims = TeacherDims {
         layers: 4,
         ..TeacherDims::reduced()
@@ -44,7 +44,7 @@ fn reduced_teacher(tok: &PromptTokenizer, seed: u64) -> Vlm {
 }
 
 /// The first `n` samples of `ds` as one batch for `vlm`.
-fn probe(ds: &Dataset, vlm: &Vlm, n: usize) -> SupervisedBatch {
+pub(crate) fn probe(ds: &Dataset, vlm: &Vlm, n: usize) -> SupervisedBatch {
     let idx: Vec<usize> = (0..n).collect();
     SupervisedBatch::from_batch(
         &ds.batch(&idx).unwrap(),
@@ -56,7 +56,7 @@ fn probe(ds: &Dataset, vlm: &Vlm, n: usize) -> SupervisedBatch {
     .unwrap()
 }
 
-fn term(out: &matvlm::train::StepOutput, name: &str) -> f64 {
+pub(crate) fn term(out: &matvlm::train::StepOutput, name: &str) -> f64 {
     out.terms
         .iter()
         .find(|(k, _)| k == name)
@@ -71,7 +71,7 @@ fn copies(vlm: &Vlm) -> BTreeMap<String, Tensor> {
         .collect()
 }
 
-fn same_bits(a: &Tensor, b: &Tensor) -> bool {
+pub(crate) fn same_bits(a: &Tensor, b: &Tensor) -> bool {
     let a: Vec<f32> = a.flatten_all().unwrap().to_vec1().unwrap();
     let b: Vec<f32> = b.flatten_all().unwrap().to_vec1().unwrap();
     a.len() == b.len() && a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits())

@@ -397,6 +397,7 @@ fn toy_step(model: &Toy, ctx: &StepCtx, batch: &(Tensor, Tensor)) -> matvlm::Res
         ],
         loss,
         tokens: x.dim(0)?,
+        grads: None,
     })
 }
 
@@ -635,6 +636,7 @@ fn accumulation_averages_micro_batches() -> R<()> {
             loss,
             terms: vec![],
             tokens: b.0.dim(0)?,
+            grads: None,
         })
     };
     let (p1, m1) = toy_setup(3)?;
@@ -706,6 +708,7 @@ fn bad_step_outputs_are_errors() -> R<()> {
                 loss: (model.forward(&b.0)? - &b.1)?,
                 terms: vec![],
                 tokens: 1,
+                grads: None,
             })
         })
         .unwrap_err();

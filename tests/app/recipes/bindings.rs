@@ -150,6 +150,68 @@ fn distill_and_train_are_the_librarys_runs() {
     assert_ne!(logits_of(&script_trained), logits_of(&teacher));
 }
 
+/// The scale options reach the library from a script: two in-process ranks with checkpointed
+/// blocks train the weights of one rank accumulating the same two micro-batches (bit for bit),
+/// the session's layout (`matrepl --gpus N` sets it) applies when the options give none, and
+/// `distill_memory_plan` prints a plan in which checkpointing lowers the peak.
+#[test]
+fn scale_options_and_the_memory_plan() {
+    use matvlm::train::parallel::Parallel;
+    let fx = Fixture::new();
+    let common =
+        "steps: 2, lr: 0.002, progress: \"silent\", save_every: 0, checkpoint_blocks: true";
+    let code = format!(
+        "let h = t.hybrid(#{{ ratio: 0.25 }});\n\
+         let a = distill(t, h, train, #{{ {common}, batch: 4, run_dir: DIR + \"/p2\",\n\
+             parallel: #{{ ranks: 2, bucket_mb: 0.01 }} }});\n\
+         let b = distill(t, h, train, #{{ {common}, batch: 2, accum: 2, run_dir: DIR + \"/p1\",\n\
+             parallel: #{{ ranks: 1 }} }});\n\
+         let c = distill(t, h, train, #{{ {common}, batch: 4, run_dir: DIR + \"/p3\" }});\n\
+         a.model.save(DIR + \"/a\"); b.model.save(DIR + \"/b\"); c.model.save(DIR + \"/c\");\n\
+         #{{ plan: distill_memory_plan(#{{ batch: 8 }}),\n\
+            plan_ck: distill_memory_plan(#{{ batch: 8, checkpoint_blocks: true }}),\n\
+            a_lines: a.metrics.len(), c_lines: c.metrics.len() }}"
+    );
+    let session = Session::default().with_parallel(Parallel {
+        ranks: 2,
+        ..Parallel::default()
+    });
+    let m: Map = run_code(&fx, &session, &code).unwrap().cast();
+    let load = |name: &str| {
+        Vlm::load(
+            fx.dir.path().join(name).to_str().unwrap(),
+            DType::F32,
+            &Device::Cpu,
+        )
+        .unwrap()
+    };
+    let (a, b, c) = (load("a"), load("b"), load("c"));
+    let t = fx.teacher().hybrid(&HybridSpec::ratio(0.25)).unwrap();
+    assert!(
+        logits_of(&a) == logits_of(&b),
+        "2 ranks = 1 rank accumulating 2"
+    );
+    assert!(logits_of(&c) == logits_of(&a), "the session's 2 ranks");
+    assert!(logits_of(&a) != logits_of(&t), "it trained");
+    assert_eq!(m["a_lines"].as_int().unwrap(), 2);
+    assert_eq!(m["c_lines"].as_int().unwrap(), 2);
+    let total = |k: &str| m[k].clone().cast::<Map>()["total_bytes"].as_int().unwrap();
+    assert!(
+        total("plan_ck") < total("plan"),
+        "{} vs {}",
+        total("plan_ck"),
+        total("plan")
+    );
+    let table = m["plan"].clone().cast::<Map>()["table"]
+        .clone()
+        .into_string()
+        .unwrap();
+    assert!(
+        table.contains("AdamW moments f32") && table.contains("total"),
+        "{table}"
+    );
+}
+
 #[test]
 fn evaluate_agreement_and_speed_are_the_librarys() {
     let fx = Fixture::new();

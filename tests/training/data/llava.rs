@@ -148,7 +148,7 @@ fn truncation_keeps_a_prefix_and_reports_samples_it_would_break() {
 }
 
 /// Writes a data file with one record per kind of problem; returns (folder, json path).
-fn bad_data_folder() -> (tempfile::TempDir, PathBuf) {
+pub(super) fn bad_data_folder() -> (tempfile::TempDir, PathBuf) {
     let dir = scratch("bad");
     let root = dir.path();
     write_image(&root.join("img/ok.png"), [10, 200, 10]);

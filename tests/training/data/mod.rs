@@ -47,4 +47,5 @@ fn write_image(path: &Path, color: [u8; 3]) {
 mod holdout;
 mod llava;
 mod loader;
+mod stream;
 mod world;
