@@ -12,7 +12,7 @@ use base64::Engine as _;
 use candle_core::Tensor;
 use serde_json::{Map, Value};
 
-use super::questions::{id_text, question_key, Bad, ImageSource, Question};
+use super::questions::{id_text, Bad, ImageSource, Question};
 use crate::generate::{GenerateOptions, PromptIds};
 use crate::model::vlm::Vlm;
 use crate::tokenize::single_turn_prompt;
