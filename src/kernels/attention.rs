@@ -116,7 +116,8 @@ impl Prep {
         *self
             .q_out
             .lock()
-            .map_err(|_| cpu_only_error("attn-prep lock"))? = Some(wrap(q_out, &dev, &[b, hq, t, d]));
+            .map_err(|_| cpu_only_error("attn-prep lock"))? =
+            Some(wrap(q_out, &dev, &[b, hq, t, d]));
         Ok(())
     }
 }
@@ -171,7 +172,10 @@ pub fn prep(
         bail!("attn-prep: {hq} query heads are not a multiple of {hkv} key/value heads");
     }
     if pos0 + t > cap {
-        bail!("attn-prep: positions {pos0}..{} exceed the cache's {cap}", pos0 + t);
+        bail!(
+            "attn-prep: positions {pos0}..{} exceed the cache's {cap}",
+            pos0 + t
+        );
     }
     let rot = cos.dim(1)?;
     if cos.dims2()? != (t, rot) || sin.dims2()? != (t, rot) || rot > d || rot % 2 != 0 {
@@ -227,7 +231,10 @@ pub fn decode(
         bail!("decode attention: {len} keys in a cache of {cap}");
     }
     if !supported(q.dtype(), d) {
-        bail!("decode attention: head size {d} in {:?} is not supported", q.dtype());
+        bail!(
+            "decode attention: head size {d} in {:?} is not supported",
+            q.dtype()
+        );
     }
     if let Some(s) = key_start {
         if s.dims() != [b] || s.dtype() != DType::U32 {
@@ -284,7 +291,11 @@ fn decode_as<T: CudaDType + DeviceRepr + WithDType>(
     // SAFETY: every element is written by the split kernel before the combine reads it.
     let part = unsafe { dev.alloc::<f32>(heads * splits * (d + 2))? };
     let out = unsafe { dev.alloc::<T>(heads * d)? };
-    let split = load!(ATTENTION, dev, &format!("attn_decode_split_{}", suffix(T::DTYPE)?))?;
+    let split = load!(
+        ATTENTION,
+        dev,
+        &format!("attn_decode_split_{}", suffix(T::DTYPE)?)
+    )?;
     let (hq_i, hkv_i, d_i, cap_i, len_i, per_i) = (
         i32_of(hq, "H")?,
         i32_of(hkv, "H_kv")?,
@@ -313,14 +324,22 @@ fn decode_as<T: CudaDType + DeviceRepr + WithDType>(
     }
     args.arg(&scale);
     let cfg = LaunchConfig {
-        grid_dim: (u32::try_from(heads).map_err(candle_core::Error::wrap)?, splits as u32, 1),
+        grid_dim: (
+            u32::try_from(heads).map_err(candle_core::Error::wrap)?,
+            splits as u32,
+            1,
+        ),
         block_dim: (DEC_THREADS, 1, 1),
         shared_mem_bytes: 0,
     };
     // SAFETY: the argument list matches attn_decode_split_* in kernels/attention.cu; the mask
     // view covers rows x len (checked above), the caches B x H_kv x cap x D.
     unsafe { args.launch(cfg) }.w()?;
-    let combine = load!(ATTENTION, dev, &format!("attn_decode_combine_{}", suffix(T::DTYPE)?))?;
+    let combine = load!(
+        ATTENTION,
+        dev,
+        &format!("attn_decode_combine_{}", suffix(T::DTYPE)?)
+    )?;
     let splits_i = i32_of(splits, "splits")?;
     let mut args = combine.builder();
     args.arg(&part);

@@ -152,7 +152,12 @@ pub fn target(dev: &CudaDevice) -> candle_core::Result<Target> {
 pub const SMEM_LIMIT: usize = 48 * 1024;
 /// An error unless `t` (the side input `name` of `op`) holds `want` elements, which the kernel
 /// will read: a wrong shape must fail here, not read out of bounds.
-pub(crate) fn check_elems(t: &Tensor, want: usize, op: &str, name: &str) -> candle_core::Result<()> {
+pub(crate) fn check_elems(
+    t: &Tensor,
+    want: usize,
+    op: &str,
+    name: &str,
+) -> candle_core::Result<()> {
     if t.elem_count() != want {
         bail!(
             "{op}: {name} has shape {:?} ({} elements), the kernel reads {want}",
@@ -310,7 +315,10 @@ pub(crate) enum Opt<'a, T> {
 }
 
 impl<'a, T> Opt<'a, T> {
-    pub(crate) fn push<'b>(&'b self, b: &mut candle_core::cuda_backend::cudarc::driver::LaunchArgs<'b>) {
+    pub(crate) fn push<'b>(
+        &'b self,
+        b: &mut candle_core::cuda_backend::cudarc::driver::LaunchArgs<'b>,
+    ) {
         match self {
             Opt::Some(v) => b.arg(v),
             Opt::Null(p) => b.arg(p),
@@ -318,10 +326,11 @@ impl<'a, T> Opt<'a, T> {
     }
 }
 
-pub(crate) fn opt_view<'a, T: CudaDType>(s: &'a Option<Side<'a>>) -> candle_core::Result<Opt<'a, T>> {
+pub(crate) fn opt_view<'a, T: CudaDType>(
+    s: &'a Option<Side<'a>>,
+) -> candle_core::Result<Opt<'a, T>> {
     Ok(match s {
         Some(s) => Opt::Some(s.view::<T>()?),
         None => Opt::Null(0),
     })
 }
-

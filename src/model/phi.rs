@@ -219,10 +219,11 @@ impl PhiAttention {
             self.k_proj.forward(x)?,
             self.v_proj.forward(x)?,
         );
-        let (out, probs) = match self.engine_step(&q, &k, &v, rotary, inputs, cache, want_weights)? {
-            Some(out) => (out, None),
-            None => self.generic_step(&q, &k, &v, rotary, inputs, cache, want_weights)?,
-        };
+        let (out, probs) =
+            match self.engine_step(&q, &k, &v, rotary, inputs, cache, want_weights)? {
+                Some(out) => (out, None),
+                None => self.generic_step(&q, &k, &v, rotary, inputs, cache, want_weights)?,
+            };
         let out = out
             .transpose(1, 2)?
             .reshape((b, t, self.num_heads * self.head_dim))?;

@@ -30,9 +30,27 @@ struct Shape {
 /// Phi-2's heads (32 x 80, 32 rotary dims), grouped-query heads of 64 with full rotary, and the
 /// largest head the decode kernel holds (128).
 const SHAPES: &[Shape] = &[
-    Shape { name: "attn-phi2-heads", hidden: 2560, heads: 32, kv_heads: 32, rotary: 0.4 },
-    Shape { name: "attn-gqa-64", hidden: 512, heads: 8, kv_heads: 2, rotary: 1.0 },
-    Shape { name: "attn-head-128", hidden: 256, heads: 2, kv_heads: 2, rotary: 0.5 },
+    Shape {
+        name: "attn-phi2-heads",
+        hidden: 2560,
+        heads: 32,
+        kv_heads: 32,
+        rotary: 0.4,
+    },
+    Shape {
+        name: "attn-gqa-64",
+        hidden: 512,
+        heads: 8,
+        kv_heads: 2,
+        rotary: 1.0,
+    },
+    Shape {
+        name: "attn-head-128",
+        hidden: 256,
+        heads: 2,
+        kv_heads: 2,
+        rotary: 0.5,
+    },
 ];
 
 /// Left padding of each row (the longest prompt has none) and the prompt length.
@@ -54,8 +72,16 @@ fn decoder(s: &Shape, dtype: DType, dev: &Device) -> matvlm::Result<Decoder> {
 }
 
 /// The last position's logits of the prefill and of each decode step, with the kernels on or off.
-fn run(dec: &Decoder, dtype: DType, dev: &Device, kernels: bool) -> matvlm::Result<(Vec<Tensor>, Vec<&'static str>)> {
-    fused::set_policy(fused::KernelPolicy { kernels, ..fused::policy() });
+fn run(
+    dec: &Decoder,
+    dtype: DType,
+    dev: &Device,
+    kernels: bool,
+) -> matvlm::Result<(Vec<Tensor>, Vec<&'static str>)> {
+    fused::set_policy(fused::KernelPolicy {
+        kernels,
+        ..fused::policy()
+    });
     let (out, paths) = fused::traced(|| -> matvlm::Result<Vec<Tensor>> {
         let b = LEFT_PAD.len();
         let ids: Vec<u32> = (0..b * PROMPT).map(|i| (i * 37 % 997) as u32).collect();
@@ -69,7 +95,10 @@ fn run(dec: &Decoder, dtype: DType, dev: &Device, kernels: bool) -> matvlm::Resu
         }
         Ok(logits)
     });
-    fused::set_policy(fused::KernelPolicy { kernels: true, ..fused::policy() });
+    fused::set_policy(fused::KernelPolicy {
+        kernels: true,
+        ..fused::policy()
+    });
     Ok((out?, paths))
 }
 
@@ -80,13 +109,20 @@ pub fn check(dtype: DType, gpu: &Device, r: &mut Report) {
             let dec = decoder(s, dtype, gpu)?;
             let (fast, fast_paths) = run(&dec, dtype, gpu, true)?;
             let (slow, slow_paths) = run(&dec, dtype, gpu, false)?;
-            let paths = Paths { gpu: fast_paths, cpu: slow_paths };
+            let paths = Paths {
+                gpu: fast_paths,
+                cpu: slow_paths,
+            };
             if !paths.gpu.contains(&"attention:kernel") && gpu.is_cuda() {
                 r.error(s.name, dtype, "path", "the attention kernels did not run");
             }
             let tol = if dtype == DType::F32 { 1e-4 } else { 2e-2 };
             for (i, (f, g)) in fast.iter().zip(&slow).enumerate() {
-                let what = if i == 0 { "prefill logits".to_string() } else { format!("decode {i} logits") };
+                let what = if i == 0 {
+                    "prefill logits".to_string()
+                } else {
+                    format!("decode {i} logits")
+                };
                 r.compare_tol(s.name, dtype, &what, f, g, tol, "", &paths);
             }
             Ok(())

@@ -494,12 +494,8 @@ impl Mamba2 {
             None => Arc::new(self.step_constants(x.dtype())?),
         };
         let (z, xbc, dt_raw) = self.split_zxbcdt(&self.in_proj.forward(x)?)?;
-        let xbc = fused::conv_silu_step(
-            &xbc,
-            &k.conv_weight,
-            k.conv_bias.as_ref(),
-            &mut state.conv,
-        )?;
+        let xbc =
+            fused::conv_silu_step(&xbc, &k.conv_weight, k.conv_bias.as_ref(), &mut state.conv)?;
         let (xs, b, c) = self.split_xbc(&xbc)?;
         let dt = fused::discretize_dt(&dt_raw, &k.dt_bias, self.cfg.dt_limit)?;
         let y = fused::scan_step(&xs, &dt, &k.a, &b, &c, Some(&k.d), None, &mut state.ssm)?;
@@ -520,7 +516,9 @@ impl Mamba2 {
         let cd = compute_dtype(dtype);
         let conv = |t: &Tensor| -> Result<Tensor> { Ok(t.detach().to_dtype(cd)?.contiguous()?) };
         Ok(StepConstants {
-            a: ssd::a_from_log(&self.a_log.detach())?.to_dtype(cd)?.contiguous()?,
+            a: ssd::a_from_log(&self.a_log.detach())?
+                .to_dtype(cd)?
+                .contiguous()?,
             d: conv(&self.d)?,
             dt_bias: conv(&self.dt_bias)?,
             conv_weight: conv(&self.conv_weight)?,

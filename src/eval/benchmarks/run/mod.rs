@@ -42,8 +42,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 pub use answer::{index_answers, read_answers, AnswerLine};
-pub use questions::question_key;
 pub use mmbench::{mmbench_questions, read_mmbench_rows, MmbenchRow};
+pub use questions::question_key;
 pub use questions::{
     read_llava_questions, read_mmmu_questions, read_sqa_questions, Bad, ImageSource, Question,
     CHOICE_SUFFIX,

@@ -142,7 +142,12 @@ pub fn ssd_state_update(
 /// `softplus(dt_raw + bias)` clamped to `[lo, hi]`, f32 `[B, H]`: `dt_raw [B, H]` in the model
 /// dtype with contiguous heads (rows may be strided: the dt columns of in_proj's output),
 /// `bias [H]` f32.
-pub fn dt_softplus(dt_raw: &Tensor, bias: &Tensor, lo: f32, hi: f32) -> candle_core::Result<Tensor> {
+pub fn dt_softplus(
+    dt_raw: &Tensor,
+    bias: &Tensor,
+    lo: f32,
+    hi: f32,
+) -> candle_core::Result<Tensor> {
     let (rows, h) = dt_raw.dims2()?;
     check_elems(bias, h, "dt-softplus", "dt_bias")?;
     by_dtype!(dt_raw.dtype(), "dt-softplus", T => {

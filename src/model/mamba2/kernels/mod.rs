@@ -28,11 +28,11 @@ use candle_core::{
     Layout, Shape, Storage, Tensor, WithDType,
 };
 
-pub use crate::kernels::{force_sm80, target, Target};
 use crate::kernels::{
     allow_smem, by_dtype, check_elems, cpu_only_error, grid, i32_of, load, module, opt_view,
     rows_layout, suffix, take, wrap, Module, Opt, Side, SMEM_LIMIT,
 };
+pub use crate::kernels::{force_sm80, target, Target};
 
 const CONV: Module = module!("conv");
 const SSD: Module = module!("ssd");
