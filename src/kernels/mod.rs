@@ -272,7 +272,7 @@ impl<'a> Side<'a> {
             .zip(&strides)
             .map(|(&n, &st)| n.saturating_sub(1) * st)
             .sum();
-        if self.layout.dims().iter().any(|&n| n == 0) || start + last >= slice.len() {
+        if self.layout.dims().contains(&0) || start + last >= slice.len() {
             bail!(
                 "kernels: {} ({:?}, strides {strides:?}) addresses beyond its storage",
                 self.name,
