@@ -85,7 +85,7 @@ pub(crate) use load;
 static FORCE_SM80: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 /// Load the sm_80 PTX on every card, Hopper included; set by the kernel policy
-/// (`KernelPolicy::sm80_everywhere` through `fused::set_policy`).
+/// (`KernelPolicy::sm80_everywhere` through `kernel_policy::set_policy`).
 pub fn force_sm80(on: bool) {
     FORCE_SM80.store(on, std::sync::atomic::Ordering::Relaxed);
 }

@@ -4,6 +4,7 @@ pub mod cache;
 pub mod connector;
 pub mod decoder;
 pub mod hybrid;
+pub mod kernel_policy;
 pub mod layers;
 pub mod mamba2;
 pub mod phi;

@@ -312,7 +312,7 @@ impl PhiAttention {
                 return Ok(None);
             };
             let applies = q.device().is_cuda()
-                && crate::model::mamba2::fused::attention_kernels_enabled()
+                && crate::model::kernel_policy::attention_kernels_enabled()
                 && !want_weights
                 && !(q.track_op() || k.track_op() || v.track_op())
                 && attention::supported(q.dtype(), self.head_dim)
@@ -321,7 +321,7 @@ impl PhiAttention {
             if !applies {
                 return Ok(None);
             }
-            crate::model::mamba2::fused::took("attention:kernel");
+            crate::model::kernel_policy::took("attention:kernel");
             let pos0 = c.len();
             let (kc, vc) = {
                 let (k, v) = c.buffers();
