@@ -30,7 +30,6 @@
 //! `--mamba-layers 0,4,8,12,16,20,24,28` (the peer's), `--chunk 128`, `--steps 3`,
 //! `--peak-tflops 989` (H100/H200 SXM dense bf16), `--images`, `--plan-only`, `--out FILE`.
 
-use std::io::Write;
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
@@ -43,7 +42,14 @@ use matvlm::tokenize::{IGNORE_INDEX, IMAGE_TOKEN};
 use matvlm::train::distill::{student_step, Trainable};
 use matvlm::train::memory::{MemoryOptions, MemoryPlan};
 use matvlm::train::{clip_grad_norm, AdamW, AdamWConfig, Student};
-use serde_json::{json, Value};
+use serde_json::json;
+
+#[path = "common/cli.rs"]
+mod cli;
+
+const CLI: cli::Cli = cli::Cli {
+    bench: "distill_bench",
+};
 
 struct Args {
     config: String,
@@ -62,26 +68,11 @@ struct Args {
     out: Option<std::path::PathBuf>,
 }
 
-fn usage(msg: &str) -> ! {
-    eprintln!("distill_bench: {msg}\n(see the options at the top of benches/distill_bench.rs)");
-    std::process::exit(2)
-}
-
-fn list<T: std::str::FromStr>(flag: &str, v: &str) -> Vec<T> {
-    v.split(',')
-        .map(|x| {
-            x.trim()
-                .parse()
-                .unwrap_or_else(|_| usage(&format!("{flag}: cannot read `{x}`")))
-        })
-        .collect()
-}
-
 fn onoff(flag: &str, v: &str) -> bool {
     match v {
         "on" | "true" | "1" => true,
         "off" | "false" | "0" => false,
-        _ => usage(&format!("{flag}: on/off, not `{v}`")),
+        _ => CLI.usage(&format!("{flag}: on/off, not `{v}`")),
     }
 }
 
@@ -102,48 +93,27 @@ fn parse_args() -> Args {
         plan_only: false,
         out: None,
     };
-    let mut it = std::env::args().skip(1);
-    while let Some(flag) = it.next() {
+    for (flag, value) in CLI.args(&["--images", "--plan-only"]) {
+        let value = value.unwrap_or_default();
         match flag.as_str() {
-            // `cargo bench` passes `--bench` to every bench target.
-            "--bench" => continue,
-            "--images" => {
-                a.images = true;
-                continue;
-            }
-            "--plan-only" => {
-                a.plan_only = true;
-                continue;
-            }
-            _ => {}
-        }
-        let value = it
-            .next()
-            .unwrap_or_else(|| usage(&format!("{flag} needs a value")));
-        match flag.as_str() {
+            "--images" => a.images = true,
+            "--plan-only" => a.plan_only = true,
             "--config" => a.config = value,
             "--dtype" => a.dtype = value,
             "--device" => a.device = value,
-            "--batches" => a.batches = list(&flag, &value),
-            "--seq" => a.seq = list(&flag, &value)[0],
+            "--batches" => a.batches = CLI.list(&flag, &value),
+            "--seq" => a.seq = CLI.num(&flag, &value),
             "--checkpoint" => a.checkpoint = value.split(',').map(|v| onoff(&flag, v)).collect(),
             "--master-f32" => a.master_f32 = onoff(&flag, &value),
-            "--mamba-layers" => a.mamba_layers = list(&flag, &value),
-            "--chunk" => a.chunk = list(&flag, &value)[0],
-            "--steps" => a.steps = list::<usize>(&flag, &value)[0].max(1),
-            "--peak-tflops" => a.peak_tflops = list(&flag, &value)[0],
+            "--mamba-layers" => a.mamba_layers = CLI.list(&flag, &value),
+            "--chunk" => a.chunk = CLI.num(&flag, &value),
+            "--steps" => a.steps = CLI.num::<usize>(&flag, &value).max(1),
+            "--peak-tflops" => a.peak_tflops = CLI.num(&flag, &value),
             "--out" => a.out = Some(value.into()),
-            other => usage(&format!("unknown option {other}")),
+            other => CLI.usage(&format!("unknown option {other}")),
         }
     }
     a
-}
-
-fn emit(out: &mut Option<std::fs::File>, v: &Value) {
-    println!("{v}");
-    if let Some(f) = out.as_mut() {
-        let _ = writeln!(f, "{v}");
-    }
 }
 
 /// `2 * (matmul weights)` per token of a model's decoder and lm_head, and its attention layers.
@@ -294,13 +264,7 @@ fn time_steps(
 fn main() -> matvlm::Result<()> {
     let args = parse_args();
     let device = matvlm::device::parse_device(&args.device)?;
-    let mut out = args.out.as_ref().map(|p| {
-        std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(p)
-            .unwrap_or_else(|e| usage(&format!("--out {}: {e}", p.display())))
-    });
+    let mut out = CLI.output(args.out.as_deref());
     let plan_of = |b: usize, checkpoint: bool| -> matvlm::Result<MemoryPlan> {
         let n_layers = matvlm::config::TinyLlavaConfig::preset_or_file(&args.config)?
             .text_config
@@ -320,9 +284,7 @@ fn main() -> matvlm::Result<()> {
     for &b in &args.batches {
         for &ck in &args.checkpoint {
             let plan = plan_of(b, ck)?;
-            emit(
-                &mut out,
-                &json!({ "record": "plan", "batch": b, "checkpoint": ck, "plan": plan, "table": plan.table() }),
+            out.emit(&json!({ "record": "plan", "batch": b, "checkpoint": ck, "plan": plan, "table": plan.table() }),
             );
         }
     }
@@ -340,20 +302,17 @@ fn main() -> matvlm::Result<()> {
     )?;
     let hybrid = teacher.hybrid(&HybridSpec::layers(args.mamba_layers.clone()))?;
     synchronize(&device)?;
-    emit(
-        &mut out,
-        &json!({
-            "record": "env",
-            "device": args.device,
-            "dtype": args.dtype,
-            "config": args.config,
-            "commit": option_env!("MATVLM_COMMIT"),
-            "mamba_layers": args.mamba_layers,
-            "master_f32": args.master_f32,
-            "images": args.images,
-            "build_s": t0.elapsed().as_secs_f64(),
-        }),
-    );
+    out.emit(&json!({
+        "record": "env",
+        "device": args.device,
+        "dtype": args.dtype,
+        "config": args.config,
+        "commit": option_env!("MATVLM_COMMIT"),
+        "mamba_layers": args.mamba_layers,
+        "master_f32": args.master_f32,
+        "images": args.images,
+        "build_s": t0.elapsed().as_secs_f64(),
+    }));
     for &b in &args.batches {
         let data = batch(&teacher, b, args.seq, args.images, &device)?;
         let flops = step_flops(&teacher, &hybrid, b, args.seq, args.images);
@@ -375,7 +334,7 @@ fn main() -> matvlm::Result<()> {
                 }
                 Err(e) => rec["error"] = json!(e.to_string()),
             }
-            emit(&mut out, &rec);
+            out.emit(&rec);
         }
     }
     Ok(())

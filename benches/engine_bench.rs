@@ -18,7 +18,6 @@
 //! `--batches 1,8`, `--gen-lens 256,1024,2048`, `--prompt-tokens 828`, `--prefill-reps 5`,
 //! `--bandwidth-gib 1`, `--out FILE`.
 
-use std::io::Write;
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
@@ -28,6 +27,13 @@ use matvlm::model::hybrid::Placement;
 use matvlm::model::random::{random_model, RandomModelOptions};
 use matvlm::model::vlm::Vlm;
 use serde_json::{json, Value};
+
+#[path = "common/cli.rs"]
+mod cli;
+
+const CLI: cli::Cli = cli::Cli {
+    bench: "engine_bench",
+};
 
 struct Args {
     config: String,
@@ -40,65 +46,35 @@ struct Args {
     check_model: Option<String>,
 }
 
-fn list<T: std::str::FromStr>(flag: &str, v: &str) -> Vec<T> {
-    v.split(',')
-        .map(|x| {
-            x.trim()
-                .parse()
-                .unwrap_or_else(|_| usage(&format!("{flag}: cannot read `{x}`")))
-        })
-        .collect()
-}
-
-fn usage(msg: &str) -> ! {
-    eprintln!("engine_bench: {msg}\n(see the options at the top of benches/engine_bench.rs)");
-    std::process::exit(2)
-}
-
 fn parse_args() -> Args {
     let mut a = Args {
         config: matvlm::config::TinyLlavaConfig::FULL_SIZE.into(),
         dtype: "bf16".into(),
         device: "cuda".into(),
-        models: list("--models", "teacher,0.125,0.25,0.5"),
+        models: CLI.list("--models", "teacher,0.125,0.25,0.5"),
         bench: GenerationBenchOptions::default(),
         bandwidth_gib: 1,
         out: None,
         check_model: None,
     };
-    let mut it = std::env::args().skip(1);
-    while let Some(flag) = it.next() {
-        // `cargo bench` passes `--bench` to every bench target.
-        if flag == "--bench" {
-            continue;
-        }
-        let value = it
-            .next()
-            .unwrap_or_else(|| usage(&format!("{flag} needs a value")));
+    for (flag, value) in CLI.args(&[]) {
+        let value = value.unwrap_or_default();
         match flag.as_str() {
             "--config" => a.config = value,
             "--dtype" => a.dtype = value,
             "--device" => a.device = value,
-            "--models" => a.models = list(&flag, &value),
-            "--batches" => a.bench.batches = list(&flag, &value),
-            "--gen-lens" => a.bench.gen_lens = list(&flag, &value),
-            "--prompt-tokens" => a.bench.prompt_tokens = list(&flag, &value)[0],
-            "--prefill-reps" => a.bench.prefill_reps = list(&flag, &value)[0],
-            "--bandwidth-gib" => a.bandwidth_gib = list(&flag, &value)[0],
+            "--models" => a.models = CLI.list(&flag, &value),
+            "--batches" => a.bench.batches = CLI.list(&flag, &value),
+            "--gen-lens" => a.bench.gen_lens = CLI.list(&flag, &value),
+            "--prompt-tokens" => a.bench.prompt_tokens = CLI.num(&flag, &value),
+            "--prefill-reps" => a.bench.prefill_reps = CLI.num(&flag, &value),
+            "--bandwidth-gib" => a.bandwidth_gib = CLI.num(&flag, &value),
             "--out" => a.out = Some(value.into()),
             "--check-model" => a.check_model = Some(value),
-            other => usage(&format!("unknown option {other}")),
+            other => CLI.usage(&format!("unknown option {other}")),
         }
     }
     a
-}
-
-fn emit(out: &mut Option<std::fs::File>, v: Value) {
-    let line = v.to_string();
-    println!("{line}");
-    if let Some(f) = out {
-        writeln!(f, "{line}").expect("writing the --out file");
-    }
 }
 
 /// Device-to-device copy bandwidth in bytes/s (read + write counted), best of 5 copies.
@@ -170,41 +146,31 @@ fn main() -> matvlm::Result<()> {
     let policy = matvlm::model::mamba2::fused::KernelPolicy::from_env();
     matvlm::model::mamba2::fused::set_policy(policy);
     let device = matvlm::device::parse_device(&args.device)?;
-    let mut out = args.out.as_ref().map(|p| {
-        std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(p)
-            .unwrap_or_else(|e| usage(&format!("--out {}: {e}", p.display())))
-    });
+    let mut out = CLI.output(args.out.as_deref());
     let bandwidth = copy_bandwidth(&device, args.bandwidth_gib)?;
-    emit(
-        &mut out,
-        json!({
-            "record": "env", "device": args.device, "dtype": args.dtype, "config": args.config,
-            "commit": option_env!("MATVLM_COMMIT"), "copy_gbps": bandwidth / 1e9,
-            "copy_gib": args.bandwidth_gib, "options": args.bench,
-            "policy": format!("{policy:?}"),
-        }),
-    );
+    out.emit(&json!({
+        "record": "env", "device": args.device, "dtype": args.dtype, "config": args.config,
+        "commit": option_env!("MATVLM_COMMIT"), "copy_gbps": bandwidth / 1e9,
+        "copy_gib": args.bandwidth_gib, "options": args.bench,
+        "policy": format!("{policy:?}"),
+    }));
     if let Some(dir) = &args.check_model {
         for dtype in ["f32", &args.dtype] {
-            emit(&mut out, check(dir, dtype, &device)?);
+            out.emit(&check(dir, dtype, &device)?);
         }
     }
     let n_layers = matvlm::config::TinyLlavaConfig::preset_or_file(&args.config)?
         .text_config
         .num_hidden_layers;
     for name in &args.models {
-        let mamba_layers = match name.as_str() {
-            "teacher" => Vec::new(),
-            ratio => Placement::ratio(
-                ratio
-                    .parse()
-                    .unwrap_or_else(|_| usage(&format!("model `{ratio}`: teacher or a ratio"))),
-            )
-            .layers(n_layers)?,
-        };
+        let mamba_layers =
+            match name.as_str() {
+                "teacher" => Vec::new(),
+                ratio => Placement::ratio(ratio.parse().unwrap_or_else(|_| {
+                    CLI.usage(&format!("model `{ratio}`: teacher or a ratio"))
+                }))
+                .layers(n_layers)?,
+            };
         let start = Instant::now();
         let vlm = random_model(
             &RandomModelOptions {
@@ -224,21 +190,15 @@ fn main() -> matvlm::Result<()> {
             .map(|(_, t)| bytes(t))
             .sum();
         let vision_bytes: usize = all.iter().map(|(_, t)| bytes(t)).sum::<usize>() - lm_bytes;
-        emit(
-            &mut out,
-            json!({
-                "record": "model", "model": name, "mamba_layers": mamba_layers,
-                "parameters": vlm.parameter_count(), "lm_weight_bytes": lm_bytes,
-                "vision_connector_bytes": vision_bytes, "build_s": build_s,
-            }),
-        );
+        out.emit(&json!({
+            "record": "model", "model": name, "mamba_layers": mamba_layers,
+            "parameters": vlm.parameter_count(), "lm_weight_bytes": lm_bytes,
+            "vision_connector_bytes": vision_bytes, "build_s": build_s,
+        }));
         let cost = StepBytes::of(&vlm);
         let records = bench_generation(&vlm, &args.bench)?;
         for r in records {
-            emit(
-                &mut out,
-                with_bound(&cost, name, &r, bandwidth, vision_bytes),
-            );
+            out.emit(&with_bound(&cost, name, &r, bandwidth, vision_bytes));
         }
     }
     Ok(())

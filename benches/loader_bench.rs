@@ -11,7 +11,6 @@
 //! first), `--prefetch 4`, `--size 640x480`, `--dir DIR` (keep / reuse the generated data;
 //! default a temporary folder), `--tokenizer FILE` (default the tiny teacher's), `--out FILE`.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
@@ -23,6 +22,13 @@ use matvlm::image::ImagePreprocessor;
 use matvlm::tokenize::PromptTokenizer;
 use serde_json::{json, Value};
 
+#[path = "common/cli.rs"]
+mod cli;
+
+const CLI: cli::Cli = cli::Cli {
+    bench: "loader_bench",
+};
+
 struct Args {
     records: usize,
     workers: Vec<usize>,
@@ -33,17 +39,6 @@ struct Args {
     dir: Option<PathBuf>,
     tokenizer: PathBuf,
     out: Option<PathBuf>,
-}
-
-fn usage(msg: &str) -> ! {
-    eprintln!("loader_bench: {msg}\n(see the options at the top of benches/loader_bench.rs)");
-    std::process::exit(2)
-}
-
-fn num<T: std::str::FromStr>(flag: &str, v: &str) -> T {
-    v.trim()
-        .parse()
-        .unwrap_or_else(|_| usage(&format!("{flag}: cannot read `{v}`")))
 }
 
 fn parse_args() -> Args {
@@ -59,30 +54,24 @@ fn parse_args() -> Args {
             .join("assets/tiny-teacher/tokenizer.json"),
         out: None,
     };
-    let mut it = std::env::args().skip(1);
-    while let Some(flag) = it.next() {
-        if flag == "--bench" {
-            continue;
-        }
-        let v = it
-            .next()
-            .unwrap_or_else(|| usage(&format!("{flag} needs a value")));
+    for (flag, v) in CLI.args(&[]) {
+        let v = v.unwrap_or_default();
         match flag.as_str() {
-            "--records" => a.records = num(&flag, &v),
-            "--workers" => a.workers = v.split(',').map(|x| num(&flag, x)).collect(),
-            "--batch" => a.batch = num(&flag, &v),
-            "--batches" => a.batches = num(&flag, &v),
-            "--prefetch" => a.prefetch = num(&flag, &v),
+            "--records" => a.records = CLI.num(&flag, &v),
+            "--workers" => a.workers = CLI.list(&flag, &v),
+            "--batch" => a.batch = CLI.num(&flag, &v),
+            "--batches" => a.batches = CLI.num(&flag, &v),
+            "--prefetch" => a.prefetch = CLI.num(&flag, &v),
             "--size" => {
                 let (w, h) = v
                     .split_once('x')
-                    .unwrap_or_else(|| usage("--size: WxH, e.g. 640x480"));
-                a.size = (num(&flag, w), num(&flag, h));
+                    .unwrap_or_else(|| CLI.usage("--size: WxH, e.g. 640x480"));
+                a.size = (CLI.num(&flag, w), CLI.num(&flag, h));
             }
             "--dir" => a.dir = Some(v.into()),
             "--tokenizer" => a.tokenizer = v.into(),
             "--out" => a.out = Some(v.into()),
-            other => usage(&format!("unknown option {other}")),
+            other => CLI.usage(&format!("unknown option {other}")),
         }
     }
     a
@@ -115,7 +104,7 @@ fn generate(dir: &Path, records: usize, size: (u32, u32)) -> PathBuf {
     if json.exists() {
         return json;
     }
-    std::fs::create_dir_all(dir.join("images")).unwrap_or_else(|e| usage(&e.to_string()));
+    std::fs::create_dir_all(dir.join("images")).unwrap_or_else(|e| CLI.usage(&e.to_string()));
     let words = [
         "the", "image", "shows", "a", "red", "bus", "parked", "near", "tall", "building", "with",
         "people", "walking", "on", "sidewalk", "under", "cloudy", "sky", "and", "trees",
@@ -124,11 +113,11 @@ fn generate(dir: &Path, records: usize, size: (u32, u32)) -> PathBuf {
     for i in 0..records {
         let rel = format!("images/{i:06}.jpg");
         let mut f = std::io::BufWriter::new(
-            std::fs::File::create(dir.join(&rel)).unwrap_or_else(|e| usage(&e.to_string())),
+            std::fs::File::create(dir.join(&rel)).unwrap_or_else(|e| CLI.usage(&e.to_string())),
         );
         image::codecs::jpeg::JpegEncoder::new_with_quality(&mut f, 90)
             .encode_image(&picture(i, size))
-            .unwrap_or_else(|e| usage(&e.to_string()));
+            .unwrap_or_else(|e| CLI.usage(&e.to_string()));
         // About 150 words, a ShareGPT4V caption's length.
         let answer: Vec<&str> = (0..150)
             .map(|k| words[(i * 7 + k * 3) % words.len()])
@@ -146,7 +135,7 @@ fn generate(dir: &Path, records: usize, size: (u32, u32)) -> PathBuf {
         &json,
         serde_json::to_vec(&Value::Array(items)).unwrap_or_default(),
     )
-    .unwrap_or_else(|e| usage(&e.to_string()));
+    .unwrap_or_else(|e| CLI.usage(&e.to_string()));
     json
 }
 
@@ -156,23 +145,12 @@ fn main() -> matvlm::Result<()> {
     let dir = match &args.dir {
         Some(d) => d.clone(),
         None => {
-            tmp = tempfile::tempdir().unwrap_or_else(|e| usage(&e.to_string()));
+            tmp = tempfile::tempdir().unwrap_or_else(|e| CLI.usage(&e.to_string()));
             tmp.path().to_path_buf()
         }
     };
-    let mut out = args.out.as_ref().map(|p| {
-        std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(p)
-            .unwrap_or_else(|e| usage(&format!("--out {}: {e}", p.display())))
-    });
-    let mut emit = |v: Value| {
-        println!("{v}");
-        if let Some(f) = out.as_mut() {
-            let _ = writeln!(f, "{v}");
-        }
-    };
+    let mut out = CLI.output(args.out.as_deref());
+    let mut emit = |v: Value| out.emit(&v);
     let t0 = Instant::now();
     let json_path = generate(&dir, args.records, args.size);
     let generate_s = t0.elapsed().as_secs_f64();
