@@ -26,38 +26,9 @@ shift || true
 
 if [ "$mode" = prepare ]; then
   set -e
-  shared="${SHARED:-$(cd .. && pwd)/shared}"
-  [ -d "$shared/gpu" ] || shared=/work/shared
-  if [ -z "${CUDA_ROOT:-}" ]; then
-    set +eu
-    # shellcheck disable=SC1091
-    source "$shared/gpu/cuda-env.sh"
-    set -eu
-  fi
-  export CARGO_TARGET_DIR="${TARGET_DIR:-${CARGO_TARGET_DIR:-target/cuda}}"
-  mkdir -p .gpu
-  grep -qx '/.gpu/' .git/info/exclude 2>/dev/null || grep -qx '/.gpu' .gitignore 2>/dev/null || echo '/.gpu/' >> "$(git rev-parse --git-common-dir)/info/exclude"
-  MATVLM_COMMIT="$(git rev-parse --short HEAD)$(git status --porcelain --untracked-files=no | grep -q . && echo +)" \
-  cargo bench --features cuda --bench distill_bench --bench loader_bench --no-run \
-      --message-format=json-render-diagnostics > .gpu/cargo-distill.json
-  for b in distill_bench loader_bench; do
-    exe=$(python3 -c '
-import json, sys
-for line in open(sys.argv[1]):
-    m = json.loads(line)
-    if m.get("reason") == "compiler-artifact" and m["target"]["name"] == sys.argv[2] and m.get("executable"):
-        print(m["executable"])' .gpu/cargo-distill.json "$b" | tail -n 1)
-    [ -n "$exe" ] || { echo "distill.sh: cargo reported no executable for $b" >&2; exit 1; }
-    echo "$b: $exe"
-    strip -o ".gpu/$b" "$exe"
-    xz -f -T2 ".gpu/$b"
-  done
-  rm -f .gpu/cargo-distill.json
-  { git rev-parse --short HEAD; git status --porcelain --untracked-files=no | grep -q . && echo "(with uncommitted changes)"; } > .gpu/commit.txt || true
-  cp "$shared/gpu/device-libpath.sh" .gpu/
-  rm -rf .gpu/peer && cp -r "$shared/peer" .gpu/peer && chmod -R u+w .gpu/peer
-  [ -d .gpu/peer/vendor/mamba_ssm ] || bash .gpu/peer/fetch-vendor.sh .gpu/peer
-  du -sh .gpu
+  # shellcheck source=scripts/gpu/pack.sh
+  source scripts/gpu/pack.sh
+  gpu_pack "distill_bench loader_bench" cargo bench --bench distill_bench --bench loader_bench
   exit 0
 fi
 

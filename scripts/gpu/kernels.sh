@@ -36,40 +36,9 @@ mode="${1:-run}"
 
 if [ "$mode" = prepare ]; then
   set -e
-  shared="${SHARED:-$(cd .. && pwd)/shared}"
-  [ -d "$shared/gpu" ] || shared=/work/shared
-  if [ -z "${CUDA_ROOT:-}" ]; then
-    set +eu
-    # shellcheck disable=SC1091
-    source "$shared/gpu/cuda-env.sh"
-    set -eu
-  fi
-  export CARGO_TARGET_DIR="${TARGET_DIR:-${CARGO_TARGET_DIR:-target/cuda}}"
-  mkdir -p .gpu
-  grep -qx '/.gpu/' .git/info/exclude 2>/dev/null || grep -qx '/.gpu' .gitignore 2>/dev/null || echo '/.gpu/' >> "$(git rev-parse --git-common-dir)/info/exclude"
-  # The executables of the two targets, from cargo's own report (their names carry a hash).
-  # engine_bench travels in the same bundle (scripts/gpu/engine.sh runs it).
-  MATVLM_COMMIT="$(git rev-parse --short HEAD)$(git status --porcelain --untracked-files=no | grep -q . && echo +)" \
-  cargo test --release --features cuda --test kernel_check --bench kernel_bench --bench engine_bench --no-run \
-      --message-format=json-render-diagnostics > .gpu/cargo.json
-  for b in kernel_check kernel_bench engine_bench; do
-    exe=$(python3 -c '
-import json, sys
-for line in open(sys.argv[1]):
-    m = json.loads(line)
-    if m.get("reason") == "compiler-artifact" and m["target"]["name"] == sys.argv[2] and m.get("executable"):
-        print(m["executable"])' .gpu/cargo.json "$b" | tail -n 1)
-    [ -n "$exe" ] || { echo "kernels.sh: cargo reported no executable for $b" >&2; exit 1; }
-    echo "$b: $exe"
-    strip -o ".gpu/$b" "$exe"
-    xz -f -T2 ".gpu/$b"
-  done
-  rm -f .gpu/cargo.json
-  { git rev-parse --short HEAD; git status --porcelain --untracked-files=no | grep -q . && echo "(with uncommitted changes)"; } > .gpu/commit.txt || true
-  cp "$shared/gpu/device-libpath.sh" .gpu/
-  rm -rf .gpu/peer && cp -r "$shared/peer" .gpu/peer && chmod -R u+w .gpu/peer
-  [ -d .gpu/peer/vendor/mamba_ssm ] || bash .gpu/peer/fetch-vendor.sh .gpu/peer
-  du -sh .gpu
+  # shellcheck source=scripts/gpu/pack.sh
+  source scripts/gpu/pack.sh
+  gpu_pack "kernel_check kernel_bench engine_bench" cargo test --release --test kernel_check --bench kernel_bench --bench engine_bench
   exit 0
 fi
 
