@@ -23,12 +23,9 @@ const KEYS_PER_SPLIT: usize = 128;
 /// Whether the kernels take heads of `head_dim` in `dtype`: each lane loads 16 bytes of a key, so
 /// a head is a whole number of 16-byte vectors, at most [`DEC_MAX_D`] elements.
 pub fn supported(dtype: DType, head_dim: usize) -> bool {
-    let size = match dtype {
-        DType::F32 => 4,
-        DType::F16 | DType::BF16 => 2,
-        _ => return false,
-    };
-    head_dim <= DEC_MAX_D && (head_dim * size).is_multiple_of(16)
+    matches!(dtype, DType::F32 | DType::F16 | DType::BF16)
+        && head_dim <= DEC_MAX_D
+        && (head_dim * dtype.size_in_bytes()).is_multiple_of(16)
 }
 
 /// `[B, H, cap, D]` of a cache buffer, contiguous from its start.
